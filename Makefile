@@ -1,0 +1,58 @@
+# funchat: the two commands a new user needs are `make run` and `make test`.
+# Every target sets up what it needs itself (apt packages where missing, the .venv, the package).
+
+SHELL := /bin/bash
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+CHECKPOINT ?= checkpoints/tiny
+INPUT_WAV ?= $(SHARED)/data/fun-audio-chat-example-16k-f32.wav
+RUN_DIR := .run
+# Debian packages the project needs at run or test time (none yet beyond Python itself).
+APT_PACKAGES ?=
+
+.PHONY: setup apt run test test-unit bench-model clean help
+
+help:
+	@echo "make run          set up, create the tiny checkpoint, run one speech-to-speech turn"
+	@echo "make test         set up and run the whole test suite"
+	@echo "make bench-model  time each model stage (tiny and mid presets, CPU); table + JSON"
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# The venv is rebuilt only when pyproject.toml changes (stamp file), so `make setup` is idempotent.
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+setup: apt $(VENV)/.stamp
+
+$(CHECKPOINT)/config.json: | setup
+	$(VENV)/bin/funchat init-checkpoint --preset tiny --out $(CHECKPOINT) --seed 0
+
+run: setup $(CHECKPOINT)/config.json
+	@mkdir -p $(RUN_DIR)
+	$(VENV)/bin/funchat respond --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --mode s2s \
+	    --seed 0 --output-tokens $(RUN_DIR)/reply_tokens.json --verbose
+
+test: setup
+	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests
+
+test-unit: setup
+	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests/unit
+
+bench-model: setup
+	@mkdir -p bench-results
+	$(PY) -m funchat.bench --presets tiny mid --json bench-results/bench-model.json
+
+clean:
+	rm -rf $(RUN_DIR) checkpoints bench-results .pytest_cache

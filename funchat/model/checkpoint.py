@@ -1,0 +1,175 @@
+"""Checkpoint directories: load by exact public parameter names, validate first, write back.
+
+A directory holds `config.json`, `model.safetensors` (or shards + `model.safetensors.index.json`),
+optionally tokenizer files, `generation_config.json` and `special_tokens.json`. Loading checks every
+tensor name and shape against the model the config declares *before* reading any weights, and
+reports all problems at once (name and both shapes), so nothing is ever half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from funchat.errors import CheckpointError
+from funchat.model.config import FunAudioChatConfig
+from funchat.model.encoder import AudioEncoder, sinusoid_positions
+from funchat.model.funaudiochat import FunAudioChat
+from funchat.model.qwen3 import RotaryEmbedding
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tied to `audio_tower.embed_tokens.weight`; the reference does not store it, but accept it if present.
+TIED_KEYS = ("audio_invert_tower.lm_head.weight",)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}: choose float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def build_model(cfg: FunAudioChatConfig, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> FunAudioChat:
+    """A randomly initialised model (use device='meta' for shapes only)."""
+    with torch.device(device):
+        model = FunAudioChat(cfg)
+    return model.to(dtype) if str(device) != "meta" else model
+
+
+def expected_shapes(cfg: FunAudioChatConfig) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor the config implies, by public name."""
+    with torch.device("meta"):
+        model = FunAudioChat(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.text.tie_word_embeddings:
+        shapes.pop("language_model.lm_head.weight", None)
+    return shapes
+
+
+def tensor_index(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """name -> (file, shape), read from the safetensors headers only."""
+    index_path = ckpt / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index_path}: unreadable shard index ({exc})") from None
+        files = sorted({ckpt / f for f in weight_map.values()})
+    elif (ckpt / SINGLE_FILE).exists():
+        files = [ckpt / SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{ckpt}: no {SINGLE_FILE} and no {INDEX_FILE}")
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{f}: shard listed in {INDEX_FILE} is missing")
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    if name in out:
+                        raise CheckpointError(f"tensor {name} appears in both {out[name][0].name} and {f.name}")
+                    out[name] = (f, tuple(handle.get_slice(name).get_shape()))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
+    return out
+
+
+def validate(cfg: FunAudioChatConfig, stored: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
+    expected = expected_shapes(cfg)
+    problems = []
+    for name in sorted(set(expected) - set(stored)):
+        problems.append(f"missing tensor {name} (expected shape {list(expected[name])})")
+    for name in sorted(set(stored) - set(expected)):
+        if name in TIED_KEYS or (cfg.text.tie_word_embeddings and name == "language_model.lm_head.weight"):
+            continue
+        problems.append(f"unexpected tensor {name} (shape {list(stored[name][1])})")
+    for name in sorted(set(stored) & set(expected)):
+        if stored[name][1] != expected[name]:
+            problems.append(f"tensor {name} has shape {list(stored[name][1])}, the config implies {list(expected[name])}")
+    tied = "audio_invert_tower.lm_head.weight"
+    if tied in stored and stored[tied][1] != expected["audio_tower.embed_tokens.weight"]:
+        problems.append(f"tensor {tied} has shape {list(stored[tied][1])}, it is tied to audio_tower.embed_tokens.weight "
+                        f"{list(expected['audio_tower.embed_tokens.weight'])}")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError("checkpoint does not match its config.json:\n  " + "\n  ".join(shown))
+
+
+def _materialise_buffers(model: FunAudioChat, device: torch.device | str) -> None:
+    """Recompute the non-persistent buffers (positions, RoPE frequencies) after a meta-device load."""
+    for module in model.modules():
+        if isinstance(module, AudioEncoder):
+            module.positional_embedding = sinusoid_positions(module.cfg.max_source_positions, module.cfg.d_model).to(device)
+        elif isinstance(module, RotaryEmbedding):
+            fresh = RotaryEmbedding(module.inv_freq.shape[0] * 2, module.theta)
+            module.inv_freq = fresh.inv_freq.to(device)
+
+
+def load_model(ckpt_dir: str | Path, dtype: str | torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> FunAudioChat:
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    dtype = parse_dtype(dtype)
+    cfg = FunAudioChatConfig.from_file(ckpt / "config.json")
+    stored = tensor_index(ckpt)
+    validate(cfg, stored)
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in stored.items():
+        if name not in TIED_KEYS:
+            by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            for name in names:
+                state[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+
+    with torch.device("meta"):
+        model = FunAudioChat(cfg)
+    model.load_state_dict(state, strict=not cfg.text.tie_word_embeddings, assign=True)
+    if cfg.text.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    _materialise_buffers(model, device)
+    return model.eval()
+
+
+def save_checkpoint(model: FunAudioChat, out_dir: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write config.json and the weights (one file, or shards + index when max_shard_bytes is set)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.cfg.raw, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.text.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    if max_shard_bytes is None:
+        save_file(state, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

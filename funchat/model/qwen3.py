@@ -1,0 +1,234 @@
+"""Qwen3 dense decoder with a batched KV cache.
+
+Used twice: as the shared 5 Hz LLM (`language_model`) and as the Speech Refined Head's 25 Hz
+`crq_transformer`. Parameter names follow the Hugging Face Qwen3 layout so checkpoints load by name.
+
+Shapes: B batch, T new positions, S cached positions, D hidden, H query heads, K kv heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funchat.model.config import Qwen3Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weight dtype, as the reference does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences of (possibly) different lengths.
+
+    Row b holds its positions 0..lengths[b]-1 at the start of the time axis. New positions are
+    written at lengths[b] onwards; anything beyond a row's length is stale and never attended to.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, capacity: int = 64):
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def max_length(self) -> int:
+        return int(self.lengths.max()) if self.batch else 0
+
+    def reserve(self, new_tokens: int) -> None:
+        need = self.max_length() + new_tokens
+        if need <= self.capacity:
+            return
+        grow = max(need, 2 * self.capacity) - self.capacity
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                pad = t.new_zeros(t.shape[0], t.shape[1], grow, t.shape[3])
+                store[i] = torch.cat([t, pad], dim=2)
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k_new/v_new [B, K, T, d] after each row's length; return views [B, K, S, d]."""
+        t = k_new.shape[2]
+        if uniform:
+            start = int(self.lengths[0])
+            self.k[layer][:, :, start:start + t] = k_new
+            self.v[layer][:, :, start:start + t] = v_new
+        else:
+            for b in range(self.batch):
+                start = int(self.lengths[b])
+                self.k[layer][b, :, start:start + t] = k_new[b]
+                self.v[layer][b, :, start:start + t] = v_new[b]
+        end = self.max_length() + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, new_lens: torch.Tensor) -> None:
+        self.lengths = self.lengths + new_lens
+
+    def select(self, rows: list[int]) -> "KVCache":
+        """A cache holding only the given rows (for splitting or reordering a batch)."""
+        out = KVCache.__new__(KVCache)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        out.k = [t.index_select(0, idx) for t in self.k]
+        out.v = [t.index_select(0, idx) for t in self.v]
+        out.lengths = self.lengths.index_select(0, idx)
+        return out
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.theta = theta
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d/2]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, T] -> cos, sin [B, T, d] (computed in float32, then cast)
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, heads, T, d]; cos/sin [B, T, d]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool, cache: KVCache | None, layer: int, uniform: bool) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, d]
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, K, T, d]
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, T, d]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k, v, uniform)  # [B, K, S, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             enable_gqa=self.n_heads != self.n_kv)  # [B, H, T, d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3Layer(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg)
+        self.mlp = Qwen3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, causal, cache, layer, uniform):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, layer, uniform)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Decoder stack + final norm. `embed_tokens` only where the checkpoint has one (not the SRH)."""
+
+    def __init__(self, cfg: Qwen3Config, with_embeddings: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        if with_embeddings:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def new_cache(self, batch: int, capacity: int = 64) -> KVCache:
+        p = self.norm.weight
+        return KVCache(self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, self.cfg.head_dim,
+                       p.dtype, p.device, capacity)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                new_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] input embeddings -> [B, T, D] final-normed hidden states.
+
+        With a cache, row b's T new positions continue after its cached length; `new_lens` [B]
+        says how many of them are real (the rest is right padding, computed but not kept).
+        Without a cache, it is one causal forward from position 0.
+        """
+        b, t, _ = x.shape
+        device = x.device
+        steps = torch.arange(t, device=device)
+        if cache is None:
+            positions = steps[None].expand(b, t)
+            mask, causal, uniform = None, True, True
+        else:
+            cache.reserve(t)
+            past = cache.lengths  # [B]
+            positions = past[:, None] + steps[None]  # [B, T]
+            uniform = bool((past == past[0]).all()) if b > 1 else True
+            if uniform and int(past[0]) == 0:
+                mask, causal = None, True  # plain causal prefill
+            elif uniform and t == 1:
+                mask, causal = None, False  # one new position sees everything cached
+            else:
+                s = cache.max_length() + t
+                keys = torch.arange(s, device=device)
+                mask = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
+                mask, causal = mask[:, None], False  # [B, 1, T, S]
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, causal, cache, i, uniform)
+        if cache is not None:
+            cache.advance(new_lens if new_lens is not None else torch.full((b,), t, device=device))
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """`language_model`: Qwen3Model under `model.` and an untied (by default) `lm_head`."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)

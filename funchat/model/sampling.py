@@ -1,0 +1,71 @@
+"""Token selection: greedy, or repetition penalty -> temperature -> top-k -> top-p -> multinomial.
+
+The order and the arithmetic follow the Hugging Face logits processors the reference uses, so a
+given seed and generator give the same draws. Shapes: B batch, V vocabulary, n history length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    greedy: bool = False
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.2
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy for argmax")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+
+
+GREEDY = SamplingParams(greedy=True)
+
+
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """scores [B, V]; history [B, n] ids already produced: divide positive scores, multiply negative."""
+    if penalty == 1.0 or history.shape[-1] == 0:
+        return scores
+    picked = torch.gather(scores, 1, history)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, history, picked)
+
+
+def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering; removed entries become -inf."""
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k > 0:
+        k = min(params.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - params.top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    return scores
+
+
+def select(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] float32 -> chosen ids [B]. Greedy is the argmax of the raw logits."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    scores = logits
+    if history is not None:
+        scores = apply_repetition_penalty(scores, history, params.repetition_penalty)
+    probs = warp(scores, params).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
