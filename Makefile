@@ -42,7 +42,7 @@ $(CHECKPOINT)/config.json: | setup
 run: setup $(CHECKPOINT)/config.json
 	@mkdir -p $(RUN_DIR)
 	$(VENV)/bin/funchat respond --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --mode s2s \
-	    --seed 0 --output-tokens $(RUN_DIR)/reply_tokens.json --verbose
+	    --seed 0 --output-tokens $(RUN_DIR)/reply_tokens.json
 
 test: setup
 	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests

@@ -173,3 +173,24 @@ def save_checkpoint(model: FunAudioChat, out_dir: str | Path, max_shard_bytes: i
         weight_map.update({name: fname for name in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+@torch.no_grad()
+def randomize(model: FunAudioChat, seed: int) -> FunAudioChat:
+    """Random weights with O(1) activations (not the tiny std of training init), so greedy choices
+    are well separated and do not flip with thread counts or batch composition."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith("norm.weight") or "layer_norm" in name or name.startswith("continuous_audio_tower.ln_post"):
+            if name.endswith(".weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 1:  # biases
+            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        elif "embed" in name or name.endswith("audio_bos_eos_token.weight"):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        else:  # Linear [out, in] and Conv1d [out, in, k]: unit-variance outputs
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    return model

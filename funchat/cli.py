@@ -1,0 +1,126 @@
+"""The `funchat` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from funchat.errors import FunchatError
+
+
+def _cmd_init_checkpoint(args: argparse.Namespace) -> None:
+    from funchat.model.init_checkpoint import init_checkpoint
+
+    t0 = time.perf_counter()
+    out = init_checkpoint(args.preset, args.out, seed=args.seed,
+                          max_shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None)
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.2f} s")
+
+
+def _cmd_respond(args: argparse.Namespace) -> None:
+    import torch
+
+    from funchat.audio_io import load_audio
+    from funchat.generation import GenerationConfig
+    from funchat.model.sampling import GREEDY, SamplingParams
+    from funchat.pipeline import ReferencePipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    pipeline = ReferencePipeline(args.checkpoint, dtype=args.dtype, device=args.device)
+    t_load = time.perf_counter() - t0
+    audio = load_audio(args.input)
+    tools = json.loads(Path(args.tools).read_text()) if args.tools else None
+    speech = GREEDY if args.greedy else SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                                       top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    gen = GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, text=GREEDY, speech=speech,
+                           seed=args.seed)
+    result = pipeline.respond(audio, mode=args.mode, system_prompt=args.system_prompt, tools=tools, gen=gen)
+    payload = dict(result.to_json(), checkpoint=str(args.checkpoint), input=str(args.input),
+                   greedy=args.greedy, seed=args.seed)
+    if args.output_tokens:
+        Path(args.output_tokens).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_tokens).write_text(json.dumps(payload, ensure_ascii=False) + "\n")
+    t = result.timings
+    print(f"input      {args.input} ({len(audio) / 16000:.2f} s, {result.prompt_tokens} prompt tokens)")
+    print(f"mode       {result.mode}  greedy={args.greedy}  seed={args.seed}")
+    print(f"text       {result.text!r}")
+    print(f"tokens     {len(result.text_tokens)} text, {len(result.speech_tokens)} speech "
+          f"({len(result.vocoder_tokens)} for the vocoder)")
+    print("time (ms)  load {:.1f} | mel {:.1f} | encoder {:.1f} | LLM prefill {:.1f} | SRH prefill {:.1f} | "
+          "LLM step {:.2f} | SRH step {:.2f} | decode {:.1f} | turn {:.1f}".format(
+              t_load * 1e3, t["mel"] * 1e3, t["encoder"] * 1e3, t["llm_prefill"] * 1e3, t["srh_prefill"] * 1e3,
+              t["llm_step_mean"] * 1e3, t["srh_step_mean"] * 1e3, t["decode"] * 1e3, t["total"] * 1e3))
+    if args.output_tokens:
+        print(f"tokens written to {args.output_tokens}")
+
+
+def _cmd_reference_dump(args: argparse.Namespace) -> None:
+    from funchat.reference_dump import run_reference_dump
+
+    arrays = run_reference_dump(args.checkpoint, args.features, args.prompt_ids, args.out, mode=args.mode,
+                                max_new_tokens=args.max_new_tokens)
+    print(f"wrote {len(arrays)} arrays to {args.out}: {len(arrays['gen_text_ids'][0])} text ids, "
+          f"{arrays['gen_speech_ids'].shape[1]} speech ids")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="funchat", description="Fun-Audio-Chat serving tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-checkpoint", help="write a random checkpoint directory in the public layout")
+    p.add_argument("--preset", required=True, help="tiny, mid or 8b")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-mb", type=float, default=None, help="split the weights into shards of this size")
+    p.set_defaults(func=_cmd_init_checkpoint)
+
+    p = sub.add_parser("respond", help="one turn in process (the oracle): speech in, text and speech tokens out")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="WAV or FLAC, any rate, mono or stereo")
+    p.add_argument("--mode", choices=["s2t", "s2s"], default="s2s")
+    p.add_argument("--greedy", action="store_true", help="argmax for text and speech (no sampling)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", default=None, help="persona appended to the mode instruction")
+    p.add_argument("--tools", default=None, help="JSON file with a list of tool definitions")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--output-tokens", default=None, help="write text, text_tokens, speech_tokens as JSON here")
+    p.set_defaults(func=_cmd_respond)
+
+    p = sub.add_parser("reference-dump", help="features + prompt ids through our model; golden array names")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--features", required=True, help=".npz with input_features [N, mels, F] (+ mask, speech_lengths)")
+    p.add_argument("--prompt-ids", required=True, help="JSON: a list of ids or {input_ids, expand_audio}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", choices=["s2s", "s2t"], default="s2s")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=_cmd_reference_dump)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FunchatError as exc:
+        print(f"funchat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid option values (sampling parameters, token limits)
+        print(f"funchat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
