@@ -21,6 +21,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def model64(model):
+    """The same weights in float64, where cached and from-scratch paths agree to ~1e-12."""
+    cfg = FunAudioChatConfig.from_dict(preset_config("tiny"))
+    return randomize(build_model(cfg), seed=1234).eval().to(torch.float64)
+
+
+@pytest.fixture(scope="module")
 def llm(model):
     return model.language_model.model
 
@@ -188,7 +195,21 @@ class RecordingGreedy:
 
 def _srh_inputs(model, n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(1, n, model.cfg.hidden_size, generator=gen)
+    return torch.randn(1, n, model.cfg.hidden_size, generator=gen).to(model.dtype)
+
+
+def _assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """SRH logits: 1e-5 relative to their scale (float32), 1e-10 (float64).
+
+    With randomized weights the SRH logits reach |40|, where one float32 ulp is ~4e-6: a matmul
+    over [1, 1, E] instead of [1, N, E] already differs by ~2e-5 at the very first choice, while
+    float64 agrees to 0. A wrong previous token, position or mask differs by O(1).
+    """
+    if expected.dtype == torch.float64:
+        torch.testing.assert_close(actual, expected, atol=1e-10, rtol=0)
+    else:
+        scale = max(1.0, float(expected.abs().max()))
+        torch.testing.assert_close(actual, expected, atol=ATOL * scale, rtol=0)
 
 
 def _run_srh(srh, blocks: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -224,16 +245,19 @@ def _srh_from_scratch(srh, blocks: list[torch.Tensor], tokens: torch.Tensor) -> 
     return (srh.output_matching(out[chosen_at]) @ srh.codebook.T).float()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("prompt_len", [1, 4])
-def test_srh_prefill_and_steps_equal_from_scratch_recomputation(model, srh, prompt_len):
+def test_srh_prefill_and_steps_equal_from_scratch_recomputation(model, model64, prompt_len, dtype):
+    m = model if dtype == torch.float32 else model64
+    srh = m.audio_invert_tower
     steps = 4
-    h = _srh_inputs(model, prompt_len + steps, seed=40 + prompt_len)
+    h = _srh_inputs(m, prompt_len + steps, seed=40 + prompt_len)
     blocks = [h[:, :prompt_len]] + [h[:, i:i + 1] for i in range(prompt_len, prompt_len + steps)]
 
     logits, tokens = _run_srh(srh, blocks)
     assert tokens.shape == (srh.cfg.group_size * (1 + steps),)
     expected = _srh_from_scratch(srh, blocks, tokens)
-    _assert_close(torch.stack(logits), expected)
+    _assert_logits_close(torch.stack(logits), expected)
     assert torch.equal(tokens, torch.argmax(expected, dim=-1))
 
 
@@ -259,4 +283,4 @@ def test_srh_batch_with_different_prompt_lengths_equals_each_row_alone(model, sr
     assert state.cache.lengths.tolist() == [(n + steps) * g for n in lens]
     for b, (logits_alone, tokens_alone) in enumerate(alone):
         assert torch.equal(tokens[b], tokens_alone)
-        _assert_close(torch.stack([logits[b] for _, logits in chooser.calls]), torch.stack(logits_alone))
+        _assert_logits_close(torch.stack([logits[b] for _, logits in chooser.calls]), torch.stack(logits_alone))
