@@ -19,7 +19,7 @@ from funchat.errors import CheckpointError
 from funchat.model.config import FunAudioChatConfig
 from funchat.model.encoder import AudioEncoder, sinusoid_positions
 from funchat.model.funaudiochat import FunAudioChat
-from funchat.model.qwen3 import RotaryEmbedding
+from funchat.model.qwen3 import RotaryEmbedding, rope_inv_freq
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -113,8 +113,7 @@ def _materialise_buffers(model: FunAudioChat, device: torch.device | str) -> Non
         if isinstance(module, AudioEncoder):
             module.positional_embedding = sinusoid_positions(module.cfg.max_source_positions, module.cfg.d_model).to(device)
         elif isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(module.inv_freq.shape[0] * 2, module.theta)
-            module.inv_freq = fresh.inv_freq.to(device)
+            module.inv_freq = rope_inv_freq(module.head_dim, module.theta).to(device)
 
 
 def load_model(ckpt_dir: str | Path, dtype: str | torch.dtype = torch.float32,

@@ -27,9 +27,9 @@ def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, max_shard_b
     cfg = FunAudioChatConfig.from_dict(raw)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    build_tiny_tokenizer(out, vocab_size=cfg.text.vocab_size)  # first: it is the step that can refuse
     model = randomize(build_model(cfg), seed)
     save_checkpoint(model, out, max_shard_bytes=max_shard_bytes)
-    build_tiny_tokenizer(out, vocab_size=cfg.text.vocab_size)
     gen = {"bos_token_id": raw["text_config"]["bos_token_id"], "eos_token_id": cfg.eos_token_id,
            "do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.2,
            "max_new_tokens": 512}

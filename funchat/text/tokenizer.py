@@ -225,10 +225,10 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> Path:
         special_tokens=[],
     )
     tok.train_from_iterator(_TINY_CORPUS.splitlines(keepends=True), trainer)
-    if tok.get_vocab_size() != n_bpe:
-        raise ValueError(
-            f"tiny corpus yields only {tok.get_vocab_size()} BPE tokens, {n_bpe} needed; lower vocab_size"
-        )
+    # A larger vocabulary than the corpus can fill (the `mid` preset's) gets reserved, never-produced
+    # special tokens in the gap, so the chat specials still sit at the top of the id range.
+    reserved = [f"<|reserved_{i}|>" for i in range(n_bpe - tok.get_vocab_size())]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in reserved])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TINY_ADDED])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in TINY_SPECIALS])
 
