@@ -48,7 +48,8 @@ def _cmd_respond(args: argparse.Namespace) -> None:
     t = result.timings
     print(f"input      {args.input} ({len(audio) / 16000:.2f} s, {result.prompt_tokens} prompt tokens)")
     print(f"mode       {result.mode}  greedy={args.greedy}  seed={args.seed}")
-    print(f"text       {result.text!r}")
+    shown = result.text if len(result.text) <= 160 else result.text[:160] + f"… ({len(result.text)} characters)"
+    print(f"text       {shown!r}")
     print(f"tokens     {len(result.text_tokens)} text, {len(result.speech_tokens)} speech "
           f"({len(result.vocoder_tokens)} for the vocoder)")
     print("time (ms)  load {:.1f} | mel {:.1f} | encoder {:.1f} | LLM prefill {:.1f} | SRH prefill {:.1f} | "

@@ -293,7 +293,7 @@ def test_tokenizer_without_chat_tokens():
 
 
 def test_matches_transformers(tok, tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a pinned test dependency: its absence is a failure, not a skip
     d = build_tiny_tokenizer(tmp_path_factory.mktemp("hf"))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
     msgs = [
