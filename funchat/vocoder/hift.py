@@ -340,17 +340,26 @@ class SineSource(nn.Module):
                 phase_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """f0 [B, T] Hz, noise [1, >= T*480, H] U[0,1), phase_state [B, 1, H] float64 running sum
         (None = start of utterance) -> (source [B, T*480, 1], new phase_state [B, 1, H])."""
-        spf = self.samples_per_frame
-        samples = f0.shape[1] * spf
-        if noise.shape[1] < samples or noise.shape[2] != self.harmonics:
-            raise ValueError(f"noise {tuple(noise.shape)} too short or wrong width for {samples} samples "
-                             f"x {self.harmonics} harmonics")
+        cycles = self.cycles(f0, phase_state)
+        return self.excite(f0, cycles, noise), cycles[:, -1:]
+
+    def cycles(self, f0: torch.Tensor, phase_state: torch.Tensor | None = None) -> torch.Tensor:
+        """Running phase in cycles per frame and harmonic: f0 [B, T] -> [B, T, H] float64,
+        continued from phase_state [B, 1, H] (the running sum before the first frame)."""
         steps = self.phase_increments(f0).double()  # [B, T, H]
         if phase_state is None:
             phase_state = torch.zeros_like(steps[:, :1])
         # Sequential float64 sum, continued from the state exactly as one long cumsum would be
         # (CPU cumsum of float32 accumulates in float64 and rounds each output).
-        cycles = torch.cumsum(torch.cat([phase_state, steps], dim=1), dim=1)[:, 1:]  # [B, T, H]
+        return torch.cumsum(torch.cat([phase_state, steps], dim=1), dim=1)[:, 1:]
+
+    def excite(self, f0: torch.Tensor, cycles: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """f0 [B, T], running phase [B, T, H] (float64), noise [1, >= T*480, H] -> source [B, T*480, 1]."""
+        spf = self.samples_per_frame
+        samples = f0.shape[1] * spf
+        if noise.shape[1] < samples or noise.shape[2] != self.harmonics:
+            raise ValueError(f"noise {tuple(noise.shape)} too short or wrong width for {samples} samples "
+                             f"x {self.harmonics} harmonics")
         # Same float32 operation order as the reference: ((c * 2) * pi) * 480.
         phase = cycles.float() * 2 * math.pi * spf
         sines = torch.sin(phase) * self.sine_amp  # [B, T, H], constant over each frame's samples
@@ -361,7 +370,7 @@ class SineSource(nn.Module):
         voiced = voiced.repeat_interleave(spf, dim=1)
         noise_amp = noise_amp.repeat_interleave(spf, dim=1)
         excitation = sines * voiced + noise_amp * noise[:, :samples].to(f0)  # [B, S, H]
-        return torch.tanh(self.l_linear(excitation)), cycles[:, -1:]
+        return torch.tanh(self.l_linear(excitation))
 
 
 # ---------------------------------------------------------------------------------------------

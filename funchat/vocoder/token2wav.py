@@ -1,0 +1,317 @@
+"""CosyVoice 3 token2wav: 25 Hz speech codes + speaker x-vector -> 24 kHz waveform, offline and streamed.
+
+Offline is one flow call over all tokens and one HiFT call over all mel (finalize). Streaming
+emits a chunk once `first_hop + lookahead` tokens exist, then every `hop` tokens, and flushes the
+rest at the end; only new samples are returned and the total is exactly 960 samples per token.
+Two streaming modes share one serialisable `StreamState`:
+
+- `reference`: the reference's server path, call by call: every chunk re-runs the flow over all
+  tokens so far (full attention, noise from column 0), appends that call's new frames to a mel
+  history, re-runs HiFT over the whole history and returns the samples past what was sent.
+  Cost grows with the square of the call length.
+- `incremental` (default): bounded work per chunk. The flow runs over a window of
+  `flow_left_tokens` tokens of left context plus the new tokens, with the noise taken at the
+  window's absolute frame positions; HiFT re-runs only `hift_left_frames` frames of mel history
+  (its whole causal receptive field) with the source phase and the committed f0 carried in the
+  state and the source noise at absolute sample positions, so it continues the waveform exactly
+  as one causal run over the whole call would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+from torch.nn.utils import parametrize
+
+from funchat.vocoder.flow import Flow, FlowConfig
+from funchat.vocoder.hift import Hift, HiftConfig
+from funchat.vocoder.noise import FixedNoise
+
+MODES = ("incremental", "reference")
+
+
+class VocoderInputError(ValueError):
+    """Tokens, speaker or stream calls the vocoder cannot use (message names the problem)."""
+
+
+@dataclass
+class StreamConfig:
+    first_hop: int = 15  # tokens in the first chunk (emitted once first_hop + lookahead exist)
+    hop: int = 15  # tokens per later chunk
+    flow_left_tokens: int = 50  # incremental: tokens of left context the flow window re-runs
+    hift_left_frames: int = 0  # incremental: mel frames of HiFT history (0 = the model's receptive field)
+    max_tokens: int = 7500  # longest call; the reference's noise covers 300 s = 7500 tokens
+
+    def __post_init__(self):
+        for name in ("first_hop", "hop"):
+            if getattr(self, name) < 1:
+                raise VocoderInputError(f"stream {name} must be >= 1 (got {getattr(self, name)})")
+        if self.flow_left_tokens < 0 or self.hift_left_frames < 0:
+            raise VocoderInputError("stream context sizes must be >= 0")
+
+
+@dataclass
+class VocoderConfig:
+    flow: FlowConfig
+    hift: HiftConfig
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.hift.sampling_rate
+
+    @property
+    def samples_per_token(self) -> int:
+        return self.flow.token_mel_ratio * self.hift.samples_per_frame  # 960
+
+    @property
+    def codes(self) -> int:
+        return self.flow.vocab_size  # codes 0 .. 6560
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "funchat-vocoder/1", "flow": self.flow.to_dict(), "hift": self.hift.to_dict(),
+                "stream": asdict(self.stream)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VocoderConfig":
+        return cls(FlowConfig.from_dict(d["flow"]), HiftConfig.from_dict(d["hift"]),
+                   StreamConfig(**d.get("stream", {})))
+
+    @classmethod
+    def from_constructor_args(cls, d: dict[str, Any]) -> "VocoderConfig":
+        """From the reference's resolved constructor arguments (the golden set's config.json)."""
+        args = d.get("constructor_args", d)
+        return cls(FlowConfig.from_constructor_args(args), HiftConfig.from_constructor_args(args))
+
+    @classmethod
+    def preset(cls, name: str) -> "VocoderConfig":
+        if name == "tiny":
+            return cls(FlowConfig.tiny(), HiftConfig.tiny())
+        if name in ("full", "8b"):
+            return cls(FlowConfig.full(), HiftConfig.full())
+        raise VocoderInputError(f"unknown vocoder preset {name!r}: choose tiny or full")
+
+
+@dataclass
+class StreamState:
+    """Everything needed to produce the next chunk of one utterance, on any replica."""
+
+    mode: str
+    xvec: torch.Tensor  # [192]
+    tokens: list[int] = field(default_factory=list)  # codes received so far (0..6560)
+    token_offset: int = 0  # tokens whose mel is final (sent to HiFT)
+    samples_sent: int = 0
+    finished: bool = False
+    dropped_codes: int = 0  # codes outside 0..6560 that were received and dropped
+    # reference mode: the whole mel history; incremental: the last frames HiFT needs as context
+    mel: torch.Tensor | None = None  # [80, frames]
+    mel_start: int = 0  # absolute frame index of mel[:, 0]
+    f0: torch.Tensor | None = None  # incremental: committed f0 of frames [mel_start, committed) [frames]
+    cycles: torch.Tensor | None = None  # incremental: running phase of those frames [frames, 9] float64
+
+    def to_bytes(self) -> bytes:
+        tensors = {"xvec": self.xvec.contiguous()}
+        for name in ("mel", "f0", "cycles"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.contiguous()
+        meta = {"mode": self.mode, "tokens": self.tokens, "token_offset": self.token_offset,
+                "samples_sent": self.samples_sent, "finished": self.finished,
+                "dropped_codes": self.dropped_codes, "mel_start": self.mel_start}
+        return st_save(tensors, metadata={"state": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "StreamState":
+        tensors = st_load(data)
+        meta = json.loads(_metadata(data)["state"])
+        return cls(xvec=tensors["xvec"], mel=tensors.get("mel"), f0=tensors.get("f0"), cycles=tensors.get("cycles"),
+                   **meta)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    # safetensors layout: 8-byte little-endian header length, then a JSON header with "__metadata__".
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+class Token2Wav(nn.Module):
+    def __init__(self, cfg: VocoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.flow = Flow(cfg.flow)
+        self.hift = Hift(cfg.hift)
+        self.noise = FixedNoise.for_configs(cfg.hift, vocab_size=cfg.flow.vocab_size,
+                                            flow_input_size=cfg.flow.input_size, spk_embed_dim=cfg.flow.spk_embed_dim,
+                                            flow_output_size=cfg.flow.output_size)
+
+    # ---- inputs ----
+
+    def clean_tokens(self, tokens: list[int] | np.ndarray) -> tuple[list[int], int]:
+        """Keep codes 0..codes-1 (speech bos/eos/pad and anything else are dropped); count the dropped."""
+        arr = np.asarray(tokens).reshape(-1)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise VocoderInputError(f"speech tokens must be integers, got {arr.dtype}")
+        keep = (arr >= 0) & (arr < self.cfg.codes)
+        return arr[keep].astype(np.int64).tolist(), int((~keep).sum())
+
+    def check_xvec(self, xvec: torch.Tensor | np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(xvec, dtype=np.float32)).reshape(-1)
+        if x.numel() != self.cfg.flow.spk_embed_dim:
+            raise VocoderInputError(f"speaker embedding has {x.numel()} values, the vocoder expects "
+                                    f"{self.cfg.flow.spk_embed_dim}")
+        if not torch.isfinite(x).all() or float(x.norm()) == 0.0:
+            raise VocoderInputError("speaker embedding must be finite and non-zero")
+        return x
+
+    def _check_length(self, n_tokens: int) -> None:
+        if n_tokens > self.cfg.stream.max_tokens:
+            raise VocoderInputError(f"{n_tokens} speech tokens exceed the vocoder's maximum of "
+                                    f"{self.cfg.stream.max_tokens} ({self.cfg.stream.max_tokens / 25:.0f} s)")
+
+    # ---- offline ----
+
+    @torch.inference_mode()
+    def offline(self, tokens: list[int], xvec: torch.Tensor, return_mel: bool = False):
+        """All tokens at once (finalize): -> wav [N * 960] float32 (and the mel [80, 2N])."""
+        codes, _ = self.clean_tokens(tokens)
+        if not codes:
+            raise VocoderInputError("no speech tokens to synthesise (empty, or all outside 0..6560)")
+        self._check_length(len(codes))
+        xvec = self.check_xvec(xvec)
+        t = len(codes) * self.cfg.flow.token_mel_ratio
+        mel = self.flow.inference(torch.tensor([codes]), xvec[None], self.noise.flow_noise(t), finalize=True)
+        wav = self.hift.inference(mel, self.noise.source_noise(t * self.cfg.hift.samples_per_frame), finalize=True)
+        return (wav[0], mel[0]) if return_mel else wav[0]
+
+    # ---- streaming ----
+
+    def start(self, xvec: torch.Tensor, mode: str = "incremental") -> StreamState:
+        if mode not in MODES:
+            raise VocoderInputError(f"unknown stream mode {mode!r}: choose incremental or reference")
+        return StreamState(mode=mode, xvec=self.check_xvec(xvec))
+
+    def push(self, state: StreamState, tokens: list[int], final: bool = False) -> list[torch.Tensor]:
+        """Add tokens to the stream; return the chunks (1-D float32) that became ready, in order.
+        With final=True the rest is flushed and the state is finished."""
+        if state.finished:
+            raise VocoderInputError("the stream is already finished")
+        codes, dropped = self.clean_tokens(tokens)
+        state.dropped_codes += dropped
+        state.tokens.extend(codes)
+        self._check_length(len(state.tokens))
+        la = self.cfg.flow.pre_lookahead_len
+        chunks = []
+        while True:
+            hop = self.cfg.stream.first_hop if state.token_offset == 0 else self.cfg.stream.hop
+            end = state.token_offset + hop
+            if end + la > len(state.tokens):
+                break
+            if final and end + la >= len(state.tokens):
+                break  # the final call covers it with real (not look-ahead) context
+            chunks.append(self._call(state, state.tokens[: end + la], finalize=False))
+        if final:
+            if state.token_offset < len(state.tokens):
+                chunks.append(self._call(state, state.tokens, finalize=True))
+            state.finished = True
+        return [c for c in chunks if c.numel()]
+
+    @torch.inference_mode()
+    def _call(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
+        with parametrize.cached():
+            if state.mode == "reference":
+                return self._reference_call(state, tokens, finalize)
+            return self._incremental_call(state, tokens, finalize)
+
+    def _reference_call(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
+        ratio, spf = self.cfg.flow.token_mel_ratio, self.cfg.hift.samples_per_frame
+        n = len(tokens)
+        frames = (n if finalize else n - self.cfg.flow.pre_lookahead_len) * ratio
+        mel = self.flow.inference(torch.tensor([tokens]), state.xvec[None], self.noise.flow_noise(frames), finalize)
+        new = mel[0, :, state.token_offset * ratio:]  # [80, new frames]
+        state.mel = new if state.mel is None else torch.cat([state.mel, new], dim=1)
+        total = state.mel.shape[1]
+        if not finalize and total <= self.hift.lookahead_frames:
+            state.token_offset = n - self.cfg.flow.pre_lookahead_len
+            return torch.zeros(0)
+        wav = self.hift.inference(state.mel[None], self.noise.source_noise(total * spf), finalize)[0]
+        chunk = wav[state.samples_sent:]
+        state.samples_sent += chunk.numel()
+        state.token_offset = n if finalize else n - self.cfg.flow.pre_lookahead_len
+        return chunk
+
+    def _incremental_call(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
+        new = self.incremental_flow(state, tokens, finalize)
+        return self.incremental_hift(state, new, finalize)
+
+    def incremental_flow(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
+        """The mel frames this call makes final, from a bounded flow window: -> [80, new frames]."""
+        cfg = self.cfg
+        ratio = cfg.flow.token_mel_ratio
+        n = len(tokens)
+        end_token = n if finalize else n - cfg.flow.pre_lookahead_len  # tokens whose mel this call makes final
+        # Flow over [start, n): left context + new tokens (+ look-ahead), noise at absolute frames.
+        start = max(0, state.token_offset - cfg.stream.flow_left_tokens)
+        window = torch.tensor([tokens[start:]])
+        mu = self.flow.mu(window, finalize)  # [1, 80, (end_token - start) * ratio]
+        noise = self._flow_noise_window(start * ratio, end_token * ratio)
+        mel = self.flow.solve(mu, self.flow.speaker_embedding(state.xvec[None]), noise)  # [1, 80, frames]
+        new = mel[0, :, (state.token_offset - start) * ratio:]  # [80, new frames]
+        state.token_offset = end_token
+        return new
+
+    def incremental_hift(self, state: StreamState, new: torch.Tensor, finalize: bool) -> torch.Tensor:
+        """Continue the waveform with new mel frames [80, F]; HiFT re-runs only its receptive field."""
+        spf = self.cfg.hift.samples_per_frame
+        # HiFT over [mel_start, total): history (receptive field) + new frames.
+        hist = state.mel if state.mel is not None else new[:, :0]
+        mel_all = torch.cat([hist, new], dim=1)  # frames [mel_start, total)
+        total = state.mel_start + mel_all.shape[1]
+        committed = state.samples_sent // spf  # frames whose samples are already sent
+        f0_new_end = total if finalize else total - self.hift.f0_lookahead_frames
+        # A non-final decode holds back conv_pre's look-ahead and one more frame: wait until it yields samples.
+        if not finalize and f0_new_end - self.hift.conv_pre_lookahead_frames - 1 <= committed:
+            state.mel = mel_all
+            return torch.zeros(0)
+        f0_all = self.hift.predict_f0(mel_all[None], finalize=finalize)[0]  # frames [mel_start, f0_new_end)
+        first_new = committed - state.mel_start
+        f0_hist = state.f0 if state.f0 is not None else f0_all[:0]
+        f0 = torch.cat([f0_hist, f0_all[first_new:]])  # committed f0 kept, new f0 appended
+        phase0 = state.cycles[-1:][None] if state.cycles is not None else None
+        cycles_new = self.hift.m_source.cycles(f0_all[first_new:][None], phase0)[0]  # [new, 9]
+        cycles = torch.cat([state.cycles, cycles_new]) if state.cycles is not None else cycles_new
+        noise = self._source_noise_window(state.mel_start * spf, f0_new_end * spf)
+        source = self.hift.m_source.excite(f0[None], cycles[None], noise)  # [1, (f0_new_end-mel_start)*480, 1]
+        dec_mel = mel_all[None] if finalize else mel_all[None, :, : f0.shape[0]]
+        wav = self.hift.decode(dec_mel, source, finalize=finalize)[0]  # from frame mel_start
+        chunk = wav[(committed - state.mel_start) * spf:]
+        state.samples_sent += chunk.numel()
+
+        # Keep only what the next call needs: receptive-field history before the new commit point.
+        keep_from = max(state.mel_start, state.samples_sent // spf - self._hift_left_frames())
+        cut = keep_from - state.mel_start
+        state.mel = mel_all[:, cut:]
+        committed_now = state.samples_sent // spf
+        state.f0 = f0[cut: committed_now - state.mel_start]
+        state.cycles = cycles[cut: committed_now - state.mel_start]
+        state.mel_start = keep_from
+        return chunk
+
+    def _hift_left_frames(self) -> int:
+        return self.cfg.stream.hift_left_frames or self.hift.left_context_frames
+
+    def _flow_noise_window(self, a: int, b: int) -> torch.Tensor:
+        """Flow noise columns [a, b) at absolute frame positions (wrapping past the buffer's end)."""
+        buf = self.noise.flow_noise(self.noise.max_flow_frames)
+        idx = torch.arange(a, b) % buf.shape[2]
+        return buf[:, :, idx]
+
+    def _source_noise_window(self, a: int, b: int) -> torch.Tensor:
+        """Source noise samples [a, b) at absolute sample positions."""
+        return self.noise.source_noise(b)[:, a:b]
