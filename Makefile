@@ -12,12 +12,13 @@ RUN_DIR := .run
 # Debian packages the project needs at run or test time (none yet beyond Python itself).
 APT_PACKAGES ?=
 
-.PHONY: setup apt run test test-unit bench-model clean help
+.PHONY: setup apt run test test-unit bench-model bench-vocoder clean help
 
 help:
 	@echo "make run          set up, create the tiny checkpoint, run one speech-to-speech turn"
 	@echo "make test         set up and run the whole test suite"
 	@echo "make bench-model  time each model stage (tiny and mid presets, CPU); table + JSON"
+	@echo "make bench-vocoder  vocoder real-time factor, first-chunk latency, cost per chunk along a long call"
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -36,13 +37,13 @@ $(VENV)/.stamp: pyproject.toml
 
 setup: apt $(VENV)/.stamp
 
-$(CHECKPOINT)/config.json: | setup
+$(CHECKPOINT)/vocoder/model.safetensors: | setup
 	$(VENV)/bin/funchat init-checkpoint --preset tiny --out $(CHECKPOINT) --seed 0
 
-run: setup $(CHECKPOINT)/config.json
+run: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p $(RUN_DIR)
 	$(VENV)/bin/funchat respond --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --mode s2s \
-	    --seed 0 --output-tokens $(RUN_DIR)/reply_tokens.json
+	    --seed 0 --output-tokens $(RUN_DIR)/reply_tokens.json --output $(RUN_DIR)/reply.wav
 
 test: setup
 	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests
@@ -53,6 +54,10 @@ test-unit: setup
 bench-model: setup
 	@mkdir -p bench-results
 	$(PY) -m funchat.bench --presets tiny mid --json bench-results/bench-model.json
+
+bench-vocoder: setup
+	@mkdir -p bench-results
+	$(PY) -m funchat.vocoder.bench --json bench-results/bench-vocoder.json
 
 clean:
 	rm -rf $(RUN_DIR) checkpoints bench-results .pytest_cache

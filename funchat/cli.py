@@ -16,7 +16,8 @@ def _cmd_init_checkpoint(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     out = init_checkpoint(args.preset, args.out, seed=args.seed,
-                          max_shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None)
+                          max_shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None,
+                          vocoder=not args.no_vocoder)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.2f} s")
 
 
@@ -39,6 +40,13 @@ def _cmd_respond(args: argparse.Namespace) -> None:
                                                        top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     gen = GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, text=GREEDY, speech=speech,
                            seed=args.seed)
+    vocoder = None
+    if args.output:  # load the vocoder first: a missing one should fail before the turn runs
+        from funchat.vocoder.checkpoint import pick_speaker
+        from funchat.vocoder.synthesize import load_any_vocoder
+
+        vocoder, speakers = load_any_vocoder(args.checkpoint)
+        xvec = pick_speaker(speakers, args.speaker)
     result = pipeline.respond(audio, mode=args.mode, system_prompt=args.system_prompt, tools=tools, gen=gen)
     payload = dict(result.to_json(), checkpoint=str(args.checkpoint), input=str(args.input),
                    greedy=args.greedy, seed=args.seed)
@@ -58,6 +66,64 @@ def _cmd_respond(args: argparse.Namespace) -> None:
               t["llm_step_mean"] * 1e3, t["srh_step_mean"] * 1e3, t["decode"] * 1e3, t["total"] * 1e3))
     if args.output_tokens:
         print(f"tokens written to {args.output_tokens}")
+    if vocoder is not None:
+        from funchat.vocoder.synthesize import synthesize, write_wav
+
+        if not result.vocoder_tokens:
+            print(f"no speech to write ({result.mode} mode, {len(result.speech_tokens)} speech tokens)")
+            return
+        t0 = time.perf_counter()
+        wav, info = synthesize(vocoder, result.speech_tokens, xvec, stream=args.stream)
+        took = time.perf_counter() - t0
+        write_wav(args.output, wav, vocoder.cfg.sample_rate)
+        seconds = wav.numel() / vocoder.cfg.sample_rate
+        print(f"speech     {args.output}: {seconds:.2f} s at {vocoder.cfg.sample_rate} Hz, vocoder {took * 1e3:.1f} ms "
+              f"(RTF {took / seconds:.3f}), {info['dropped_codes']} special codes dropped")
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> None:
+    import torch
+
+    from funchat.vocoder.checkpoint import load_speaker_file, pick_speaker
+    from funchat.vocoder.synthesize import load_any_vocoder, read_tokens, synthesize, write_wav
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, speakers = load_any_vocoder(args.checkpoint)
+    xvec = torch.from_numpy(load_speaker_file(args.speaker_embedding)) if args.speaker_embedding \
+        else pick_speaker(speakers, args.speaker)
+    tokens = read_tokens(args.tokens)
+    t0 = time.perf_counter()
+    wav, info = synthesize(model, tokens, xvec, stream=args.stream, mode=args.stream_mode)
+    took = time.perf_counter() - t0
+    write_wav(args.output, wav, model.cfg.sample_rate)
+    seconds = wav.numel() / model.cfg.sample_rate
+    how = f"streamed ({args.stream_mode}, {info['chunks']} chunks)" if args.stream else "offline"
+    print(f"wrote {args.output}: {seconds:.2f} s at {model.cfg.sample_rate} Hz from {len(tokens)} tokens, {how}, "
+          f"{took * 1e3:.1f} ms (RTF {took / seconds:.3f}); {info['dropped_codes']} codes outside 0..{model.cfg.codes - 1} dropped")
+
+
+def _cmd_vocoder_dump(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from funchat.vocoder.checkpoint import load_speaker_file
+    from funchat.vocoder.synthesize import load_any_vocoder, read_tokens, vocoder_dump
+
+    model, _ = load_any_vocoder(args.checkpoint)
+    arrays = vocoder_dump(model, read_tokens(args.tokens), load_speaker_file(args.speaker_embedding), args.stream_mode)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **arrays)
+    print(f"wrote {len(arrays)} arrays to {args.out}: {arrays['off_wav'].shape[1]} samples, "
+          f"{len(arrays['st_calls'])} {args.stream_mode} streaming calls")
+
+
+def _cmd_import_cosyvoice(args: argparse.Namespace) -> None:
+    from funchat.vocoder.checkpoint import VOCODER_DIR, import_cosyvoice
+
+    out = Path(args.out)
+    target = out / VOCODER_DIR if (out / "config.json").exists() and not (out / "flow.pt").exists() else out
+    import_cosyvoice(args.src, target)
+    print(f"imported {args.src} into {target}")
 
 
 def _cmd_reference_dump(args: argparse.Namespace) -> None:
@@ -78,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-mb", type=float, default=None, help="split the weights into shards of this size")
+    p.add_argument("--no-vocoder", action="store_true", help="do not write vocoder weights")
     p.set_defaults(func=_cmd_init_checkpoint)
 
     p = sub.add_parser("respond", help="one turn in process (the oracle): speech in, text and speech tokens out")
@@ -97,7 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--output-tokens", default=None, help="write text, text_tokens, speech_tokens as JSON here")
+    p.add_argument("--output", default=None, help="write the spoken reply (24 kHz WAV) here")
+    p.add_argument("--speaker", default=None, help="vocoder speaker name (default: the checkpoint's default)")
+    p.add_argument("--stream", action="store_true", help="vocode in streaming chunks (incremental mode)")
     p.set_defaults(func=_cmd_respond)
+
+    p = sub.add_parser("synthesize", help="speech tokens -> 24 kHz WAV with the CosyVoice 3 vocoder")
+    p.add_argument("--checkpoint", required=True, help="funchat checkpoint (its vocoder/ folder) or a vocoder folder")
+    p.add_argument("--tokens", required=True, help="JSON as written by `funchat respond` (speech_tokens)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--speaker", default=None, help="speaker name stored with the checkpoint")
+    p.add_argument("--speaker-embedding", default=None, help=".npy 192-d x-vector instead of a named speaker")
+    p.add_argument("--stream", action="store_true", help="synthesise chunk by chunk as a live call would")
+    p.add_argument("--stream-mode", choices=["incremental", "reference"], default="incremental")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=_cmd_synthesize)
+
+    p = sub.add_parser("vocoder-dump", help="tokens + x-vector through our vocoder; golden array names")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--speaker-embedding", required=True, help=".npy with 192 values")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stream-mode", choices=["reference", "incremental"], default="reference")
+    p.set_defaults(func=_cmd_vocoder_dump)
+
+    p = sub.add_parser("import-cosyvoice", help="import a released CosyVoice 3 folder as our vocoder checkpoint")
+    p.add_argument("--src", required=True, help="folder with cosyvoice3.yaml, flow.pt, hift.pt, spk2info.pt")
+    p.add_argument("--out", required=True, help="a funchat checkpoint (written into its vocoder/) or a new folder")
+    p.set_defaults(func=_cmd_import_cosyvoice)
 
     p = sub.add_parser("reference-dump", help="features + prompt ids through our model; golden array names")
     p.add_argument("--checkpoint", required=True)
@@ -117,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except FunchatError as exc:
         print(f"funchat {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # invalid option values (sampling parameters, token limits)
+    except ValueError as exc:  # invalid option values, vocoder input errors (VocoderInputError)
         print(f"funchat {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

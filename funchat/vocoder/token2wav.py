@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils import parametrize
 
+from funchat.errors import FunchatError
 from funchat.vocoder.flow import Flow, FlowConfig
 from funchat.vocoder.hift import Hift, HiftConfig
 from funchat.vocoder.noise import FixedNoise
@@ -37,7 +38,7 @@ from funchat.vocoder.noise import FixedNoise
 MODES = ("incremental", "reference")
 
 
-class VocoderInputError(ValueError):
+class VocoderInputError(FunchatError, ValueError):
     """Tokens, speaker or stream calls the vocoder cannot use (message names the problem)."""
 
 
@@ -197,9 +198,11 @@ class Token2Wav(nn.Module):
             raise VocoderInputError(f"unknown stream mode {mode!r}: choose incremental or reference")
         return StreamState(mode=mode, xvec=self.check_xvec(xvec))
 
-    def push(self, state: StreamState, tokens: list[int], final: bool = False) -> list[torch.Tensor]:
+    def push(self, state: StreamState, tokens: list[int], final: bool = False,
+             trace: list[dict[str, Any]] | None = None) -> list[torch.Tensor]:
         """Add tokens to the stream; return the chunks (1-D float32) that became ready, in order.
-        With final=True the rest is flushed and the state is finished."""
+        With final=True the rest is flushed and the state is finished. `trace`, if given, gets one
+        record per vocoder call (tokens so far, token offset, finalize, samples, the call's flow mel)."""
         if state.finished:
             raise VocoderInputError("the stream is already finished")
         codes, dropped = self.clean_tokens(tokens)
@@ -215,21 +218,30 @@ class Token2Wav(nn.Module):
                 break
             if final and end + la >= len(state.tokens):
                 break  # the final call covers it with real (not look-ahead) context
-            chunks.append(self._call(state, state.tokens[: end + la], finalize=False))
+            chunks.append(self._call(state, state.tokens[: end + la], False, trace))
         if final:
             if state.token_offset < len(state.tokens):
-                chunks.append(self._call(state, state.tokens, finalize=True))
+                chunks.append(self._call(state, state.tokens, True, trace))
             state.finished = True
         return [c for c in chunks if c.numel()]
 
     @torch.inference_mode()
-    def _call(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
+    def _call(self, state: StreamState, tokens: list[int], finalize: bool,
+              trace: list[dict[str, Any]] | None) -> torch.Tensor:
+        offset = state.token_offset
         with parametrize.cached():
             if state.mode == "reference":
-                return self._reference_call(state, tokens, finalize)
-            return self._incremental_call(state, tokens, finalize)
+                chunk, flow_mel = self._reference_call(state, tokens, finalize)
+            else:
+                flow_mel = self.incremental_flow(state, tokens, finalize)
+                chunk = self.incremental_hift(state, flow_mel, finalize)
+        if trace is not None:
+            trace.append({"tokens": len(tokens), "offset": offset, "finalize": finalize,
+                          "samples": chunk.numel(), "flow_mel": flow_mel})
+        return chunk
 
-    def _reference_call(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
+    def _reference_call(self, state: StreamState, tokens: list[int], finalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of the reference's server path; -> (new samples, this call's whole flow mel [80, T])."""
         ratio, spf = self.cfg.flow.token_mel_ratio, self.cfg.hift.samples_per_frame
         n = len(tokens)
         frames = (n if finalize else n - self.cfg.flow.pre_lookahead_len) * ratio
@@ -239,16 +251,12 @@ class Token2Wav(nn.Module):
         total = state.mel.shape[1]
         if not finalize and total <= self.hift.lookahead_frames:
             state.token_offset = n - self.cfg.flow.pre_lookahead_len
-            return torch.zeros(0)
+            return torch.zeros(0), mel[0]
         wav = self.hift.inference(state.mel[None], self.noise.source_noise(total * spf), finalize)[0]
         chunk = wav[state.samples_sent:]
         state.samples_sent += chunk.numel()
         state.token_offset = n if finalize else n - self.cfg.flow.pre_lookahead_len
-        return chunk
-
-    def _incremental_call(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
-        new = self.incremental_flow(state, tokens, finalize)
-        return self.incremental_hift(state, new, finalize)
+        return chunk, mel[0]
 
     def incremental_flow(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
         """The mel frames this call makes final, from a bounded flow window: -> [80, new frames]."""
