@@ -94,7 +94,7 @@ def save_speakers(speakers: dict[str, torch.Tensor], path: Path, dim: int) -> No
         v = torch.as_tensor(vec, dtype=torch.float32).reshape(-1)
         if v.numel() != dim:
             raise CheckpointError(f"speaker {name!r} has {v.numel()} values, expected {dim}")
-        tensors[name] = v.contiguous()
+        tensors[name] = v.clone().contiguous()  # aliases (e.g. "default") are stored as their own copy
     save_file(tensors, str(path))
 
 

@@ -79,6 +79,7 @@ def vocoder_dump(model: Token2Wav, tokens: list[int], xvec: np.ndarray, stream_m
         "in_tokens": np.array(codes, dtype=np.int64),
         "in_spk": x[None].numpy(),
         "off_mel": mel[None].numpy(),
+        "off_calls": np.array([[len(codes), 0, 1]], dtype=np.int64),  # (tokens, token offset, finalize)
         "off_wav": wav[None].numpy(),
         "off_c0_spk_proj": model.flow.speaker_embedding(x[None]).numpy(),
         "off_c0_h": model.flow.encode_tokens(tok, finalize=True).numpy(),
