@@ -171,10 +171,18 @@ class Token2Wav(nn.Module):
             raise VocoderInputError("speaker embedding must be finite and non-zero")
         return x
 
-    def _check_length(self, n_tokens: int) -> None:
-        if n_tokens > self.cfg.stream.max_tokens:
-            raise VocoderInputError(f"{n_tokens} speech tokens exceed the vocoder's maximum of "
-                                    f"{self.cfg.stream.max_tokens} ({self.cfg.stream.max_tokens / 25:.0f} s)")
+    @property
+    def noise_tokens(self) -> int:
+        """Tokens the reference's fixed noise covers (7500 = 300 s): the limit of offline and reference mode."""
+        return self.noise.max_flow_frames // self.cfg.flow.token_mel_ratio
+
+    def _check_length(self, n_tokens: int, mode: str = "incremental") -> None:
+        # Incremental mode indexes the noise by absolute position and wraps past its end, so only
+        # the configured maximum applies; the reference paths read noise from column 0 and cannot.
+        limit = self.cfg.stream.max_tokens if mode == "incremental" else min(self.cfg.stream.max_tokens, self.noise_tokens)
+        if n_tokens > limit:
+            raise VocoderInputError(f"{n_tokens} speech tokens exceed the {mode} vocoder's maximum of {limit} "
+                                    f"({limit / 25:.0f} s of speech)")
 
     # ---- offline ----
 
@@ -184,7 +192,7 @@ class Token2Wav(nn.Module):
         codes, _ = self.clean_tokens(tokens)
         if not codes:
             raise VocoderInputError("no speech tokens to synthesise (empty, or all outside 0..6560)")
-        self._check_length(len(codes))
+        self._check_length(len(codes), "offline")
         xvec = self.check_xvec(xvec)
         t = len(codes) * self.cfg.flow.token_mel_ratio
         mel = self.flow.inference(torch.tensor([codes]), xvec[None], self.noise.flow_noise(t), finalize=True)
@@ -206,9 +214,9 @@ class Token2Wav(nn.Module):
         if state.finished:
             raise VocoderInputError("the stream is already finished")
         codes, dropped = self.clean_tokens(tokens)
+        self._check_length(len(state.tokens) + len(codes), state.mode)  # before any change: no partial output
         state.dropped_codes += dropped
         state.tokens.extend(codes)
-        self._check_length(len(state.tokens))
         la = self.cfg.flow.pre_lookahead_len
         chunks = []
         while True:
@@ -321,5 +329,8 @@ class Token2Wav(nn.Module):
         return buf[:, :, idx]
 
     def _source_noise_window(self, a: int, b: int) -> torch.Tensor:
-        """Source noise samples [a, b) at absolute sample positions."""
-        return self.noise.source_noise(b)[:, a:b]
+        """Source noise samples [a, b) at absolute sample positions (wrapping past the buffer's end)."""
+        limit = self.noise.max_source_samples
+        if b <= limit:
+            return self.noise.source_noise(b)[:, a:b]
+        return self.noise.source_noise(limit)[:, torch.arange(a, b) % limit]
