@@ -37,8 +37,8 @@ def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, max_shard_b
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(dict(PREPROCESSOR_CONFIG, feature_size=cfg.audio.num_mel_bins),
                                                              indent=2) + "\n")
-    if vocoder:  # the CosyVoice 3 token2wav in vocoder/: tiny for tiny, the full shapes otherwise
+    if vocoder:  # the CosyVoice 3 token2wav in vocoder/: the full shapes only with the 8b preset
         from funchat.vocoder.checkpoint import VOCODER_DIR, init_vocoder
 
-        init_vocoder(out / VOCODER_DIR, preset="tiny" if preset == "tiny" else "full", seed=seed)
+        init_vocoder(out / VOCODER_DIR, preset="full" if preset == "8b" else "tiny", seed=seed)
     return out
