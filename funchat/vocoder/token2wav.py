@@ -130,8 +130,11 @@ class StreamState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "StreamState":
-        tensors = st_load(data)
-        meta = json.loads(_metadata(data)["state"])
+        try:
+            tensors = st_load(data)
+            meta = json.loads(_metadata(data)["state"])
+        except Exception as exc:  # truncated or foreign bytes
+            raise VocoderInputError(f"not a serialised vocoder stream state ({exc})") from None
         return cls(xvec=tensors["xvec"], mel=tensors.get("mel"), f0=tensors.get("f0"), cycles=tensors.get("cycles"),
                    **meta)
 
@@ -163,7 +166,9 @@ class Token2Wav(nn.Module):
         return arr[keep].astype(np.int64).tolist(), int((~keep).sum())
 
     def check_xvec(self, xvec: torch.Tensor | np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(xvec, dtype=np.float32)).reshape(-1)
+        if isinstance(xvec, torch.Tensor):
+            xvec = xvec.detach().cpu().numpy()
+        x = torch.tensor(np.asarray(xvec, dtype=np.float32)).reshape(-1)  # a copy: the caller may change theirs
         if x.numel() != self.cfg.flow.spk_embed_dim:
             raise VocoderInputError(f"speaker embedding has {x.numel()} values, the vocoder expects "
                                     f"{self.cfg.flow.spk_embed_dim}")
