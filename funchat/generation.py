@@ -84,8 +84,11 @@ def generate(model: FunAudioChat, prompt_ids: list[int], prompt_embeds: torch.Te
     ids = ids or token_ids_for(model)
     schedule = TurnSchedule(ids, gen.mode, gen.max_new_tokens, prompt_last_token=prompt_ids[-1])
     device = model.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(gen.seed if gen.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    # Two streams: the SRH's draws (made by the refined_head service in the cluster) and the text
+    # draws (made by the orchestrator), so a distributed turn can reproduce a seeded oracle turn.
+    seed = gen.seed if gen.seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
+    speech_generator = torch.Generator(device=device).manual_seed(seed)
+    text_generator = torch.Generator(device=device).manual_seed(seed + 1)
     text_history = list(prompt_ids)  # the text repetition penalty sees the whole sequence, as in HF
     result = Generation([], [], [])
 
@@ -96,7 +99,7 @@ def generate(model: FunAudioChat, prompt_ids: list[int], prompt_embeds: torch.Te
     def choose_speech(step_tokens: list[int]):
         def choose(_: int, logits: torch.Tensor) -> torch.Tensor:
             history = torch.tensor([schedule.speech_tokens + step_tokens], dtype=torch.long, device=device)
-            token = select(logits, gen.speech, history, generator)
+            token = select(logits, gen.speech, history, speech_generator)
             step_tokens.append(int(token[0]))
             return token
         return choose
@@ -115,7 +118,7 @@ def generate(model: FunAudioChat, prompt_ids: list[int], prompt_embeds: torch.Te
             srh_tokens = tuple(step_tokens)
         t2 = time.perf_counter()
         history = torch.tensor([text_history], dtype=torch.long, device=device)
-        text_token = int(select(logits, gen.text, history, generator)[0])
+        text_token = int(select(logits, gen.text, history, text_generator)[0])
         out = schedule.observe(text_token, srh_tokens)
         text_history.append(out.text_token)
         record = StepRecord(out, srh_tokens, logits[0].clone() if keep_logits else None, t1 - t0, t2 - t1)

@@ -58,7 +58,13 @@ class KVCache:
         need = self.max_length() + new_tokens
         if need <= self.capacity:
             return
-        grow = max(need, 2 * self.capacity) - self.capacity
+        self.ensure_capacity(max(need, 2 * self.capacity))
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Grow the time axis to at least `capacity` positions (contents kept)."""
+        grow = capacity - self.capacity
+        if grow <= 0:
+            return
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 pad = t.new_zeros(t.shape[0], t.shape[1], grow, t.shape[3])

@@ -1,0 +1,53 @@
+"""Triton model `llm`: thin adapter from Triton requests to funchat.serving.sequences.LlmEngine."""
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from funchat.model.checkpoint import load_model
+from funchat.serving.sequences import LlmEngine, LlmRequest, SequenceError
+from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+
+
+def _optional(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else torch.from_numpy(tensor.as_numpy().copy())
+
+
+def _control(request, name):
+    return int(pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        model = load_model(resolve_checkpoint(args, params), dtype=params.get("dtype", "float32"),
+                           device=params.get("device", "cpu"))
+        self.engine = LlmEngine(model, max_sequences=int(params.get("max_sequences", 64)),
+                                idle_timeout_s=float(params.get("idle_timeout_s", 60)))
+
+    def execute(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                ids = _optional(request, "INPUT_IDS")
+                audio = _optional(request, "AUDIO_EMBEDS")
+                group = _optional(request, "SPEECH_GROUP")
+                parsed.append((i, LlmRequest(cid=_control(request, "CORRID"), start=bool(_control(request, "START")),
+                                             end=bool(_control(request, "END")), input_ids=ids[0],
+                                             audio=None if audio is None else audio[0],
+                                             speech_group=None if group is None else group[0])))
+            except Exception as exc:  # malformed request: answer it alone
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: bad request: {exc}",
+                                                                                   pb_utils.TritonError.INVALID_ARG))
+        results = self.engine.run([r for _, r in parsed])
+        for (i, _), result in zip(parsed, results):
+            if isinstance(result, SequenceError):
+                code = getattr(pb_utils.TritonError, result.status, pb_utils.TritonError.INVALID_ARG)
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: {result}", code))
+            else:
+                responses[i] = pb_utils.InferenceResponse([
+                    pb_utils.Tensor("LOGITS", result.logits.float().numpy()[None]),
+                    pb_utils.Tensor("SRH_INPUT", result.srh_input.float().numpy()[None].astype(np.float32)),
+                ])
+        return responses

@@ -1,0 +1,54 @@
+"""Triton model `refined_head`: thin adapter from Triton requests to funchat.serving.sequences.SrhEngine."""
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from funchat.model.checkpoint import load_model
+from funchat.model.sampling import GREEDY, SamplingParams
+from funchat.serving.sequences import SequenceError, SrhEngine, SrhRequest
+from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+
+
+def _value(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+
+
+def _sampling(request):
+    if _value(request, "GREEDY", True):
+        return GREEDY
+    return SamplingParams(greedy=False, temperature=_value(request, "TEMPERATURE", 0.8), top_p=_value(request, "TOP_P", 0.9),
+                          top_k=int(_value(request, "TOP_K", 0)),
+                          repetition_penalty=_value(request, "REPETITION_PENALTY", 1.2))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        model = load_model(resolve_checkpoint(args, params), dtype=params.get("dtype", "float32"),
+                           device=params.get("device", "cpu"))
+        self.engine = SrhEngine(model, max_sequences=int(params.get("max_sequences", 64)),
+                                idle_timeout_s=float(params.get("idle_timeout_s", 60)))
+
+    def execute(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                start = bool(_value(request, "START", 0))
+                appended = pb_utils.get_input_tensor_by_name(request, "APPENDED")
+                parsed.append((i, SrhRequest(
+                    cid=int(_value(request, "CORRID", 0)), start=start, end=bool(_value(request, "END", 0)),
+                    srh_input=torch.from_numpy(pb_utils.get_input_tensor_by_name(request, "SRH_INPUT").as_numpy()[0].copy()),
+                    appended=None if appended is None else torch.from_numpy(appended.as_numpy()[0].copy()),
+                    sampling=_sampling(request) if start else GREEDY, seed=int(_value(request, "SEED", 0)))))
+            except Exception as exc:  # malformed request or sampling values: answer it alone
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refined_head: bad request: {exc}",
+                                                                                   pb_utils.TritonError.INVALID_ARG))
+        results = self.engine.run([r for _, r in parsed])
+        for (i, _), result in zip(parsed, results):
+            if isinstance(result, SequenceError):
+                code = getattr(pb_utils.TritonError, result.status, pb_utils.TritonError.INVALID_ARG)
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refined_head: {result}", code))
+            else:
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("SPEECH_TOKENS", result.numpy()[None])])
+        return responses
