@@ -1,0 +1,166 @@
+"""Typed async clients of the stateless model services, on `tritonclient.grpc.aio`.
+
+    tok = AudioTokenizerClient("127.0.0.1:8001")
+    rows = await tok.encode(audio)                         # [n_groups, E] float32
+    voc = VocoderClient("127.0.0.1:8004")
+    pcm, state, dropped = await voc.push(codes, None, final=False, speaker="default")
+    pcm, state, dropped = await voc.push(more, state, final=True)   # any vocoder replica
+
+Every Triton error (the service's own INVALID_ARG messages, Triton's input checks, an unreachable
+server) is raised as `ServiceError(model, status, message)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+
+class ServiceError(Exception):
+    """A model service refused or failed a call: `model`, gRPC `status` (e.g. "StatusCode.INVALID_ARGUMENT")
+    and the service's `message`."""
+
+    def __init__(self, model: str, status: str, message: str):
+        super().__init__(f"{model}: {message} ({status})")
+        self.model = model
+        self.status = status
+        self.message = message
+
+
+class _Client:
+    model = ""
+
+    def __init__(self, url: str, timeout_s: float | None = None):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+
+    def _error(self, exc: InferenceServerException) -> ServiceError:
+        return ServiceError(self.model, str(exc.status() or "UNKNOWN"), str(exc.message() or exc))
+
+    async def ready(self) -> bool:
+        """The server is up and this model is loaded (False when unreachable)."""
+        try:
+            return bool(await self._client.is_server_ready() and await self._client.is_model_ready(self.model))
+        except InferenceServerException:
+            return False
+
+    async def _infer(self, inputs: list[grpcclient.InferInput], outputs: list[str]):
+        try:
+            return await self._client.infer(self.model, inputs,
+                                            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                                            client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise self._error(exc) from None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _input(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+class AudioTokenizerClient(_Client):
+    model = "audio_tokenizer"
+
+    async def encode(self, audio: np.ndarray) -> np.ndarray:
+        """16 kHz mono float32 samples [n] -> the clip's LLM input rows [n_groups, E] float32."""
+        audio = np.asarray(audio)
+        if audio.ndim != 1:
+            raise ServiceError(self.model, "CLIENT", f"audio must be 1-D [samples], got shape {list(audio.shape)}")
+        # Sent with its own dtype (no silent conversion: int16 PCM would need scaling): the service
+        # names a dtype other than float32.
+        result = await self._infer([_input("AUDIO", np.ascontiguousarray(audio[None]), np_to_triton_dtype(audio.dtype))],
+                                   ["EMBEDDINGS", "N_GROUPS"])
+        return result.as_numpy("EMBEDDINGS")[0]
+
+
+class VocoderClient(_Client):
+    model = "vocoder"
+
+    async def push(self, tokens, state: bytes | None, final: bool, speaker: str | None = None,
+                   mode: str | None = None) -> tuple[np.ndarray, bytes, int]:
+        """Push new speech codes into a stream. state: what the previous push returned (None starts a
+        stream, with `speaker` and `mode`). -> (24 kHz samples ready now [m] float32, the new state,
+        codes dropped so far in the stream)."""
+        codes = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        inputs = [_input("TOKENS", codes, "INT64"), _input("FINAL", np.array([bool(final)]), "BOOL")]
+        if state:
+            inputs.append(_input("STATE", np.array([bytes(state)], dtype=np.object_), "BYTES"))
+        if speaker is not None:
+            inputs.append(_input("SPEAKER", np.array([speaker.encode()], dtype=np.object_), "BYTES"))
+        if mode is not None:
+            inputs.append(_input("MODE", np.array([mode.encode()], dtype=np.object_), "BYTES"))
+        result = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"])
+        audio = result.as_numpy("AUDIO")
+        return (audio.astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
+                bytes(result.as_numpy("STATE")[0]), int(result.as_numpy("DROPPED")[0]))
+
+
+class _SequenceClient(_Client):
+    """A stateful service: every request belongs to a call (Triton sequence, correlation id)."""
+
+    async def _infer_seq(self, inputs: list[grpcclient.InferInput], outputs: list[str], call_id: int,
+                         start: bool, end: bool):
+        try:
+            return await self._client.infer(self.model, inputs,
+                                            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                                            sequence_id=call_id, sequence_start=start, sequence_end=end,
+                                            client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise self._error(exc) from None
+
+
+class LlmClient(_SequenceClient):
+    model = "llm"
+
+    async def prefill(self, call_id: int, input_ids, audio_embeds: np.ndarray | None = None,
+                      end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Start a call with its prompt ids [T] (and the <|AUDIO|> rows [n, E]) -> (logits [V], srh_input [T, E])."""
+        inputs = [_input("INPUT_IDS", np.asarray(input_ids, dtype=np.int64).reshape(1, -1), "INT64")]
+        if audio_embeds is not None and len(audio_embeds):
+            inputs.append(_input("AUDIO_EMBEDS", np.ascontiguousarray(audio_embeds, dtype=np.float32)[None], "FP32"))
+        result = await self._infer_seq(inputs, ["LOGITS", "SRH_INPUT"], call_id, True, end)
+        return result.as_numpy("LOGITS")[0], result.as_numpy("SRH_INPUT")[0]
+
+    async def step(self, call_id: int, text_token: int, speech_group=None,
+                   end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """One LLM step of a call: its text id (+ the last speech group to fuse) -> (logits [V], srh_input [1, E])."""
+        inputs = [_input("INPUT_IDS", np.array([[int(text_token)]], dtype=np.int64), "INT64")]
+        if speech_group is not None:
+            inputs.append(_input("SPEECH_GROUP", np.asarray(speech_group, dtype=np.int64).reshape(1, -1), "INT64"))
+        result = await self._infer_seq(inputs, ["LOGITS", "SRH_INPUT"], call_id, False, end)
+        return result.as_numpy("LOGITS")[0], result.as_numpy("SRH_INPUT")[0]
+
+
+class RefinedHeadClient(_SequenceClient):
+    model = "refined_head"
+
+    async def run(self, call_id: int, srh_input: np.ndarray, start: bool = False, end: bool = False,
+                  appended=None, greedy: bool = True, temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
+                  repetition_penalty: float = 1.2, seed: int = 0) -> np.ndarray:
+        """One forward's speech group: srh_input [T, E] from the llm service -> speech ids [5].
+        appended: speech ids the turn appended since the previous request (repetition penalty history);
+        the sampling settings are read at start."""
+        inputs = [_input("SRH_INPUT", np.ascontiguousarray(srh_input, dtype=np.float32)[None], "FP32")]
+        if appended is not None and len(appended):
+            inputs.append(_input("APPENDED", np.asarray(appended, dtype=np.int64).reshape(1, -1), "INT64"))
+        if start:
+            inputs += [_input("GREEDY", np.array([[greedy]]), "BOOL"),
+                       _input("TEMPERATURE", np.array([[temperature]], dtype=np.float32), "FP32"),
+                       _input("TOP_P", np.array([[top_p]], dtype=np.float32), "FP32"),
+                       _input("TOP_K", np.array([[top_k]], dtype=np.int32), "INT32"),
+                       _input("REPETITION_PENALTY", np.array([[repetition_penalty]], dtype=np.float32), "FP32"),
+                       _input("SEED", np.array([[seed]], dtype=np.int64), "INT64")]
+        result = await self._infer_seq(inputs, ["SPEECH_TOKENS"], call_id, start, end)
+        return result.as_numpy("SPEECH_TOKENS")[0]

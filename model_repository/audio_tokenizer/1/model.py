@@ -1,0 +1,98 @@
+"""audio_tokenizer: 16 kHz clip -> 5 Hz LLM input rows (Triton Python backend; the work is in `funchat`).
+
+Same computation as `funchat.pipeline.ReferencePipeline.encode_audio`: Whisper log-mel
+(`funchat.model.mel`), then `FunAudioChat.encode_audio` (windowed encoder, mean of 5, Linear).
+Stateless. Every request of a dynamic batch is checked on its own: a bad clip gets an error
+response naming the problem and the others are still encoded (together, in one encoder call).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from funchat.audio_io import SAMPLE_RATE, validate_audio
+from funchat.errors import FunchatError
+from funchat.model.checkpoint import load_model
+from funchat.model.encoder import groups_for_frames, speech_frames_for_samples
+from funchat.model.mel import log_mel_spectrogram
+from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+
+
+def _error(message: str, internal: bool = False):
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def _device(args, name: str) -> str:
+    if name == "cuda" and args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return name or "cpu"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        if int(params.get("threads") or 0) > 0:
+            torch.set_num_threads(int(params["threads"]))
+        self.device = _device(args, params.get("device", "cpu"))
+        self.context_tokens = int(params.get("context_tokens") or 2048)
+        checkpoint = resolve_checkpoint(args, params)
+        # load_model reads the whole checkpoint; keep only the encoder and the grouping adaptor.
+        model = load_model(checkpoint, dtype=params.get("dtype") or "float32", device="cpu")
+        model.audio_invert_tower = None
+        model.language_model.to("meta")  # frees the LLM's weights; `model.dtype` still reads its dtype
+        model.continuous_audio_tower.to(self.device)
+        model.audio_tower.to(self.device)
+        self.model = model
+        self.n_mels = model.cfg.audio.num_mel_bins
+        self.group_size = model.cfg.audio.group_size
+        self.logger = pb_utils.Logger
+        self.logger.log_info(f"audio_tokenizer: {checkpoint} on {self.device}, width {model.cfg.text.hidden_size}")
+
+    def _check(self, request) -> np.ndarray:
+        tensor = pb_utils.get_input_tensor_by_name(request, "AUDIO")
+        if tensor is None:
+            raise FunchatError("input AUDIO is missing")
+        audio = tensor.as_numpy()
+        if audio.ndim != 2 or audio.shape[0] != 1:
+            raise FunchatError(f"AUDIO has shape {list(audio.shape)}: send one clip per request, shape [1, n]")
+        audio = validate_audio(audio[0], SAMPLE_RATE, source="AUDIO")
+        groups = groups_for_frames(speech_frames_for_samples(len(audio), SAMPLE_RATE), self.group_size)
+        if groups < 1:
+            raise FunchatError(f"AUDIO is too short: {len(audio) / SAMPLE_RATE * 1000:.1f} ms ({len(audio)} samples); "
+                               f"at least 40 ms (640 samples, one 25 Hz frame) is needed")
+        if groups >= self.context_tokens:
+            raise FunchatError(f"AUDIO is too long: {len(audio) / SAMPLE_RATE:.1f} s takes {groups} LLM positions, "
+                               f"more than the {self.context_tokens}-token context")
+        return audio
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        clips, where = [], []
+        for i, request in enumerate(requests):
+            try:
+                clips.append(self._check(request))
+                where.append(i)
+            except FunchatError as exc:
+                responses[i] = _error(str(exc))
+        if clips:
+            try:
+                with torch.inference_mode():
+                    mels = [log_mel_spectrogram(c, n_mels=self.n_mels).to(self.device) for c in clips]
+                    frames = [speech_frames_for_samples(len(c), SAMPLE_RATE) for c in clips]
+                    rows = self.model.encode_audio(mels, frames)
+                for i, r in zip(where, rows):
+                    emb = r.float().cpu().numpy()[None]  # [1, g, E]
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("EMBEDDINGS", np.ascontiguousarray(emb, dtype=np.float32)),
+                        pb_utils.Tensor("N_GROUPS", np.array([[emb.shape[1]]], dtype=np.int64))])
+            except Exception as exc:  # a bug or the device: fail these requests, keep serving
+                self.logger.log_error(f"audio_tokenizer: {type(exc).__name__}: {exc}")
+                for i in where:
+                    responses[i] = _error(f"audio_tokenizer failed: {type(exc).__name__}: {exc}", internal=True)
+        return responses
+
+    def finalize(self):
+        self.model = None
