@@ -120,3 +120,25 @@ def test_bad_requests_are_named_and_the_servers_keep_serving(stateful, tiny_pipe
             await srh.close()
 
     asyncio.run(main())
+
+
+def _scrape(endpoint: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("funchat_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_custom_metrics_are_exported(stateful, tiny_pipeline, speech):
+    asyncio.run(_turn(stateful, tiny_pipeline, 501, speech[:20000], max_new=4))
+    for service in ("llm", "refined_head"):
+        metrics = _scrape(stateful.metrics_endpoints[service])
+        assert metrics[f'funchat_{service}_forward_seconds_count{{kind="prefill"}}'] >= 1
+        assert metrics[f'funchat_{service}_forward_seconds_count{{kind="step"}}'] >= 3
+        assert metrics[f"funchat_{service}_batch_size_count"] >= 4
+        assert f"funchat_{service}_live_sequences" in metrics

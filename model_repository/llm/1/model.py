@@ -6,6 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from funchat.model.checkpoint import load_model
 from funchat.serving.sequences import LlmEngine, LlmRequest, SequenceError
+from funchat.serving.triton_metrics import ServiceMetrics
 from funchat.serving.triton_params import model_parameters, resolve_checkpoint
 
 
@@ -25,6 +26,7 @@ class TritonPythonModel:
                            device=params.get("device", "cpu"))
         self.engine = LlmEngine(model, max_sequences=int(params.get("max_sequences", 64)),
                                 idle_timeout_s=float(params.get("idle_timeout_s", 60)))
+        self.metrics = ServiceMetrics(pb_utils, "llm")
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -40,7 +42,9 @@ class TritonPythonModel:
             except Exception as exc:  # malformed request: answer it alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: bad request: {exc}",
                                                                                    pb_utils.TritonError.INVALID_ARG))
-        results = self.engine.run([r for _, r in parsed])
+        batch = [r for _, r in parsed]
+        with self.metrics.execute(len(batch), sum(r.start for r in batch), lambda: self.engine.pool.live):
+            results = self.engine.run(batch)
         for (i, _), result in zip(parsed, results):
             if isinstance(result, SequenceError):
                 code = getattr(pb_utils.TritonError, result.status, pb_utils.TritonError.INVALID_ARG)
