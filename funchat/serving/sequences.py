@@ -157,6 +157,7 @@ class LlmEngine:
             if not group:
                 continue
             embeds, lengths = _pad_right([g[2] for g in group])
+            lengths = lengths.to(embeds.device)
             rows = [g[1].row for g in group]
             hidden, logits = self.pool.run(rows, lambda cache: self.model.llm_forward(embeds, cache, lengths))
             for b, (i, slot, _, ids) in enumerate(group):
@@ -170,14 +171,15 @@ class LlmEngine:
 
     def _prepare(self, req: LlmRequest) -> tuple[Slot, torch.Tensor, torch.Tensor]:
         vocab = self.model.cfg.text.vocab_size
-        ids = req.input_ids.long().reshape(-1)
+        device = self.model.device
+        ids = req.input_ids.long().reshape(-1).to(device)
         if ids.numel() == 0:
             raise SequenceError("INPUT_IDS is empty")
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise SequenceError(f"INPUT_IDS holds ids outside the text vocabulary 0..{vocab - 1}")
         if req.start:
             slot = self.pool.start(req.cid)
-            audio = [req.audio] if req.audio is not None and req.audio.numel() else []
+            audio = [req.audio.to(device)] if req.audio is not None and req.audio.numel() else []
             try:
                 inputs = self.model.embed_prompt(ids[None], audio)[0]  # [T, E]
             except Exception as exc:
@@ -189,7 +191,7 @@ class LlmEngine:
             raise SequenceError(f"a step takes one text id, got {ids.numel()}")
         group = None
         if req.speech_group is not None and req.speech_group.numel():
-            group = req.speech_group.long().reshape(1, -1)
+            group = req.speech_group.long().reshape(1, -1).to(device)
             g, codebook = self.model.cfg.audio.group_size, self.model.cfg.audio.codebook_size
             if group.shape[1] != g or int(group.min()) < 0 or int(group.max()) >= codebook:
                 raise SequenceError(f"SPEECH_GROUP must hold {g} ids in 0..{codebook - 1}")
@@ -234,7 +236,8 @@ class SrhEngine:
             group = [(i, s) for i, s in ready if (requests[i].start or requests[i].srh_input.shape[0] > 1) == is_prefill]
             if not group:
                 continue
-            h, lengths = _pad_right([requests[i].srh_input.to(self.bos.dtype) for i, _ in group])
+            h, lengths = _pad_right([requests[i].srh_input.to(self.bos.device, self.bos.dtype) for i, _ in group])
+            lengths = lengths.to(self.bos.device)
             slots = [s for _, s in group]
             drawn: list[list[int]] = [[] for _ in group]
 
@@ -242,10 +245,10 @@ class SrhEngine:
                 tokens = []
                 for b, slot in enumerate(slots):  # each call has its own history and generator
                     extra = slot.extra
-                    history = torch.tensor([extra["history"] + drawn[b]], dtype=torch.long)
+                    history = torch.tensor([extra["history"] + drawn[b]], dtype=torch.long, device=logits.device)
                     tokens.append(int(select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0]))
                     drawn[b].append(tokens[-1])
-                return torch.tensor(tokens, dtype=torch.long)
+                return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
             def forward(cache: KVCache) -> torch.Tensor:
                 prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
@@ -272,7 +275,7 @@ class SrhEngine:
         if req.start:
             slot = self.pool.start(req.cid)
             slot.extra.update(history=[], prev_embed=self.bos, sampling=req.sampling,
-                              generator=torch.Generator().manual_seed(req.seed))
+                              generator=torch.Generator(device=self.bos.device).manual_seed(req.seed))
         else:
             slot = self.pool.get(req.cid)
             if req.srh_input.shape[0] != 1:

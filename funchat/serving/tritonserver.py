@@ -136,8 +136,9 @@ def _set_parameters(config_text: str, params: Mapping[str, str], root: Path) -> 
 
 
 def prepare_model_repo(model: str, repo: Path, run_dir: Path, params: Mapping[str, str] | None = None,
-                       tag: str | None = None) -> Path:
-    """`<run_dir>/triton/repos/<tag>/` holding a copy of `repo/<model>` with its parameters set; returns it."""
+                       tag: str | None = None, config_name: str | None = None) -> Path:
+    """`<run_dir>/triton/repos/<tag>/` holding a copy of `repo/<model>` with its parameters set; returns it.
+    config_name: use `repo/<model>/configs/<name>.pbtxt` (e.g. "gpu") instead of config.pbtxt, where it exists."""
     src = Path(repo) / model
     if not (src / "config.pbtxt").is_file():
         raise TritonServerError(f"{src}: no config.pbtxt (models in {repo}: {', '.join(available_models(repo)) or 'none'})")
@@ -147,7 +148,9 @@ def prepare_model_repo(model: str, repo: Path, run_dir: Path, params: Mapping[st
     dst = out / model
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     try:
-        text = _set_parameters((src / "config.pbtxt").read_text(), params or {}, Path(repo).resolve().parent)
+        variant = src / "configs" / f"{config_name}.pbtxt" if config_name else None
+        config_file = variant if variant is not None and variant.is_file() else src / "config.pbtxt"
+        text = _set_parameters(config_file.read_text(), params or {}, Path(repo).resolve().parent)
     except Exception as exc:  # text_format.ParseError and friends
         raise TritonServerError(f"{src / 'config.pbtxt'}: cannot be read as a model config ({exc})") from None
     (dst / "config.pbtxt").write_text(text)
@@ -441,7 +444,7 @@ def wait_ready(servers: list[Server], timeout: float) -> None:
 def start_servers(models: Iterable[str] | None = None, repo: str | Path = DEFAULT_REPO,
                   run_dir: str | Path = DEFAULT_RUN_DIR, params: Mapping[str, Mapping[str, str]] | None = None,
                   ports: Mapping[str, tuple[int, int, int]] | None = None, timeout: float = 120.0,
-                  exit_timeout_s: int = 10) -> Cluster:
+                  exit_timeout_s: int = 10, config_name: str | None = None) -> Cluster:
     """Start one tritonserver per model and wait until all are ready.
 
     models: names in `repo` (default: every model there). params: per model, config parameters to set,
@@ -465,7 +468,7 @@ def start_servers(models: Iterable[str] | None = None, repo: str | Path = DEFAUL
     servers: dict[str, Server] = {}
     for model in models:
         model_params = {**params.get("*", {}), **params.get(model, {})}
-        model_repo = prepare_model_repo(model, repo, run_dir, model_params)
+        model_repo = prepare_model_repo(model, repo, run_dir, model_params, config_name=config_name)
         grpc, http, metrics = ports[model] if ports and model in ports else (free_port(), free_port(), free_port())
         servers[model] = Server(model, grpc, http, metrics, run_dir / "triton" / f"{model}.log", model_repo)
         servers[model].log.unlink(missing_ok=True)
@@ -529,7 +532,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                  for i, m in enumerate(models)}
     params = _parse_params(args.param, args.checkpoint, args.device)
     try:
-        cluster = start_servers(models, repo=args.repo, run_dir=run_dir, params=params, ports=ports,
+        cluster = start_servers(models, repo=args.repo, run_dir=run_dir, params=params, ports=ports, config_name=args.config_name,
                                 timeout=args.timeout)
     except TritonServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -579,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--repo", default=str(DEFAULT_REPO))
     up.add_argument("--checkpoint", help="checkpoint parameter for every model (default: each config's)")
     up.add_argument("--device", help="device parameter for every model (cpu, cuda)")
+    up.add_argument("--config-name", default=None,
+                    help="config variant: configs/<name>.pbtxt of each model where present (gpu: KIND_GPU, cuda, bf16)")
     up.add_argument("--param", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="set a config parameter (KEY=VALUE: every model); repeatable")
     up.add_argument("--base-port", type=int, default=0,

@@ -370,3 +370,22 @@ def test_load_failure_is_reported(tmp_path):
     message = str(info.value)
     assert "model vocoder failed to load" in message and "nowhere" in message
     assert not (tmp_path / "endpoints.json").exists()
+
+
+def test_gpu_config_variants_parse_and_select_gpu(tmp_path):
+    """The GPU variants (configs/gpu.pbtxt) are valid model configs for KIND_GPU, CUDA and bf16; the
+    launcher uses them with config_name="gpu". (Loading them needs a GPU: not available here.)"""
+    from funchat.serving.tritonserver import DEFAULT_REPO, prepare_model_repo
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for model in ("audio_tokenizer", "llm", "refined_head"):
+        out = prepare_model_repo(model, DEFAULT_REPO, tmp_path, {}, config_name="gpu")
+        config = text_format.Parse((out / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.name == model
+        assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+        assert config.parameters["device"].string_value == "cuda"
+        assert config.parameters["dtype"].string_value == "bfloat16"
+        cpu = text_format.Parse((DEFAULT_REPO / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert [i.name for i in config.input] == [i.name for i in cpu.input]
+        assert [o.name for o in config.output] == [o.name for o in cpu.output]

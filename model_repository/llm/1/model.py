@@ -51,7 +51,7 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: {result}", code))
             else:
                 responses[i] = pb_utils.InferenceResponse([
-                    pb_utils.Tensor("LOGITS", result.logits.float().numpy()[None]),
-                    pb_utils.Tensor("SRH_INPUT", result.srh_input.float().numpy()[None].astype(np.float32)),
+                    pb_utils.Tensor("LOGITS", result.logits.float().cpu().numpy()[None]),
+                    pb_utils.Tensor("SRH_INPUT", result.srh_input.float().cpu().numpy()[None].astype(np.float32)),
                 ])
         return responses

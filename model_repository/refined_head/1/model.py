@@ -54,5 +54,5 @@ class TritonPythonModel:
                 code = getattr(pb_utils.TritonError, result.status, pb_utils.TritonError.INVALID_ARG)
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refined_head: {result}", code))
             else:
-                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("SPEECH_TOKENS", result.numpy()[None])])
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("SPEECH_TOKENS", result.cpu().numpy()[None])])
         return responses
