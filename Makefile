@@ -12,13 +12,14 @@ RUN_DIR := .run
 # Debian packages the project needs at run or test time (none yet beyond Python itself).
 APT_PACKAGES ?=
 
-.PHONY: setup apt run test test-unit bench-model bench-vocoder triton-up triton-down clean help
+.PHONY: setup apt run test test-unit bench-model bench-vocoder bench-triton triton-up triton-down clean help
 
 help:
 	@echo "make run          set up, create the tiny checkpoint, run one speech-to-speech turn"
 	@echo "make test         set up and run the whole test suite"
 	@echo "make bench-model  time each model stage (tiny and mid presets, CPU); table + JSON"
 	@echo "make bench-vocoder  vocoder real-time factor, first-chunk latency, cost per chunk along a long call"
+	@echo "make bench-triton each Triton model service vs the same module in process (1/4/16 calls)"
 	@echo "make triton-up    start one tritonserver per model service on 127.0.0.1 (.run/endpoints.json)"
 	@echo "make triton-down  stop them"
 
@@ -60,6 +61,10 @@ bench-model: setup
 bench-vocoder: setup
 	@mkdir -p bench-results
 	$(PY) -m funchat.vocoder.bench --json bench-results/bench-vocoder.json
+
+bench-triton: setup
+	@mkdir -p bench-results
+	$(PY) -m funchat.serving.bench --json bench-results/bench-triton.json
 
 triton-up: setup $(CHECKPOINT)/vocoder/model.safetensors
 	$(PY) -m funchat.serving.tritonserver up --checkpoint $(CHECKPOINT)
