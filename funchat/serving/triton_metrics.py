@@ -14,9 +14,10 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 
 class ServiceMetrics:
-    """Forward latency (histogram per kind: prefill / step), batch size (histogram), live calls (gauge)."""
+    """Forward latency (histogram per kind, e.g. prefill / step), batch size (histogram), and for the
+    stateful services the live calls (gauge)."""
 
-    def __init__(self, pb_utils, service: str):
+    def __init__(self, pb_utils, service: str, kinds: tuple[str, ...] = ("prefill", "step"), stateful: bool = True):
         histogram = pb_utils.MetricFamily.HISTOGRAM
         self._latency_family = pb_utils.MetricFamily(
             name=f"funchat_{service}_forward_seconds", description=f"{service}: seconds per batched forward",
@@ -24,13 +25,25 @@ class ServiceMetrics:
         self._batch_family = pb_utils.MetricFamily(
             name=f"funchat_{service}_batch_size", description=f"{service}: calls batched into one execute",
             kind=histogram)
-        self._live_family = pb_utils.MetricFamily(
-            name=f"funchat_{service}_live_sequences", description=f"{service}: calls holding a KV cache row",
-            kind=pb_utils.MetricFamily.GAUGE)
         self.latency = {kind: self._latency_family.Metric(labels={"kind": kind}, buckets=LATENCY_BUCKETS)
-                        for kind in ("prefill", "step")}
+                        for kind in kinds}
         self.batch = self._batch_family.Metric(labels={}, buckets=BATCH_BUCKETS)
-        self.live = self._live_family.Metric(labels={})
+        self.live = None
+        if stateful:
+            self._live_family = pb_utils.MetricFamily(
+                name=f"funchat_{service}_live_sequences", description=f"{service}: calls holding a KV cache row",
+                kind=pb_utils.MetricFamily.GAUGE)
+            self.live = self._live_family.Metric(labels={})
+
+    @contextmanager
+    def timed(self, kind: str, requests: int):
+        """Time one execute() of a stateless service and record its batch size."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.latency[kind].observe(time.perf_counter() - t0)
+            self.batch.observe(requests)
 
     @contextmanager
     def execute(self, requests: int, prefills: int, live: callable):
@@ -41,4 +54,5 @@ class ServiceMetrics:
         finally:
             self.latency["prefill" if prefills else "step"].observe(time.perf_counter() - t0)
             self.batch.observe(requests)
-            self.live.set(live())
+            if self.live is not None:
+                self.live.set(live())

@@ -389,3 +389,12 @@ def test_gpu_config_variants_parse_and_select_gpu(tmp_path):
         cpu = text_format.Parse((DEFAULT_REPO / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert [i.name for i in config.input] == [i.name for i in cpu.input]
         assert [o.name for o in config.output] == [o.name for o in cpu.output]
+
+
+def test_stateless_services_export_metrics(triton):
+    import urllib.request
+
+    for service, kind in (("audio_tokenizer", "encode"), ("vocoder", "chunk")):
+        text = urllib.request.urlopen(f"http://{triton.metrics_endpoints[service]}/metrics", timeout=10).read().decode()
+        assert f'funchat_{service}_forward_seconds_count{{kind="{kind}"}}' in text
+        assert f"funchat_{service}_batch_size_count" in text

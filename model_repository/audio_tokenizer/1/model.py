@@ -17,6 +17,7 @@ from funchat.errors import FunchatError
 from funchat.model.checkpoint import load_model
 from funchat.model.encoder import groups_for_frames, speech_frames_for_samples
 from funchat.model.mel import log_mel_spectrogram
+from funchat.serving.triton_metrics import ServiceMetrics
 from funchat.serving.triton_params import model_parameters, resolve_checkpoint
 
 
@@ -33,6 +34,7 @@ def _device(args, name: str) -> str:
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.metrics = ServiceMetrics(pb_utils, "audio_tokenizer", kinds=("encode",), stateful=False)
         params = model_parameters(args)
         if int(params.get("threads") or 0) > 0:
             torch.set_num_threads(int(params["threads"]))
@@ -69,6 +71,10 @@ class TritonPythonModel:
         return audio
 
     def execute(self, requests):
+        with self.metrics.timed("encode", len(requests)):
+            return self._execute(requests)
+
+    def _execute(self, requests):
         responses: list = [None] * len(requests)
         clips, where = [], []
         for i, request in enumerate(requests):

@@ -18,6 +18,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from funchat.errors import FunchatError
+from funchat.serving.triton_metrics import ServiceMetrics
 from funchat.serving.triton_params import model_parameters, resolve_checkpoint
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 from funchat.vocoder.token2wav import MODES, StreamState, VocoderInputError
@@ -46,6 +47,7 @@ def _text(request, name: str) -> str | None:
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.metrics = ServiceMetrics(pb_utils, "vocoder", kinds=("chunk",), stateful=False)
         params = model_parameters(args)
         if int(params.get("threads") or 0) > 0:
             torch.set_num_threads(int(params["threads"]))
@@ -102,6 +104,10 @@ class TritonPythonModel:
             pb_utils.Tensor("DROPPED", np.array([state.dropped_codes], dtype=np.int64))])
 
     def execute(self, requests):
+        with self.metrics.timed("chunk", len(requests)):
+            return self._execute(requests)
+
+    def _execute(self, requests):
         responses = []
         for request in requests:
             try:
