@@ -86,25 +86,30 @@ def tensor_index(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return out
 
 
-def validate(cfg: FunAudioChatConfig, stored: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
-    expected = expected_shapes(cfg)
-    problems = []
-    for name in sorted(set(expected) - set(stored)):
-        problems.append(f"missing tensor {name} (expected shape {list(expected[name])})")
-    for name in sorted(set(stored) - set(expected)):
-        if name in TIED_KEYS or (cfg.text.tie_word_embeddings and name == "language_model.lm_head.weight"):
-            continue
-        problems.append(f"unexpected tensor {name} (shape {list(stored[name][1])})")
-    for name in sorted(set(stored) & set(expected)):
-        if stored[name][1] != expected[name]:
-            problems.append(f"tensor {name} has shape {list(stored[name][1])}, the config implies {list(expected[name])}")
-    tied = "audio_invert_tower.lm_head.weight"
-    if tied in stored and stored[tied][1] != expected["audio_tower.embed_tokens.weight"]:
-        problems.append(f"tensor {tied} has shape {list(stored[tied][1])}, it is tied to audio_tower.embed_tokens.weight "
-                        f"{list(expected['audio_tower.embed_tokens.weight'])}")
+def check_tensor_shapes(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], where: str,
+                        optional: set[str] = frozenset(), extra: list[str] | None = None) -> None:
+    """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor (name and both
+    shapes). `optional` names may be stored without being expected; `extra` adds problems found elsewhere."""
+    problems = [f"missing tensor {n} (expected shape {list(expected[n])})" for n in sorted(set(expected) - set(stored))]
+    problems += [f"unexpected tensor {n} (shape {list(stored[n])})"
+                 for n in sorted(set(stored) - set(expected) - set(optional))]
+    problems += [f"tensor {n} has shape {list(stored[n])}, the config implies {list(expected[n])}"
+                 for n in sorted(set(stored) & set(expected)) if tuple(stored[n]) != tuple(expected[n])]
+    problems += extra or []
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError("checkpoint does not match its config.json:\n  " + "\n  ".join(shown))
+        raise CheckpointError(f"{where}:\n  " + "\n  ".join(shown))
+
+
+def validate(cfg: FunAudioChatConfig, stored: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
+    expected = expected_shapes(cfg)
+    shapes = {name: shape for name, (_, shape) in stored.items()}
+    optional = set(TIED_KEYS) | ({"language_model.lm_head.weight"} if cfg.text.tie_word_embeddings else set())
+    tied, table = "audio_invert_tower.lm_head.weight", "audio_tower.embed_tokens.weight"
+    extra = []
+    if tied in shapes and shapes[tied] != expected[table]:
+        extra.append(f"tensor {tied} has shape {list(shapes[tied])}, it is tied to {table} {list(expected[table])}")
+    check_tensor_shapes(expected, shapes, "checkpoint does not match its config.json", optional, extra)
 
 
 def _materialise_buffers(model: FunAudioChat, device: torch.device | str) -> None:

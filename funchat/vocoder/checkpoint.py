@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from funchat.errors import CheckpointError
+from funchat.model.checkpoint import check_tensor_shapes
 from funchat.vocoder.hift import normalize_hift_state_dict
 from funchat.vocoder.token2wav import Token2Wav, VocoderConfig
 
@@ -33,13 +34,8 @@ DEFAULT_SPEAKER = "default"
 
 
 def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> None:
-    problems = [f"missing tensor {k} (expected shape {list(v.shape)})" for k, v in expected.items() if k not in got]
-    problems += [f"unexpected tensor {k} (shape {list(v.shape)})" for k, v in got.items() if k not in expected]
-    problems += [f"tensor {k} has shape {list(got[k].shape)}, the config implies {list(v.shape)}"
-                 for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError(f"{where} does not match the vocoder config:\n  " + "\n  ".join(shown))
+    check_tensor_shapes({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in got.items()},
+                        f"{where} does not match the vocoder config")
 
 
 def _torch_load(path: Path) -> Any:
