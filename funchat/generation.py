@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from funchat.model.funaudiochat import FunAudioChat
-from funchat.model.sampling import GREEDY, SamplingParams, select
+from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
 from funchat.schedule import Mode, StepOutput, TokenIds, TurnSchedule
 
 
@@ -98,7 +98,7 @@ def generate(model: FunAudioChat, prompt_ids: list[int], prompt_embeds: torch.Te
 
     def choose_speech(step_tokens: list[int]):
         def choose(_: int, logits: torch.Tensor) -> torch.Tensor:
-            history = torch.tensor([schedule.speech_tokens + step_tokens], dtype=torch.long, device=device)
+            history = penalty_history(schedule.speech_tokens + step_tokens, gen.speech, device)
             token = select(logits, gen.speech, history, speech_generator)
             step_tokens.append(int(token[0]))
             return token
@@ -117,7 +117,7 @@ def generate(model: FunAudioChat, prompt_ids: list[int], prompt_embeds: torch.Te
             model.srh_forward(hidden, input_ids, srh_state, choose_speech(step_tokens))
             srh_tokens = tuple(step_tokens)
         t2 = time.perf_counter()
-        history = torch.tensor([text_history], dtype=torch.long, device=device)
+        history = penalty_history(text_history, gen.text, device)
         text_token = int(select(logits, gen.text, history, text_generator)[0])
         out = schedule.observe(text_token, srh_tokens)
         text_history.append(out.text_token)

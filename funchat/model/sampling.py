@@ -33,6 +33,14 @@ class SamplingParams:
 GREEDY = SamplingParams(greedy=True)
 
 
+def penalty_history(ids: list[int], params: SamplingParams, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The ids the repetition penalty looks at as [1, n], or None when they cannot matter (greedy or
+    no penalty): the decode loops call this every step, so the list is not copied for nothing."""
+    if params.greedy or params.repetition_penalty == 1.0:
+        return None
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """scores [B, V]; history [B, n] ids already produced: divide positive scores, multiply negative."""
     if penalty == 1.0 or history.shape[-1] == 0:

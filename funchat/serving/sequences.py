@@ -19,7 +19,7 @@ import torch
 
 from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.qwen3 import KVCache
-from funchat.model.sampling import GREEDY, SamplingParams, select
+from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
 
 
 class SequenceError(Exception):
@@ -245,7 +245,7 @@ class SrhEngine:
                 tokens = []
                 for b, slot in enumerate(slots):  # each call has its own history and generator
                     extra = slot.extra
-                    history = torch.tensor([extra["history"] + drawn[b]], dtype=torch.long, device=logits.device)
+                    history = penalty_history(extra["history"] + drawn[b], extra["sampling"], logits.device)
                     tokens.append(int(select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0]))
                     drawn[b].append(tokens[-1])
                 return torch.tensor(tokens, dtype=torch.long, device=logits.device)
