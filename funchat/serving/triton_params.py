@@ -25,3 +25,15 @@ def resolve_checkpoint(args: dict[str, Any], params: dict[str, str], default: st
         return path
     repo = Path(args["model_repository"]).resolve()  # .../model_repository/<model>
     return (repo.parent.parent / path).resolve()
+
+
+def load_engine(args: dict[str, Any], engine_cls):
+    """The model of the `checkpoint`/`device`/`dtype` parameters wrapped in a per-call engine
+    (`LlmEngine` or `SrhEngine`) with the `max_sequences` and `idle_timeout_s` parameters."""
+    from funchat.model.checkpoint import load_model
+
+    params = model_parameters(args)
+    model = load_model(resolve_checkpoint(args, params), dtype=params.get("dtype", "float32"),
+                       device=params.get("device", "cpu"))
+    return engine_cls(model, max_sequences=int(params.get("max_sequences", 64)),
+                      idle_timeout_s=float(params.get("idle_timeout_s", 60)))

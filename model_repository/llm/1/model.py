@@ -4,10 +4,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from funchat.model.checkpoint import load_model
 from funchat.serving.sequences import LlmEngine, LlmRequest, SequenceError
 from funchat.serving.triton_metrics import ServiceMetrics
-from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+from funchat.serving.triton_params import load_engine
 
 
 def _optional(request, name):
@@ -21,11 +20,7 @@ def _control(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        model = load_model(resolve_checkpoint(args, params), dtype=params.get("dtype", "float32"),
-                           device=params.get("device", "cpu"))
-        self.engine = LlmEngine(model, max_sequences=int(params.get("max_sequences", 64)),
-                                idle_timeout_s=float(params.get("idle_timeout_s", 60)))
+        self.engine = load_engine(args, LlmEngine)
         self.metrics = ServiceMetrics(pb_utils, "llm")
 
     def execute(self, requests):

@@ -3,11 +3,10 @@
 import torch
 import triton_python_backend_utils as pb_utils
 
-from funchat.model.checkpoint import load_model
 from funchat.model.sampling import GREEDY, SamplingParams
 from funchat.serving.sequences import SequenceError, SrhEngine, SrhRequest
 from funchat.serving.triton_metrics import ServiceMetrics
-from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+from funchat.serving.triton_params import load_engine
 
 
 def _value(request, name, default):
@@ -25,11 +24,7 @@ def _sampling(request):
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        model = load_model(resolve_checkpoint(args, params), dtype=params.get("dtype", "float32"),
-                           device=params.get("device", "cpu"))
-        self.engine = SrhEngine(model, max_sequences=int(params.get("max_sequences", 64)),
-                                idle_timeout_s=float(params.get("idle_timeout_s", 60)))
+        self.engine = load_engine(args, SrhEngine)
         self.metrics = ServiceMetrics(pb_utils, "refined_head")
 
     def execute(self, requests):
