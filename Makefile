@@ -9,8 +9,8 @@ SHARED ?= ../shared
 CHECKPOINT ?= checkpoints/tiny
 INPUT_WAV ?= $(SHARED)/data/fun-audio-chat-example-16k-f32.wav
 RUN_DIR := .run
-# Debian packages the project needs at run or test time (none yet beyond Python itself).
-APT_PACKAGES ?=
+# Debian packages the project needs at run or test time: redis-server holds the sessions.
+APT_PACKAGES ?= redis-server
 
 .PHONY: setup apt run test test-unit bench-model bench-vocoder bench-triton triton-up triton-down clean help
 
@@ -38,7 +38,11 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
-setup: apt $(VENV)/.stamp
+# The public API's Python code is generated from protos/ at build time (git-ignored).
+funchat/v1/funchat_pb2.py: protos/funchat/v1/funchat.proto $(VENV)/.stamp
+	$(PY) -m funchat.api --force
+
+setup: apt $(VENV)/.stamp funchat/v1/funchat_pb2.py
 
 $(CHECKPOINT)/vocoder/model.safetensors: | setup
 	$(VENV)/bin/funchat init-checkpoint --preset tiny --out $(CHECKPOINT) --seed 0
