@@ -12,14 +12,19 @@ RUN_DIR := .run
 # Debian packages the project needs at run or test time: redis-server holds the sessions.
 APT_PACKAGES ?= redis-server
 
-.PHONY: setup apt run test test-unit bench-model bench-vocoder bench-triton triton-up triton-down clean help
+GRPC_PORT ?= 50051
+
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help
 
 help:
-	@echo "make run          set up, create the tiny checkpoint, run one speech-to-speech turn"
+	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
+	@echo "make up           start redis-server, the Triton model services and the orchestrator (127.0.0.1:$(GRPC_PORT))"
+	@echo "make down         stop them"
 	@echo "make test         set up and run the whole test suite"
 	@echo "make bench-model  time each model stage (tiny and mid presets, CPU); table + JSON"
 	@echo "make bench-vocoder  vocoder real-time factor, first-chunk latency, cost per chunk along a long call"
 	@echo "make bench-triton each Triton model service vs the same module in process (1/4/16 calls)"
+	@echo "make bench-e2e    first audio and real-time factor through the public API at 1/2/4/8 calls vs the oracle"
 	@echo "make triton-up    start one tritonserver per model service on 127.0.0.1 (.run/endpoints.json)"
 	@echo "make triton-down  stop them"
 
@@ -47,10 +52,18 @@ setup: apt $(VENV)/.stamp funchat/v1/funchat_pb2.py
 $(CHECKPOINT)/vocoder/model.safetensors: | setup
 	$(VENV)/bin/funchat init-checkpoint --preset tiny --out $(CHECKPOINT) --seed 0
 
+# The main job: the whole cluster on 127.0.0.1, a scripted two-turn call through the public API, then stop.
 run: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p $(RUN_DIR)
-	$(VENV)/bin/funchat respond --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --mode s2s \
-	    --seed 0 --output-tokens $(RUN_DIR)/reply_tokens.json --output $(RUN_DIR)/reply.wav
+	$(MAKE) --no-print-directory up
+	$(PY) -m funchat.orchestrator.demo --server 127.0.0.1:$(GRPC_PORT) --input $(INPUT_WAV) --out $(RUN_DIR); \
+	    rc=$$?; $(MAKE) --no-print-directory down; exit $$rc
+
+up: setup $(CHECKPOINT)/vocoder/model.safetensors
+	$(PY) -m funchat.orchestrator.stack up --checkpoint $(CHECKPOINT) --grpc-port $(GRPC_PORT)
+
+down: setup
+	$(PY) -m funchat.orchestrator.stack down
 
 test: setup
 	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests
@@ -69,6 +82,10 @@ bench-vocoder: setup
 bench-triton: setup
 	@mkdir -p bench-results
 	$(PY) -m funchat.serving.bench --json bench-results/bench-triton.json
+
+bench-e2e: setup $(CHECKPOINT)/vocoder/model.safetensors
+	@mkdir -p bench-results
+	$(PY) -m funchat.orchestrator.bench --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-e2e.json
 
 triton-up: setup $(CHECKPOINT)/vocoder/model.safetensors
 	$(PY) -m funchat.serving.tritonserver up --checkpoint $(CHECKPOINT)

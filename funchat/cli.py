@@ -135,6 +135,129 @@ def _cmd_reference_dump(args: argparse.Namespace) -> None:
           f"{arrays['gen_speech_ids'].shape[1]} speech ids")
 
 
+def _server_address(value: str) -> str:
+    """argparse type of --server: HOST:PORT."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _server_error(exc, server: str) -> FunchatError:
+    """A FunchatClientError as the one-line message the command exits with."""
+    if exc.unreachable:
+        return FunchatError(f"cannot reach funchat server at {server} ({exc.code}): {exc.message}")
+    return FunchatError(f"funchat server at {server} answered {exc.code}: {exc.message}")
+
+
+def _client_config(args: argparse.Namespace):
+    from funchat.client import session_config
+
+    return session_config(mode=args.mode, instructions=args.system, voice=args.voice, greedy=args.greedy,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens)
+
+
+def _write_pcm16_wav(path: str | Path, samples, sample_rate: int) -> None:
+    # As funchat.vocoder.synthesize.write_wav writes them (PCM16 via soundfile), without importing
+    # torch into a network client.
+    import numpy as np
+    import soundfile as sf
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.asarray(samples, dtype=np.float32), sample_rate, subtype="PCM_16")
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from funchat.audio_io import load_audio
+    from funchat.client import OUTPUT_SAMPLE_RATE, Client, FunchatClientError
+
+    audio = load_audio(args.input)
+    config = _client_config(args)
+    try:
+        reply = Client(args.server, timeout=args.timeout).respond(audio, config, session_id=args.session)
+    except FunchatClientError as exc:
+        raise _server_error(exc, args.server) from None
+    payload = dict(reply.tokens_json(), server=args.server, input=str(args.input), greedy=args.greedy,
+                   seed=args.seed, session_id=reply.session_id, status=reply.status)
+    if args.output_tokens:
+        Path(args.output_tokens).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_tokens).write_text(json.dumps(payload, ensure_ascii=False) + "\n")
+    if args.output_text:
+        Path(args.output_text).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_text).write_text(reply.text + "\n")
+    print(f"server     {args.server}  session {reply.session_id}")
+    print(f"input      {args.input} ({len(audio) / 16000:.2f} s, {payload['prompt_tokens']} prompt tokens)")
+    print(f"mode       {reply.mode}  greedy={args.greedy}  seed={args.seed}  status={reply.status}")
+    shown = reply.text if len(reply.text) <= 160 else reply.text[:160] + f"… ({len(reply.text)} characters)"
+    print(f"text       {shown!r}")
+    for call in reply.function_calls:
+        print(f"function   {call['name']}({call['arguments_json']})  call_id={call['call_id']}")
+    print(f"tokens     {len(reply.text_tokens)} text, {len(reply.speech_tokens)} speech "
+          f"({len(reply.vocoder_tokens)} for the vocoder)")
+    first = f"{reply.first_audio_s * 1e3:.1f} ms" if reply.first_audio_s is not None else "- (no audio)"
+    stages = " | ".join(f"{k} {v:.1f}" for k, v in reply.latency_ms.items())
+    print(f"latency    first audio {first} (client)" + (f"; server (ms): {stages}" if stages else ""))
+    if args.output_tokens:
+        print(f"tokens written to {args.output_tokens}")
+    if args.output_text:
+        print(f"text written to {args.output_text}")
+    if args.output:
+        if not len(reply.audio):
+            print(f"no speech to write ({reply.mode} mode, {len(reply.speech_tokens)} speech tokens)")
+            return
+        _write_pcm16_wav(args.output, reply.audio, OUTPUT_SAMPLE_RATE)
+        print(f"speech     {args.output}: {reply.audio_s:.2f} s at {OUTPUT_SAMPLE_RATE} Hz")
+
+
+def _cmd_call(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from funchat.audio_io import load_audio
+    from funchat.client import AsyncClient, FunchatClientError, describe_event, stream_call
+
+    if not 1 <= args.chunk_ms <= 1000:
+        raise ValueError(f"--chunk-ms must be 1..1000 (the server takes at most 1 s per chunk), got {args.chunk_ms}")
+    audio = load_audio(args.input)
+    config = _client_config(args)
+
+    def show(t: float, event) -> None:
+        print(f"{t:8.3f} s  {describe_event(event)}", flush=True)
+
+    async def run():
+        async with AsyncClient(args.server) as client:
+            return await stream_call(client, config, audio, realtime=not args.no_realtime, chunk_ms=args.chunk_ms,
+                                     trailing_silence_ms=args.trailing_silence_ms, on_event=show,
+                                     timeout_s=args.timeout)
+
+    print(f"calling {args.server} with {args.input} ({len(audio) / 16000:.2f} s, "
+          f"{'real time' if not args.no_realtime else 'as fast as possible'}, {args.chunk_ms} ms chunks)")
+    try:
+        result = asyncio.run(run())
+    except FunchatClientError as exc:
+        raise _server_error(exc, args.server) from None
+    for i, reply in enumerate(result.replies):
+        first = f"{reply.first_audio_s * 1e3:.0f} ms" if reply.first_audio_s is not None else "-"
+        print(f"reply {i}    {reply.status}  first audio {first}  {reply.audio_s:.2f} s audio  text {reply.text!r}")
+    if result.timed_out:
+        print(f"timed out: replies still in progress after {args.timeout:g} s; the call was ended")
+    if args.output:
+        _write_pcm16_wav(args.output, result.audio, result.sample_rate)
+        print(f"call       {args.output}: {len(result.audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz "
+              f"({len(result.replies)} replies)")
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    """Flags `chat` and `call` share: the server and the session's settings."""
+    p.add_argument("--server", required=True, type=_server_address, help="the funchat API, HOST:PORT")
+    p.add_argument("--input", required=True, help="WAV or FLAC, any rate, mono or stereo")
+    p.add_argument("--mode", choices=["s2t", "s2s"], default="s2s")
+    p.add_argument("--greedy", action="store_true", help="argmax for text and speech (no sampling)")
+    p.add_argument("--seed", type=int, default=None, help="fixed seed for the draws (default: the server picks)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="reply length cap (0: the server's default)")
+    p.add_argument("--system", default=None, help="persona appended to the mode instruction")
+    p.add_argument("--voice", default=None, help="vocoder speaker name (default: the checkpoint's default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funchat", description="Fun-Audio-Chat serving tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["s2s", "s2t"], default="s2s")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=_cmd_reference_dump)
+
+    p = sub.add_parser("chat", help="one turn through a funchat server (Respond): speech in, text and speech out")
+    _add_client_args(p)
+    p.add_argument("--output", default=None, help="write the spoken reply (24 kHz WAV) here")
+    p.add_argument("--session", default=None, help="continue this session (its id, printed by an earlier chat)")
+    p.add_argument("--output-tokens", default=None, help="write text and tokens as JSON here (as `respond` does)")
+    p.add_argument("--output-text", default=None, help="write the reply text here")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of the request in seconds")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("call", help="stream a file into a live call (Converse) and record the replies")
+    _add_client_args(p)
+    p.add_argument("--output", default=None, help="write the call's reply audio timeline (24 kHz WAV) here")
+    p.add_argument("--no-realtime", action="store_true", help="send the audio as fast as possible")
+    p.add_argument("--chunk-ms", type=int, default=100, help="audio per chunk sent (1..1000 ms)")
+    p.add_argument("--trailing-silence-ms", type=int, default=1500,
+                   help="silence sent after the file so that server VAD ends the last turn")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the replies after the audio is sent")
+    p.set_defaults(func=_cmd_call)
     return parser
 
 

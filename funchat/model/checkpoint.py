@@ -101,40 +101,94 @@ def check_tensor_shapes(expected: dict[str, tuple[int, ...]], stored: dict[str, 
         raise CheckpointError(f"{where}:\n  " + "\n  ".join(shown))
 
 
-def validate(cfg: FunAudioChatConfig, stored: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
-    expected = expected_shapes(cfg)
+def validate(cfg: FunAudioChatConfig, stored: dict[str, tuple[Path, tuple[int, ...]]],
+             prefixes: tuple[str, ...] | None = None) -> None:
+    """Check every stored name and shape against the config. With `prefixes`, only the tensors of
+    those top-level modules are checked (and must all be present); tensors of the other known
+    modules are ignored, and names under no known module are still reported as unexpected."""
+    full = expected_shapes(cfg)
+    expected = full
     shapes = {name: shape for name, (_, shape) in stored.items()}
+    if prefixes is not None:
+        known = {_top(n) for n in full}
+        expected = {n: s for n, s in full.items() if _top(n) in prefixes}
+        shapes = {n: s for n, s in shapes.items() if _top(n) in prefixes or _top(n) not in known}
     optional = set(TIED_KEYS) | ({"language_model.lm_head.weight"} if cfg.text.tie_word_embeddings else set())
     tied, table = "audio_invert_tower.lm_head.weight", "audio_tower.embed_tokens.weight"
+    table_shape = full[table]  # `expected` may leave audio_tower out
     extra = []
-    if tied in shapes and shapes[tied] != expected[table]:
-        extra.append(f"tensor {tied} has shape {list(shapes[tied])}, it is tied to {table} {list(expected[table])}")
+    if tied in shapes and shapes[tied] != table_shape:
+        extra.append(f"tensor {tied} has shape {list(shapes[tied])}, it is tied to {table} {list(table_shape)}")
     check_tensor_shapes(expected, shapes, "checkpoint does not match its config.json", optional, extra)
 
 
-def _materialise_buffers(model: FunAudioChat, device: torch.device | str) -> None:
-    """Recompute the non-persistent buffers (positions, RoPE frequencies) after a meta-device load."""
-    for module in model.modules():
+def _top(name: str) -> str:
+    """The top-level module of a parameter name: `language_model.model.norm.weight` -> `language_model`."""
+    return name.split(".", 1)[0]
+
+
+def module_prefixes(cfg: FunAudioChatConfig) -> tuple[str, ...]:
+    """The top-level modules this config has, in checkpoint order (audio_invert_tower only with an SRH)."""
+    with torch.device("meta"):
+        model = FunAudioChat(cfg)
+    return tuple(name for name, _ in model.named_children())
+
+
+def check_prefixes(cfg: FunAudioChatConfig, prefixes) -> tuple[str, ...]:
+    """The requested top-level modules as a tuple; CheckpointError names the valid ones."""
+    valid = module_prefixes(cfg)
+    if isinstance(prefixes, str):  # one name, not its characters
+        prefixes = (prefixes,)
+    chosen = tuple(dict.fromkeys(prefixes))  # keep order, drop repeats
+    unknown = [p for p in chosen if p not in valid]
+    if not chosen or unknown:
+        what = f"unknown module prefix(es) {', '.join(map(repr, unknown))}" if unknown else "no module prefixes given"
+        raise CheckpointError(f"{what}: this checkpoint's modules are {', '.join(valid)}")
+    if "audio_invert_tower" in chosen and "audio_tower" not in chosen:
+        # The SRH's output head is audio_tower.embed_tokens (tied), so it cannot run without it.
+        raise CheckpointError("audio_invert_tower uses audio_tower.embed_tokens as its output head: "
+                              "load audio_tower with it")
+    return chosen
+
+
+def _materialise_buffers(model: FunAudioChat, device: torch.device | str,
+                         prefixes: tuple[str, ...] | None = None) -> None:
+    """Recompute the non-persistent buffers (positions, RoPE frequencies) after a meta-device load,
+    in the loaded top-level modules only (the others stay on the meta device)."""
+    roots = [model] if prefixes is None else [getattr(model, p) for p in prefixes]
+    for module in (m for root in roots for m in root.modules()):
         if isinstance(module, AudioEncoder):
             module.positional_embedding = sinusoid_positions(module.cfg.max_source_positions, module.cfg.d_model).to(device)
         elif isinstance(module, RotaryEmbedding):
             module.inv_freq = rope_inv_freq(module.head_dim, module.theta).to(device)
 
 
+# What `FunAudioChat.encode_audio` runs (the audio_tokenizer service): the encoder and the grouping adaptor.
+ENCODER_PREFIXES = ("continuous_audio_tower", "audio_tower")
+
+
 def load_model(ckpt_dir: str | Path, dtype: str | torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> FunAudioChat:
+               device: str | torch.device = "cpu", prefixes=None) -> FunAudioChat:
+    """The model of a checkpoint directory, validated before any weight is read.
+
+    prefixes: load only these top-level modules (e.g. ENCODER_PREFIXES); the others stay on the
+    meta device (shapes and dtype only, no memory), so a service does not hold weights it never
+    runs. Only the loaded modules' tensors are validated. `model.dtype` still reads the requested
+    dtype; `model.device` reads the language model's, so it is "meta" when that is not loaded.
+    """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found")
     dtype = parse_dtype(dtype)
     cfg = FunAudioChatConfig.from_file(ckpt / "config.json")
+    chosen = None if prefixes is None else check_prefixes(cfg, prefixes)
     stored = tensor_index(ckpt)
-    validate(cfg, stored)
+    validate(cfg, stored, chosen)
 
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name, (f, _) in stored.items():
-        if name not in TIED_KEYS:
+        if name not in TIED_KEYS and (chosen is None or _top(name) in chosen):
             by_file.setdefault(f, []).append(name)
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device="cpu") as handle:
@@ -143,10 +197,22 @@ def load_model(ckpt_dir: str | Path, dtype: str | torch.dtype = torch.float32,
 
     with torch.device("meta"):
         model = FunAudioChat(cfg)
-    model.load_state_dict(state, strict=not cfg.text.tie_word_embeddings, assign=True)
-    if cfg.text.tie_word_embeddings:
+    tie_lm_head = cfg.text.tie_word_embeddings and (chosen is None or "language_model" in chosen)
+    if chosen is None:
+        model.load_state_dict(state, strict=not cfg.text.tie_word_embeddings, assign=True)
+    else:
+        result = model.load_state_dict(state, strict=False, assign=True)
+        may_miss = {"language_model.lm_head.weight"} if tie_lm_head else set()
+        missing = [n for n in result.missing_keys if _top(n) in chosen and n not in may_miss]
+        if missing or result.unexpected_keys:  # validate() should have caught these
+            raise CheckpointError(f"{ckpt}: could not load {', '.join(chosen)}: missing {missing}, "
+                                  f"unexpected {result.unexpected_keys}")
+        for name, module in model.named_children():
+            if name not in chosen:
+                module.to(dtype)  # still on meta (nothing allocated); keeps `model.dtype` right
+    if tie_lm_head:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    _materialise_buffers(model, device)
+    _materialise_buffers(model, device, chosen)
     return model.eval()
 
 

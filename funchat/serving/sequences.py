@@ -133,12 +133,30 @@ class LlmResult:
 
 
 class LlmEngine:
-    """The shared LLM's service logic: prefill and step requests of many calls, batched."""
+    """The shared LLM's service logic: prefill and step requests of many calls, batched.
+
+    step_runner: optional, e.g. `funchat.serving.llm_engines.CudaGraphStepRunner`; it runs the
+    batches of single steps (prefills stay eager) on fixed shapes. With one, `capacity` is fixed:
+    the KV cache is allocated once at `capacity` positions per call (plus one scratch row for the
+    runner's padding rows) and never grows, and a call that would go past it gets a SequenceError.
+    Without one, the cache starts at `capacity` and grows as calls need.
+    """
 
     def __init__(self, model: FunAudioChat, max_sequences: int = 16, idle_timeout_s: float = 60.0,
-                 capacity: int = 256, clock: Callable[[], float] = time.monotonic):
+                 capacity: int = 256, clock: Callable[[], float] = time.monotonic, step_runner: Any = None):
         self.model = model
-        self.pool = SlotPool(model.new_llm_cache, max_sequences, idle_timeout_s, capacity, clock)
+        self.device = model.device
+        self.step_runner = step_runner
+        if step_runner is None:
+            self.max_context: int | None = None
+            self.pool = SlotPool(model.new_llm_cache, max_sequences, idle_timeout_s, capacity, clock)
+        else:
+            # Row `max_sequences` is never given to a call (SlotPool uses rows 0..max_sequences-1):
+            # the runner's padding rows write there.
+            self.max_context = capacity
+            self.pool = SlotPool(lambda rows, cap: model.new_llm_cache(rows + 1, cap), max_sequences,
+                                 idle_timeout_s, capacity, clock)
+            step_runner.attach(self.pool.cache, scratch_row=max_sequences)
 
     @torch.inference_mode()
     def run(self, requests: list[LlmRequest]) -> list[LlmResult | SequenceError]:
@@ -159,7 +177,7 @@ class LlmEngine:
             embeds, lengths = _pad_right([g[2] for g in group])
             lengths = lengths.to(embeds.device)
             rows = [g[1].row for g in group]
-            hidden, logits = self.pool.run(rows, lambda cache: self.model.llm_forward(embeds, cache, lengths))
+            hidden, logits = self._forward(is_prefill, embeds, lengths, rows)
             for b, (i, slot, _, ids) in enumerate(group):
                 t = ids.shape[0]
                 srh_input = hidden[b, :t] + self.model.language_model.embed(ids)
@@ -169,14 +187,28 @@ class LlmEngine:
                 self.pool.free(req.cid)
         return results  # type: ignore[return-value]
 
+    def _forward(self, is_prefill: bool, embeds: torch.Tensor, lengths: torch.Tensor,
+                 rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [B, T, E] right-padded (T = 1 for steps), lengths [B], the calls' cache rows ->
+        (hidden [B, T, E], logits of each row's last real position [B, V]); appends to the rows."""
+        if is_prefill or self.step_runner is None:
+            return self.pool.run(rows, lambda cache: self.model.llm_forward(embeds, cache, lengths))
+        with self.pool.lock:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.pool.cache.lengths.device)
+            positions = self.pool.cache.lengths[idx].tolist()  # where each row's new position goes
+            return self.step_runner.step(embeds, rows, positions)
+
     def _prepare(self, req: LlmRequest) -> tuple[Slot, torch.Tensor, torch.Tensor]:
         vocab = self.model.cfg.text.vocab_size
-        device = self.model.device
+        device = self.device
         ids = req.input_ids.long().reshape(-1).to(device)
         if ids.numel() == 0:
             raise SequenceError("INPUT_IDS is empty")
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise SequenceError(f"INPUT_IDS holds ids outside the text vocabulary 0..{vocab - 1}")
+        if req.start and self.max_context is not None and ids.numel() > self.max_context:
+            raise SequenceError(f"the prompt has {ids.numel()} positions, more than max_context "
+                                f"{self.max_context}")
         if req.start:
             slot = self.pool.start(req.cid)
             audio = [req.audio.to(device)] if req.audio is not None and req.audio.numel() else []
@@ -189,6 +221,9 @@ class LlmEngine:
         slot = self.pool.get(req.cid)
         if ids.numel() != 1:
             raise SequenceError(f"a step takes one text id, got {ids.numel()}")
+        if self.max_context is not None and int(self.pool.cache.lengths[slot.row]) >= self.max_context:
+            raise SequenceError(f"sequence {req.cid} holds max_context {self.max_context} positions: "
+                                f"no room for another step; end the call")
         group = None
         if req.speech_group is not None and req.speech_group.numel():
             group = req.speech_group.long().reshape(1, -1).to(device)

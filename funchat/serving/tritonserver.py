@@ -328,6 +328,21 @@ class Cluster:
         s = self.servers[model]
         return s.process.poll() is None if s.process is not None else _alive(s.pid)
 
+    def restart(self, model: str, timeout: float = 120.0, exit_timeout_s: int = 10) -> None:
+        """Stop one model's server and start it again on the same ports (its in-memory state, e.g. the
+        llm's KV caches, is gone): what a replica restart looks like to its callers."""
+        server = self.servers[model]
+        stop_pids([server.pid], timeout=20.0)
+        if server.process is not None:
+            try:
+                server.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        install = find_triton()
+        _launch(install, server, prepare_backend_dir(install, self.run_dir), server_env(install), exit_timeout_s)
+        wait_ready([server], timeout)
+        self.write_files()
+
     def write_files(self) -> None:
         write_run_files(self.run_dir, {m: s.info() for m, s in self.servers.items()})
 

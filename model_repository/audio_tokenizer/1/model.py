@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from funchat.audio_io import SAMPLE_RATE, validate_audio
 from funchat.errors import FunchatError
-from funchat.model.checkpoint import load_model
+from funchat.model.checkpoint import ENCODER_PREFIXES, load_model
 from funchat.model.encoder import groups_for_frames, speech_frames_for_samples
 from funchat.model.mel import log_mel_spectrogram
 from funchat.serving.triton_metrics import ServiceMetrics
@@ -41,12 +41,10 @@ class TritonPythonModel:
         self.device = _device(args, params.get("device", "cpu"))
         self.context_tokens = int(params.get("context_tokens") or 2048)
         checkpoint = resolve_checkpoint(args, params)
-        # load_model reads the whole checkpoint; keep only the encoder and the grouping adaptor.
-        model = load_model(checkpoint, dtype=params.get("dtype") or "float32", device="cpu")
-        model.audio_invert_tower = None
-        model.language_model.to("meta")  # frees the LLM's weights; `model.dtype` still reads its dtype
-        model.continuous_audio_tower.to(self.device)
-        model.audio_tower.to(self.device)
+        # Only the encoder and the grouping adaptor are read; the LLM and the SRH stay on the meta
+        # device (no memory), and `model.dtype` still reads the requested dtype.
+        model = load_model(checkpoint, dtype=params.get("dtype") or "float32", device=self.device,
+                           prefixes=ENCODER_PREFIXES)
         self.model = model
         self.n_mels = model.cfg.audio.num_mel_bins
         self.group_size = model.cfg.audio.group_size

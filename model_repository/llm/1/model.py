@@ -1,12 +1,17 @@
-"""Triton model `llm`: thin adapter from Triton requests to funchat.serving.sequences.LlmEngine."""
+"""Triton model `llm`: thin adapter from Triton requests to funchat.serving.sequences.LlmEngine.
+
+The engine (eager torch, torch with CUDA-graph steps, or TensorRT plans) follows the `engine`,
+`cuda_graphs`, `max_context` and `tensorrt_plans` parameters: funchat.serving.llm_engines.
+"""
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from funchat.serving.sequences import LlmEngine, LlmRequest, SequenceError
+from funchat.serving.llm_engines import describe_engine
+from funchat.serving.sequences import LlmRequest, SequenceError
 from funchat.serving.triton_metrics import ServiceMetrics
-from funchat.serving.triton_params import load_engine
+from funchat.serving.triton_params import load_llm_engine
 
 
 def _optional(request, name):
@@ -20,8 +25,9 @@ def _control(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.engine = load_engine(args, LlmEngine)
+        self.engine = load_llm_engine(args)
         self.metrics = ServiceMetrics(pb_utils, "llm")
+        pb_utils.Logger.log_info(f"llm: {describe_engine(self.engine)}")
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)

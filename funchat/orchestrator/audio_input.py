@@ -1,0 +1,90 @@
+"""Caller audio as the API receives it: PCM16 or float32 bytes at 8..48 kHz -> 16 kHz float32.
+
+Decoding errors raise `AudioFormatError` with a message saying what to fix; the orchestrator turns
+it into INVALID_ARGUMENT for that event only. A call's chunks go through one `InputAudioStream`,
+whose resampler keeps its filter state across chunks (no clicks at chunk joins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from funchat.api import pb
+from funchat.audio_io import SAMPLE_RATE
+
+MIN_RATE, MAX_RATE = 8000, 48000
+ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: ("pcm16", 2), pb.AUDIO_ENCODING_PCM16: ("pcm16", 2),
+             pb.AUDIO_ENCODING_FLOAT32: ("float32", 4)}
+
+
+class AudioFormatError(ValueError):
+    """Audio bytes or a format the orchestrator cannot use."""
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    encoding: str  # "pcm16" | "float32"
+    sample_rate: int
+    bytes_per_sample: int
+
+    @classmethod
+    def from_proto(cls, fmt: pb.AudioFormat) -> "InputFormat":
+        if fmt.encoding not in ENCODINGS:
+            raise AudioFormatError(f"unknown input audio encoding {fmt.encoding}; use AUDIO_ENCODING_PCM16 or "
+                                   "AUDIO_ENCODING_FLOAT32")
+        rate = fmt.sample_rate_hz or SAMPLE_RATE
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise AudioFormatError(f"input sample rate {rate} Hz is not supported; use {MIN_RATE}..{MAX_RATE} Hz "
+                                   "(16000 needs no resampling)")
+        name, width = ENCODINGS[fmt.encoding]
+        return cls(name, rate, width)
+
+    def duration_ms(self, n_bytes: int) -> float:
+        return n_bytes / self.bytes_per_sample * 1000.0 / self.sample_rate
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Bytes in this format -> float32 samples at this format's rate (checked)."""
+        if len(data) % self.bytes_per_sample:
+            raise AudioFormatError(f"{len(data)} bytes is not a whole number of {self.encoding} samples "
+                                   f"({self.bytes_per_sample} bytes each): the audio cannot be decoded")
+        if self.encoding == "pcm16":
+            samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        else:
+            samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            if not np.isfinite(samples).all():
+                raise AudioFormatError("the audio holds NaN or infinite samples")
+            if samples.size and float(np.abs(samples).max()) > 1.0 + 1e-6:
+                raise AudioFormatError("float32 audio must lie in [-1, 1] (got a sample of magnitude "
+                                       f"{float(np.abs(samples).max()):.3g})")
+        return samples
+
+
+def decode_utterance(data: bytes, fmt: InputFormat) -> np.ndarray:
+    """A whole utterance -> 16 kHz float32."""
+    samples = fmt.decode(data)
+    if fmt.sample_rate != SAMPLE_RATE and samples.size:
+        samples = soxr.resample(samples, fmt.sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return samples
+
+
+class InputAudioStream:
+    """A call's audio chunks -> 16 kHz float32, with a size limit per chunk."""
+
+    def __init__(self, fmt: InputFormat, max_chunk_ms: int):
+        self.fmt = fmt
+        self.max_chunk_ms = max_chunk_ms
+        self.resampler = None if fmt.sample_rate == SAMPLE_RATE else \
+            soxr.ResampleStream(fmt.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+
+    def push(self, data: bytes) -> np.ndarray:
+        ms = self.fmt.duration_ms(len(data))
+        if ms > self.max_chunk_ms:
+            raise AudioFormatError(f"audio chunk of {ms:.0f} ms is over the {self.max_chunk_ms} ms limit; "
+                                   "send smaller chunks (20-200 ms is typical)")
+        samples = self.fmt.decode(data)
+        if self.resampler is not None:
+            samples = self.resampler.resample_chunk(samples).astype(np.float32)
+        return samples

@@ -1,0 +1,471 @@
+"""The session store: what a voice call needs to go on after a replica loses it, kept in Redis.
+
+A session is the call's configuration, its history (user speech as the audio tokenizer's rows, so
+that a re-prefill needs no re-encoding; assistant and tool text), its state and the turn in
+progress. Any orchestrator replica can rebuild a call's context from it: when a model replica lost
+its KV cache, or when the orchestrator replica serving the call died and the caller resumes
+elsewhere with a resume token.
+
+Key layout (`prefix` defaults to "funchat:"; `<id>` is the session id, [A-Za-z0-9_-]{1,128}):
+
+    {prefix}session:<id>              string  JSON meta: {"v": 1, "session_id", "created_at",
+                                              "config", "state", "active", "owner"}
+    {prefix}session:<id>:turns        list    one JSON object per turn, oldest first: {"role",
+                                              "text", "n_groups", "audio_ms", "truncated",
+                                              "tool_calls", "response_id", "audio"}, where "audio"
+                                              is null or {"shape": [n_groups, E], "dtype": "<f4"}
+    {prefix}session:<id>:audio:<k>    string  turn k's audio rows: raw little-endian float32 bytes,
+                                              row-major (k = the turn's index in the list); it exists
+                                              exactly when turn k's "audio" is not null
+
+Expiry is sliding: every write (create, append_turns, update_turn, set_state, update_config,
+touch) sets the TTL of all the session's keys to `ttl_s`, in the same MULTI/EXEC as the write, so
+the keys of a session always expire together. Reads (get, exists) do not extend it.
+
+Atomicity: a write is an optimistic transaction. It WATCHes the meta and turn-list keys, reads them
+(the meta must exist, else SessionNotFound: the session expired or was deleted meanwhile; the turn
+list gives the audio keys and the next turn index), queues its writes and the TTL refresh in MULTI,
+and EXECs; when another writer (or an expiry) touched a watched key in between, EXEC aborts and
+the write starts over from the read. Reads of a whole session use the same WATCH, so the turns and
+their audio rows always come from one version.
+
+Resume tokens `v1.<session_id>.<issued_at>.<mac>` (issued_at: Unix seconds; mac: unpadded
+base64url HMAC-SHA256 of "<session_id>|<issued_at>" keyed with the shared secret
+FUNCHAT_RESUME_SECRET) let a caller take its session to any replica. A token is good for `ttl_s`
+seconds after it was issued, and only while its session exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+STATES = ("idle", "listening", "responding")
+ROLES = ("user", "assistant", "tool")
+AUDIO_DTYPE = "<f4"  # little-endian float32 on every machine, whatever the host's byte order
+TOKEN_VERSION = "v1"
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no ":" (keys) and no "." (tokens)
+ISSUED_AT = re.compile(r"[0-9]{1,12}")
+CLOCK_SKEW_S = 300     # a token issued this far in the future (another replica's clock) is still accepted
+WATCH_ATTEMPTS = 50    # optimistic-transaction attempts before a write gives up under contention
+META_VERSION = 1
+
+
+class SessionError(Exception):
+    """Base class of the session store's errors."""
+
+
+class SessionNotFound(SessionError):
+    """No such session: never created, deleted, or expired."""
+
+
+class InvalidResumeToken(SessionError):
+    """A resume token that is malformed or whose signature does not match (forged or altered)."""
+
+
+class ExpiredResumeToken(SessionError):
+    """A genuine resume token that is too old, or whose session has expired."""
+
+
+class StoreUnavailable(SessionError):
+    """Redis cannot be reached."""
+
+
+@dataclass
+class HistoryTurn:
+    """One turn of a call's history. `audio_rows`: the audio tokenizer's rows for a user's speech
+    (float32 [n_groups, E]); stored as float32, so float32 rows come back bit-exact."""
+
+    role: str                              # "user" | "assistant" | "tool"
+    text: str | None = None
+    audio_rows: np.ndarray | None = None
+    n_groups: int = 0
+    audio_ms: int = 0
+    truncated: bool = False                # an assistant turn cut where the caller barged in
+    tool_calls: list | None = None
+    response_id: str | None = None
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    created_at: float
+    config: dict                           # JSON-able, opaque to the store
+    turns: list[HistoryTurn] = field(default_factory=list)
+    state: str = "idle"                    # "idle" | "listening" | "responding"
+    active: dict | None = None             # the turn in progress (opaque), None between turns
+    owner: str | None = None               # the orchestrator replica serving the call
+    expires_in_s: float | None = None      # filled on read from the meta key's TTL
+
+
+def fit_history(turns: list[HistoryTurn], prompt_len: Callable[[list[HistoryTurn]], int],
+                context_tokens: int = 2048) -> tuple[list[HistoryTurn], int]:
+    """Drop the oldest turns until `prompt_len(kept) < context_tokens` or nothing is left.
+
+    Whole exchanges go: each cut removes the oldest turn and the turns up to the next "user" turn,
+    so the kept history starts at a user turn (the rule of ReferencePipeline.respond).
+    Returns (kept turns, number of turns dropped).
+    """
+    history, dropped = list(turns), 0
+    while history and prompt_len(history) >= context_tokens:
+        cut = 1
+        while cut < len(history) and history[cut].role != "user":
+            cut += 1
+        history, dropped = history[cut:], dropped + cut
+    return history, dropped
+
+
+def _encode_turn(turn: HistoryTurn) -> tuple[dict, bytes | None]:
+    """-> (the turn's JSON object, its audio bytes or None). Checks it before anything is written."""
+    if turn.role not in ROLES:
+        raise ValueError(f"turn role {turn.role!r} is not one of {ROLES}")
+    audio, blob = None, None
+    if turn.audio_rows is not None:
+        rows = np.asarray(turn.audio_rows)
+        if rows.ndim != 2:
+            raise ValueError(f"audio_rows must be [n_groups, E], got shape {rows.shape}")
+        rows = np.ascontiguousarray(rows, dtype=AUDIO_DTYPE)
+        audio, blob = {"shape": list(rows.shape), "dtype": AUDIO_DTYPE}, rows.tobytes()
+    doc = {"role": turn.role, "text": turn.text, "n_groups": int(turn.n_groups), "audio_ms": int(turn.audio_ms),
+           "truncated": bool(turn.truncated), "tool_calls": turn.tool_calls, "response_id": turn.response_id,
+           "audio": audio}
+    return doc, blob
+
+
+def _decode_turn(doc: dict, blob: bytes | None) -> HistoryTurn:
+    rows = None
+    if doc.get("audio") is not None:
+        shape = tuple(doc["audio"]["shape"])
+        # frombuffer is a read-only view of the reply; astype copies into a writable native array.
+        rows = np.frombuffer(blob, dtype=doc["audio"]["dtype"]).reshape(shape).astype(np.float32)
+    return HistoryTurn(role=doc["role"], text=doc.get("text"), audio_rows=rows, n_groups=doc.get("n_groups", 0),
+                       audio_ms=doc.get("audio_ms", 0), truncated=doc.get("truncated", False),
+                       tool_calls=doc.get("tool_calls"), response_id=doc.get("response_id"))
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, fit for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***" if parts.username else ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc}"))
+
+
+class SessionStore:
+    """Sessions in Redis (see the module docstring for the layout). One instance per event loop:
+    redis.asyncio clients are bound to the loop they first run on."""
+
+    def __init__(self, redis_url: str, ttl_s: int = 3600, secret: str | bytes | None = None,
+                 prefix: str = "funchat:"):
+        """secret: the resume-token HMAC key, shared by every replica; None reads
+        FUNCHAT_RESUME_SECRET. An empty one is refused (tokens anyone could forge)."""
+        if secret is None:
+            secret = os.environ.get("FUNCHAT_RESUME_SECRET", "")
+        key = secret.encode() if isinstance(secret, str) else bytes(secret)
+        if not key:
+            raise ValueError("the resume-token secret is empty: set FUNCHAT_RESUME_SECRET (the same value on "
+                             "every orchestrator replica; `make up` writes one to .run/resume_secret)")
+        if int(ttl_s) < 1:
+            raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s}")
+        self.url = redis_url
+        self.ttl_s = int(ttl_s)
+        self.prefix = prefix
+        self._secret = key
+        # A few quick retries ride out a blip (a Redis restart takes well under a second); past them
+        # the caller hears StoreUnavailable at once instead of a call hanging on the store.
+        self.redis = aioredis.Redis.from_url(
+            redis_url, socket_connect_timeout=2.0, socket_timeout=5.0,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3))
+
+    async def __aenter__(self) -> SessionStore:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- keys ----
+
+    def _meta_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def _turns_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}:turns"
+
+    def _audio_key(self, session_id: str, index: int) -> str:
+        return f"{self.prefix}session:{session_id}:audio:{index}"
+
+    def _audio_keys(self, session_id: str, turns: list[dict]) -> list[str]:
+        return [self._audio_key(session_id, k) for k, t in enumerate(turns) if t.get("audio") is not None]
+
+    @staticmethod
+    def _check_id(session_id: str) -> None:
+        # An id outside the charset could name another session's key ("x:turns"): no such session.
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+            raise SessionNotFound(f"no session {session_id!r} (not a valid session id)")
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"cannot reach Redis at {_redacted(self.url)}: {exc}") from exc
+
+    # ---- reads ----
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """The whole session, its audio rows included. Raises SessionNotFound."""
+        self._check_id(session_id)
+        meta_key, turns_key = self._meta_key(session_id), self._turns_key(session_id)
+        with self._reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _ in range(WATCH_ATTEMPTS):
+                    try:
+                        await pipe.watch(meta_key, turns_key)
+                        raw = await pipe.get(meta_key)
+                        if raw is None:
+                            raise SessionNotFound(f"no session {session_id!r} (never created, deleted or expired)")
+                        docs = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
+                        pipe.multi()
+                        pipe.pttl(meta_key)
+                        for doc_index, doc in enumerate(docs):
+                            if doc.get("audio") is not None:
+                                pipe.get(self._audio_key(session_id, doc_index))
+                        pttl, *blobs = await pipe.execute()
+                        break
+                    except WatchError:
+                        continue  # written meanwhile: read the new version
+                else:
+                    raise SessionError(f"session {session_id}: could not read a consistent version after "
+                                       f"{WATCH_ATTEMPTS} attempts (too many concurrent writes)")
+        meta = json.loads(raw)
+        if any(b is None for b in blobs):  # keys removed behind the store's back
+            raise SessionNotFound(f"no session {session_id!r} (its audio rows expired or were deleted)")
+        blob_iter = iter(blobs)
+        turns = [_decode_turn(doc, next(blob_iter) if doc.get("audio") is not None else None) for doc in docs]
+        return SessionRecord(session_id=meta["session_id"], created_at=meta["created_at"], config=meta["config"],
+                             turns=turns, state=meta["state"], active=meta["active"], owner=meta["owner"],
+                             expires_in_s=pttl / 1000.0 if pttl >= 0 else None)
+
+    async def exists(self, session_id: str) -> bool:
+        try:
+            self._check_id(session_id)
+        except SessionNotFound:
+            return False
+        with self._reachable():
+            return bool(await self.redis.exists(self._meta_key(session_id)))
+
+    async def ping(self) -> bool:
+        """True when Redis answers; False when it cannot be reached."""
+        try:
+            return bool(await self.redis.ping())
+        except (RedisConnectionError, RedisTimeoutError):
+            return False
+
+    # ---- writes ----
+
+    async def create(self, config: dict, session_id: str | None = None) -> SessionRecord:
+        """A new, empty session ("idle"). session_id: a new random one when None; a given one must be
+        unused (SessionError otherwise) and match [A-Za-z0-9_-]{1,128} (ValueError otherwise)."""
+        if session_id is None:
+            session_id = secrets.token_hex(16)
+        elif not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+            raise ValueError(f"session id {session_id!r} must match [A-Za-z0-9_-]{{1,128}}")
+        record = SessionRecord(session_id=session_id, created_at=time.time(), config=config,
+                               expires_in_s=float(self.ttl_s))
+        meta = _dumps({"v": META_VERSION, "session_id": session_id, "created_at": record.created_at,
+                       "config": config, "state": record.state, "active": None, "owner": None})
+        meta_key = self._meta_key(session_id)
+        with self._reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _ in range(WATCH_ATTEMPTS):
+                    try:
+                        await pipe.watch(meta_key)
+                        if await pipe.exists(meta_key):
+                            raise SessionError(f"session {session_id!r} already exists")
+                        pipe.multi()
+                        pipe.set(meta_key, meta, ex=self.ttl_s)
+                        pipe.delete(self._turns_key(session_id))  # no leftovers of an earlier session
+                        await pipe.execute()
+                        return record
+                    except WatchError:
+                        continue
+        raise SessionError(f"session {session_id}: could not be created after {WATCH_ATTEMPTS} attempts "
+                           "(too many concurrent writes)")
+
+    async def _write(self, session_id: str, queue: Callable[[Any, dict, list[dict]], Any]) -> Any:
+        """One optimistic transaction on a live session (see the module docstring).
+
+        queue(pipe, meta, turns) runs inside MULTI: it queues the writes and brings `meta` and
+        `turns` (the stored JSON objects) to their new state, which the TTL refresh then follows.
+        Raises SessionNotFound when the meta key is gone. Returns what `queue` returns.
+        """
+        self._check_id(session_id)
+        meta_key, turns_key = self._meta_key(session_id), self._turns_key(session_id)
+        with self._reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _ in range(WATCH_ATTEMPTS):
+                    try:
+                        await pipe.watch(meta_key, turns_key)
+                        raw = await pipe.get(meta_key)
+                        if raw is None:
+                            raise SessionNotFound(f"no session {session_id!r} (never created, deleted or expired)")
+                        meta = json.loads(raw)
+                        turns = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
+                        pipe.multi()
+                        result = queue(pipe, meta, turns)
+                        # Sliding expiry: every key of the session, in the same transaction.
+                        for key in [meta_key, turns_key, *self._audio_keys(session_id, turns)]:
+                            pipe.expire(key, self.ttl_s)
+                        await pipe.execute()
+                        return result
+                    except WatchError:
+                        continue  # another writer got in between: start over from its version
+        raise SessionError(f"session {session_id}: write abandoned after {WATCH_ATTEMPTS} attempts "
+                           "(too many concurrent writes)")
+
+    async def append_turns(self, session_id: str, turns: list[HistoryTurn]) -> int:
+        """Add turns at the end of the history, all or none. Returns the number of turns now stored."""
+        encoded = [_encode_turn(t) for t in turns]  # bad turns fail before anything is written
+        turns_key = self._turns_key(session_id)
+
+        def queue(pipe, meta: dict, stored: list[dict]) -> int:
+            for doc, blob in encoded:
+                index = len(stored)
+                pipe.rpush(turns_key, _dumps(doc))
+                if blob is not None:
+                    pipe.set(self._audio_key(session_id, index), blob)
+                else:  # keep "audio:<k> exists iff turn k has audio" even over a stray key
+                    pipe.delete(self._audio_key(session_id, index))
+                stored.append(doc)
+            return len(stored)
+
+        return await self._write(session_id, queue)
+
+    async def update_turn(self, session_id: str, index: int, turn: HistoryTurn) -> None:
+        """Replace the turn at `index` (negative counts from the end: -1 is the last), its audio
+        included: a turn without audio_rows removes the stored rows. Used to cut an assistant turn
+        where the caller barged in. Raises IndexError when there is no such turn."""
+        doc, blob = _encode_turn(turn)
+
+        def queue(pipe, meta: dict, stored: list[dict]) -> None:
+            k = index + len(stored) if index < 0 else index
+            if not 0 <= k < len(stored):
+                raise IndexError(f"session {session_id}: no turn {index} (it has {len(stored)})")
+            pipe.lset(self._turns_key(session_id), k, _dumps(doc))
+            if blob is not None:
+                pipe.set(self._audio_key(session_id, k), blob)
+            else:
+                pipe.delete(self._audio_key(session_id, k))
+            stored[k] = doc
+
+        await self._write(session_id, queue)
+
+    async def set_state(self, session_id: str, state: str, active: dict | None = None,
+                        owner: str | None = None) -> None:
+        """Set state, active turn and owner together: each replaces the stored value (None clears)."""
+        if state not in STATES:
+            raise ValueError(f"session state {state!r} is not one of {STATES}")
+
+        def queue(pipe, meta: dict, stored: list[dict]) -> None:
+            meta.update(state=state, active=active, owner=owner)
+            pipe.set(self._meta_key(session_id), _dumps(meta), ex=self.ttl_s)
+
+        await self._write(session_id, queue)
+
+    async def update_config(self, session_id: str, config: dict) -> None:
+        """Replace the session's config (a resumed call may change instructions, voice, ...)."""
+        def queue(pipe, meta: dict, stored: list[dict]) -> None:
+            meta["config"] = config
+            pipe.set(self._meta_key(session_id), _dumps(meta), ex=self.ttl_s)
+
+        await self._write(session_id, queue)
+
+    async def touch(self, session_id: str) -> None:
+        """Extend the session's life by ttl_s from now. Raises SessionNotFound."""
+        await self._write(session_id, lambda pipe, meta, stored: None)
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove the session and all its keys. False when there was no such session."""
+        try:
+            self._check_id(session_id)
+        except SessionNotFound:
+            return False
+        meta_key, turns_key = self._meta_key(session_id), self._turns_key(session_id)
+        with self._reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _ in range(WATCH_ATTEMPTS):
+                    try:
+                        await pipe.watch(meta_key, turns_key)
+                        existed = bool(await pipe.exists(meta_key))
+                        docs = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
+                        pipe.multi()
+                        pipe.delete(meta_key, turns_key, *self._audio_keys(session_id, docs))
+                        await pipe.execute()
+                        return existed
+                    except WatchError:
+                        continue
+        raise SessionError(f"session {session_id}: delete abandoned after {WATCH_ATTEMPTS} attempts "
+                           "(too many concurrent writes)")
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # ---- resume tokens ----
+
+    def _mac(self, session_id: str, issued_at: int) -> str:
+        digest = hmac.new(self._secret, f"{session_id}|{issued_at}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def issue_resume_token(self, session_id: str, issued_at: int | None = None) -> str:
+        """`v1.<session_id>.<issued_at>.<mac>`; issued_at defaults to now (Unix seconds)."""
+        if not SESSION_ID.fullmatch(session_id):
+            raise ValueError(f"session id {session_id!r} must match [A-Za-z0-9_-]{{1,128}}")
+        issued_at = int(time.time()) if issued_at is None else int(issued_at)
+        return f"{TOKEN_VERSION}.{session_id}.{issued_at}.{self._mac(session_id, issued_at)}"
+
+    async def verify_resume_token(self, token: str) -> str:
+        """-> the session id. Raises InvalidResumeToken (malformed, forged or altered) or
+        ExpiredResumeToken (older than ttl_s, or its session has expired or was deleted)."""
+        parts = token.split(".") if isinstance(token, str) else []
+        if (len(parts) != 4 or parts[0] != TOKEN_VERSION or not SESSION_ID.fullmatch(parts[1])
+                or not ISSUED_AT.fullmatch(parts[2])):
+            raise InvalidResumeToken("malformed resume token: expected v1.<session_id>.<issued_at>.<mac> as "
+                                     "issued in session_created")
+        session_id, issued_at, mac = parts[1], int(parts[2]), parts[3]
+        # Constant-time comparison: the time taken must not tell how much of a guessed MAC is right.
+        if not hmac.compare_digest(self._mac(session_id, issued_at).encode(), mac.encode()):
+            raise InvalidResumeToken("forged or altered resume token: its signature does not match (signed with "
+                                     "another FUNCHAT_RESUME_SECRET, or modified)")
+        age = time.time() - issued_at
+        if age < -CLOCK_SKEW_S:
+            raise InvalidResumeToken(f"resume token issued {-age:.0f} s in the future: check the replicas' clocks")
+        if age > self.ttl_s:
+            raise ExpiredResumeToken(f"resume token for session {session_id} expired: issued {age:.0f} s ago, "
+                                     f"tokens last {self.ttl_s} s")
+        if not await self.exists(session_id):
+            raise ExpiredResumeToken(f"session {session_id} has expired (or was deleted)")
+        return session_id
