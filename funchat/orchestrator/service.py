@@ -225,6 +225,8 @@ class Response:
 class FunchatService:
     def __init__(self, settings: OrchestratorSettings | None = None):
         self.settings = settings or OrchestratorSettings()
+        import torch
+        torch.set_num_threads(1)  # the orchestrator only draws tokens; the cores belong to the model services
         if not self.settings.resume_secret:
             raise RuntimeError("FUNCHAT_RESUME_SECRET is not set: resume tokens need a key shared by all replicas")
         self.info = ModelInfo.load(self.settings.checkpoint)

@@ -143,7 +143,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     checkpoint = Path(args.checkpoint).resolve()
     state = _read(run_dir / STACK_FILE)
-    if any(_alive(state.get(k, 0) or 0) for k in ("redis_pid", "orchestrator_pid")):
+    if any(state.get(k) and _alive(state[k]) for k in ("redis_pid", "orchestrator_pid")):
         print(f"the stack is already running ({run_dir / STACK_FILE}); run `make down` first", file=sys.stderr)
         return 1
     started: dict = {"run_dir": str(run_dir)}
@@ -152,8 +152,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis = start_redis(run_dir, port=args.redis_port or None)
         started.update(redis_pid=redis.pid, redis_url=redis.url)
         print(f"redis-server      {redis.url}  pid {redis.pid}", flush=True)
+        # one torch thread per service: on a small CPU machine the four services and the orchestrator
+        # share the cores (a GPU deployment sets its own parameters)
         rc = subprocess.call([sys.executable, "-m", "funchat.serving.tritonserver", "up", "--checkpoint",
-                              str(checkpoint), "--run-dir", str(run_dir), "--timeout", str(args.timeout)])
+                              str(checkpoint), "--run-dir", str(run_dir), "--timeout", str(args.timeout),
+                              "--param", f"threads={args.threads}"])
         if rc != 0:
             raise StackError("the Triton model services did not start (see above)")
         endpoints = _read(run_dir / "endpoints.json")
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis-port", type=int, default=0, help="default: a free port")
     up.add_argument("--replicas", type=int, default=1, help="orchestrator replicas")
     up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument("--threads", type=int, default=1, help="torch threads per model service (0 = torch default)")
     down = sub.add_parser("down")
     status = sub.add_parser("status")
     for p in (up, down, status):

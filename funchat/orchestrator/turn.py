@@ -334,13 +334,19 @@ class _TurnStream:
         text = self.info.tokenizer.decode(emitted, skip_special_tokens=True)
         new_ids = emitted[self.sent_text_tokens:]
         self.sent_text_tokens = len(emitted)
-        if "\ufffd" in text[len(self.sent_text):]:
-            return  # a multi-byte character is incomplete: send it with the next token
-        delta, self.sent_text = text[len(self.sent_text):], text
-        if delta or new_ids:
-            self.latency.setdefault("first_text", self.ms())
-            await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta,
-                                                                   token_ids=new_ids)))
+        delta = ""
+        # A trailing U+FFFD may be a multi-byte character still incomplete: it goes with a later delta.
+        if text.startswith(self.sent_text) and not text.endswith("\ufffd"):
+            delta, self.sent_text = text[len(self.sent_text):], text
+        self.latency.setdefault("first_text", self.ms())
+        await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta,
+                                                               token_ids=new_ids)))
+
+    async def flush_text(self, final_text: str) -> None:
+        """What the deltas have not carried yet, so that they add up to the reply's text."""
+        if final_text.startswith(self.sent_text) and len(final_text) > len(self.sent_text):
+            delta, self.sent_text = final_text[len(self.sent_text):], final_text
+            await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta)))
 
     async def close_sequences(self) -> None:
         """End the call's llm and refined_head sequences so their slots are freed now, not at the idle timeout."""
@@ -366,6 +372,8 @@ class _TurnStream:
         await self.close_sequences()
         text_ids = sched.text_tokens
         text = self.info.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if not cancelled:
+            await self.flush_text(text)
         lat = self.latency
         lat["total"] = self.ms()
         if self.llm_seconds:

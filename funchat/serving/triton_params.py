@@ -40,12 +40,21 @@ def instance_device(args: dict[str, Any], name: str) -> str:
     return name or "cpu"
 
 
+def apply_threads(params: dict[str, str]) -> None:
+    """The `threads` parameter (torch intra-op threads; 0/absent = torch's default). On small CPU
+    machines running several services, 1 avoids the services fighting over the cores."""
+    if int(params.get("threads") or 0) > 0:
+        import torch
+        torch.set_num_threads(int(params["threads"]))
+
+
 def load_engine(args: dict[str, Any], engine_cls):
     """The model of the `checkpoint`/`device`/`dtype` parameters wrapped in a per-call engine
     (`LlmEngine` or `SrhEngine`) with the `max_sequences` and `idle_timeout_s` parameters."""
     from funchat.model.checkpoint import load_model
 
     params = model_parameters(args)
+    apply_threads(params)
     model = load_model(resolve_checkpoint(args, params), dtype=params.get("dtype", "float32"),
                        device=params.get("device", "cpu"))
     return engine_cls(model, max_sequences=int(params.get("max_sequences", 64)),
@@ -59,6 +68,7 @@ def load_llm_engine(args: dict[str, Any]):
     from funchat.serving.llm_engines import LlmEngineSettings, build_llm_engine
 
     params = model_parameters(args)
+    apply_threads(params)
     settings = LlmEngineSettings.from_params(params)
     max_batch = int(json.loads(args["model_config"]).get("max_batch_size") or 1)
     return build_llm_engine(settings, resolve_checkpoint(args, params),

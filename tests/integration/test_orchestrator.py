@@ -41,15 +41,14 @@ def stack(tiny_checkpoint, tmp_path_factory):
            "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
            "FUNCHAT_MAX_CALLS": "6", "FUNCHAT_MAX_NEW_TOKENS": "512", "FUNCHAT_RUN_DIR": str(run_dir)}
     port = free_port()
-    orch = None
+    state = {"redis": redis_server, "cluster": cluster, "env": env, "run_dir": run_dir, "port": port,
+             "target": f"127.0.0.1:{port}", "orch": None}
     try:
-        orch = start_orchestrator(run_dir, env, port, timeout=180)
-        yield {"target": orch.target, "orch": orch, "redis": redis_server, "cluster": cluster, "env": env,
-               "run_dir": run_dir, "port": port}
+        state["orch"] = start_orchestrator(run_dir, env, port, timeout=180)
+        yield state
     finally:
-        current = orch
-        if current is not None:
-            current.stop()
+        if state["orch"] is not None:  # the current one: a test may have restarted it
+            state["orch"].stop()
         cluster.stop()
         redis_server.stop()
 
