@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -357,3 +358,179 @@ def test_expired_session_and_resume_token(stack, speech):
     assert get_err.code() == grpc.StatusCode.NOT_FOUND
     assert resume_err.code() == grpc.StatusCode.NOT_FOUND and "expired" in resume_err.details()
     assert kinds(events) == ["error"]
+
+
+# ---- bad input: a precise status, and the call (or server) stays usable ----
+
+
+async def _fatal(target: str, first: pb.ClientEvent) -> tuple[grpc.aio.AioRpcError, list]:
+    caller = await Caller(target).start(first)
+    events = []
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while (e := await caller.next()) is not None:
+                events.append(e)
+    finally:
+        await caller.close()
+    return err.value, events
+
+
+@pytest.mark.parametrize("first, code, words", [
+    (pb.ClientEvent(audio=pb.InputAudioAppend(audio=b"\0\0")), grpc.StatusCode.FAILED_PRECONDITION, "first event"),
+    (pb.ClientEvent(session=pb.SessionConfig(input_audio_format=pb.AudioFormat(encoding=7))),
+     grpc.StatusCode.INVALID_ARGUMENT, "encoding"),
+    (pb.ClientEvent(session=pb.SessionConfig(input_audio_format=pb.AudioFormat(sample_rate_hz=4000))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sample rate"),
+    (pb.ClientEvent(session=pb.SessionConfig(voice="nobody")), grpc.StatusCode.INVALID_ARGUMENT, "unknown voice"),
+    (pb.ClientEvent(session=pb.SessionConfig(resume_token="v1.abc.123.forged")), grpc.StatusCode.INVALID_ARGUMENT,
+     "forged"),
+    (pb.ClientEvent(session=pb.SessionConfig(resume_token="garbage")), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    (pb.ClientEvent(session=pb.SessionConfig(generation=pb.Generation(top_p=1.5))), grpc.StatusCode.INVALID_ARGUMENT,
+     "top_p"),
+])
+def test_bad_first_event_ends_the_call_with_a_precise_status(stack, first, code, words):
+    err, events = asyncio.run(_fatal(stack["target"], first))
+    assert err.code() == code and words in err.details(), err.details()
+    assert kinds(events) == ["error"] and events[0].error.code == code.name
+
+
+def test_bad_events_fail_alone_and_the_call_goes_on(stack, tiny_pipeline, speech):
+    a = pcm16_samples(speech[:32000])
+
+    async def main():
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=config()))
+        await caller.until("session_created")
+        bad = [
+            pb.ClientEvent(session=config()),                                          # second config
+            pb.ClientEvent(audio=pb.InputAudioAppend(audio=b"\0" * (2 * 16000 * 2))),  # 2 s chunk: over the limit
+            pb.ClientEvent(audio=pb.InputAudioAppend(audio=b"\0\0\0")),                # not whole PCM16 samples
+            pb.ClientEvent(commit=pb.InputAudioCommit()),                              # empty turn
+            pb.ClientEvent(cancel=pb.ResponseCancel()),                                # nothing to cancel
+            pb.ClientEvent(playback=pb.PlaybackAck(response_id="resp_x", played_ms=5)),
+            pb.ClientEvent(),                                                          # empty event
+        ]
+        errors = []
+        for event in bad:
+            await caller.send(event)
+            errors.append((await caller.until("error"))[-1].error)
+        # a turn too short to encode fails that turn only
+        await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(a[:160]))))
+        await caller.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
+        short = await caller.until("response_done")
+        for k in range(0, len(a), 8000):
+            await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(a[k:k + 8000]))))
+        await caller.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
+        good = await caller.until("response_done")
+        await caller.close()
+        return errors, short, good
+
+    errors, short, good = asyncio.run(main())
+    assert [(e.code, e.event) for e in errors] == [
+        ("FAILED_PRECONDITION", "session"), ("INVALID_ARGUMENT", "audio"), ("INVALID_ARGUMENT", "audio"),
+        ("INVALID_ARGUMENT", "commit"), ("FAILED_PRECONDITION", "cancel"), ("INVALID_ARGUMENT", "playback"),
+        ("INVALID_ARGUMENT", "")]
+    assert "over the 1000 ms limit" in errors[1].message and "whole number" in errors[2].message
+    assert "empty turn" in errors[3].message
+    short_err = [e.error for e in short if e.WhichOneof("event") == "error"][0]
+    assert short_err.code == "INVALID_ARGUMENT" and "too short" in short_err.message
+    assert short[-1].response_done.status == "failed"
+    ref = tiny_pipeline.respond(a, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    assert reply_of(good)["text_tokens"] == ref.text_tokens  # the failed turn left no trace in the history
+
+
+def test_nan_float32_audio_is_refused(stack):
+    async def main():
+        cfg = config()
+        cfg.input_audio_format.CopyFrom(pb.AudioFormat(encoding=pb.AUDIO_ENCODING_FLOAT32, sample_rate_hz=16000))
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=cfg))
+        await caller.until("session_created")
+        await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(
+            audio=np.array([0.1, np.nan, 0.2], "<f4").tobytes())))
+        error = (await caller.until("error"))[-1].error
+        await caller.close()
+        return error
+
+    error = asyncio.run(main())
+    assert error.code == "INVALID_ARGUMENT" and "NaN" in error.message
+
+
+def test_unknown_session_and_bad_respond_requests(stack, speech):
+    async def main():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            stub = pb_grpc.FunchatStub(ch)
+            errs = []
+            for call in (lambda: stub.GetSession(pb.GetSessionRequest(session_id="nope")),
+                         lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id="nope"))):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call()
+                errs.append(err.value)
+            for request in (pb.RespondRequest(config=config(), audio=pcm16_bytes(speech[:16000]), session_id="nope"),
+                            pb.RespondRequest(config=config(), audio=b""),
+                            pb.RespondRequest(config=config(), audio=b"\0")):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in stub.Respond(request):
+                        pass
+                errs.append(err.value)
+            return errs
+
+    errs = asyncio.run(main())
+    assert [e.code() for e in errs] == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND,
+                                        grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.INVALID_ARGUMENT]
+    assert "empty turn" in errs[3].details() and "whole number" in errs[4].details()
+
+
+def test_calls_over_the_admission_limit_are_refused_then_admitted_again(stack):
+    """FUNCHAT_MAX_CALLS=6 in this stack."""
+    async def main():
+        callers = []
+        for _ in range(6):
+            c = await Caller(stack["target"]).start(pb.ClientEvent(session=config()))
+            await c.until("session_created")
+            callers.append(c)
+        err, events = await _fatal(stack["target"], pb.ClientEvent(session=config()))
+        await callers[0].send(pb.ClientEvent(end=pb.SessionEnd()))
+        while await callers[0].next() is not None:
+            pass
+        again = await Caller(stack["target"]).start(pb.ClientEvent(session=config()))
+        created = (await again.until("session_created"))[-1]
+        for c in callers[1:] + [again]:
+            await c.close()
+        return err, created
+
+    err, created = asyncio.run(main())
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 6" in err.details()
+    assert created.session_created.session_id
+
+
+def test_cli_chat_and_call_through_the_api(stack, tiny_checkpoint, tmp_path, example_wav):
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    cli = [str(Path(sys.executable).parent / "funchat")]
+    chat = subprocess.run(cli + ["chat", "--server", stack["target"], "--input", str(example_wav), "--output",
+                                 str(tmp_path / "reply.wav"), "--greedy", "--seed", "0", "--max-new-tokens", "24",
+                                 "--output-tokens", str(tmp_path / "chat.json")], capture_output=True, text=True)
+    assert chat.returncode == 0, chat.stderr
+    local = subprocess.run(cli + ["respond", "--checkpoint", str(tiny_checkpoint), "--input", str(example_wav),
+                                  "--greedy", "--seed", "0", "--max-new-tokens", "24", "--output-tokens",
+                                  str(tmp_path / "local.json")], capture_output=True, text=True)
+    assert local.returncode == 0, local.stderr
+    remote, ref = json.loads((tmp_path / "chat.json").read_text()), json.loads((tmp_path / "local.json").read_text())
+    for key in ("text", "text_tokens", "text_tokens_emitted", "speech_tokens", "vocoder_tokens"):
+        assert remote[key] == ref[key], key
+    wav, rate = sf.read(tmp_path / "reply.wav")
+    assert rate == 24000 and len(wav) == 960 * len(ref["vocoder_tokens"])
+
+    call = subprocess.run(cli + ["call", "--server", stack["target"], "--input", str(example_wav), "--output",
+                                 str(tmp_path / "call.wav"), "--greedy", "--seed", "0", "--max-new-tokens", "24",
+                                 "--no-realtime"], capture_output=True, text=True, timeout=300)
+    assert call.returncode == 0, call.stderr
+    assert "session_created" in call.stdout and "response_done" in call.stdout
+    assert (tmp_path / "call.wav").exists()
+
+    bad = subprocess.run(cli + ["chat", "--server", "127.0.0.1:1", "--input", str(example_wav)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot reach" in bad.stderr
