@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from funchat.serving.tritonserver import _alive as _pid_alive  # one liveness check (zombies count as gone)
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -171,13 +173,6 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:  # a zombie counts as gone; the state follows the ")" that ends the command name
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
