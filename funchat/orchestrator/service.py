@@ -29,7 +29,8 @@ from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream,
 from funchat.orchestrator.sessions import (ExpiredResumeToken, HistoryTurn, InvalidResumeToken, SessionNotFound,
                                            SessionRecord, SessionStore, StoreUnavailable)
 from funchat.orchestrator.settings import OrchestratorSettings
-from funchat.orchestrator.turn import (ModelInfo, ModelServices, TurnError, TurnOutcome, TurnRequest, TurnRunner)
+from funchat.orchestrator.turn import (ModelInfo, ModelServices, TurnError, TurnOutcome, TurnRequest, TurnRunner,
+                                       new_call_id)
 from funchat.orchestrator.vad import SpeechStarted, SpeechStopped, TurnDetector
 from funchat.schedule import Mode
 
@@ -348,14 +349,16 @@ class FunchatService:
             record = await self._session(self.store.get(record_id))
             text_sampling, speech_sampling = cfg.sampling()
             seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
+            call_id = new_call_id()
             req = TurnRequest(response_id=response.response_id, mode=Mode.parse(cfg.mode), audio_rows=rows,
                               n_groups=n_groups, history=record.turns, persona=cfg.instructions or None,
                               tools=cfg.tools or None, voice=cfg.voice or None, text_sampling=text_sampling,
                               speech_sampling=speech_sampling, seed=seed,
-                              max_new_tokens=cfg.max_new_tokens or self.settings.max_new_tokens)
+                              max_new_tokens=cfg.max_new_tokens or self.settings.max_new_tokens, call_id=call_id)
             await self._session(self.store.set_state(record_id, "responding", active={
                 "response_id": response.response_id, "llm": self.endpoints["llm"],
-                "refined_head": self.endpoints["refined_head"], "seed": seed, "started_at": time.time()},
+                "refined_head": self.endpoints["refined_head"], "correlation_id": call_id, "seed": seed,
+                "started_at": time.time()},
                 owner=self.replica_id))
 
             async def emit_tracked(event: pb.ServerEvent) -> None:

@@ -108,6 +108,7 @@ class TurnRequest:
     speech_sampling: SamplingParams = SamplingParams()
     seed: int = 0
     max_new_tokens: int = 512
+    call_id: int = 0  # the llm / refined_head correlation id (0 = draw one); replays draw new ones
 
 
 @dataclass
@@ -285,7 +286,7 @@ class _TurnStream:
         sched = self.schedule = TurnSchedule(self.info.token_ids, req.mode, max_new, prompt_last_token=ids[-1])
         text_gen = torch.Generator().manual_seed(req.seed + 1)  # as the oracle: text draws use seed + 1
         text_history = list(ids)
-        self.call_id = new_call_id()
+        self.call_id = req.call_id if req.call_id and not self.replays else new_call_id()
         speech = req.speech_sampling
         t = time.perf_counter()
         self.sequences_open = True

@@ -85,6 +85,7 @@ class Caller:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.call = None
         self.events: list[pb.ServerEvent] = []
+        self.received_at: list[float] = []  # monotonic time each event arrived
 
     async def start(self, first: pb.ClientEvent) -> "Caller":
         async def requests():
@@ -105,6 +106,7 @@ class Caller:
         if event is grpc.aio.EOF:
             return None
         self.events.append(event)
+        self.received_at.append(time.monotonic())
         return event
 
     async def until(self, kind: str, timeout: float = 60.0) -> list[pb.ServerEvent]:
@@ -253,24 +255,27 @@ def test_barge_in_cancels_drops_audio_and_cuts_the_history(stack, tiny_pipeline,
         response_id = first[-1].audio_delta.response_id
         await caller.until("audio_delta")
         await caller.send(pb.ClientEvent(playback=pb.PlaybackAck(response_id=response_id, played_ms=440)))
-        t0 = time.monotonic()
         for chunk in np.array_split(np.concatenate([barge, silence]), 20):  # the caller talks over the reply
             await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(chunk))))
         upto_interrupt = await caller.until("interrupted")
-        t_cancel = time.monotonic() - t0
         after = await caller.until("response_done")  # the interrupted reply's done event
         second = await caller.until("response_done")  # the answer to the barge-in
+        at = dict(zip(kinds(caller.events), caller.received_at))  # last arrival of each kind
+        started = [t for e, t in zip(caller.events, caller.received_at) if e.WhichOneof("event") == "speech_started"][-1]
         await caller.close()
-        return created, response_id, first + upto_interrupt, after, second, t_cancel
+        return created, response_id, first + upto_interrupt, after, second, at["interrupted"] - started
 
     created, rid, before, after, second, t_cancel = asyncio.run(main())
+    print(f"barge-in: speech_started -> interrupted {t_cancel * 1000:.0f} ms")
     interrupted = [e.interrupted for e in before if e.WhichOneof("event") == "interrupted"][0]
     assert interrupted.response_id == rid and interrupted.audio_end_ms == 440
     done = [e.response_done for e in after if e.WhichOneof("event") == "response_done"][0]
     assert done.response_id == rid and done.status == "interrupted"
     assert not [e for e in after + second if e.WhichOneof("event") == "audio_delta" and e.audio_delta.response_id == rid]
     assert len(done.speech_tokens) < 400 * 5  # generation stopped early
-    assert t_cancel < 5.0  # speech detected and generation stopped (timing reported by bench-e2e, not asserted)
+    # generation stopped (and the cut turn stored) soon after the caller's speech was detected; the
+    # target is 200 ms, the bound is loose for loaded CI machines
+    assert t_cancel < 1.0
 
     async def get():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
