@@ -237,6 +237,7 @@ class FunchatService:
         self.calls = 0
         self._services: ModelServices | None = None
         self._store: SessionStore | None = None
+        self._runner: TurnRunner | None = None
 
     # Clients are created on first use, inside the serving event loop they belong to.
     @property
@@ -254,7 +255,9 @@ class FunchatService:
 
     @property
     def runner(self) -> TurnRunner:
-        return TurnRunner(self.info, self.services)
+        if self._runner is None:
+            self._runner = TurnRunner(self.info, self.services)
+        return self._runner
 
     # ---- admission ----
 

@@ -49,13 +49,11 @@ def resume_secret(run_dir: Path) -> str:
 
 
 async def _health(target: str, timeout: float = 2.0) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from funchat.client import AsyncClient, FunchatClientError
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.aio.AioRpcError:
+        async with AsyncClient(target, timeout=timeout) as client:
+            return await client.health()
+    except FunchatClientError:  # e.g. Ray's proxy up before the application: not ready yet
         return False
 
 

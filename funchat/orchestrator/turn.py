@@ -186,12 +186,6 @@ class ModelServices:
         self.refined_head = RefinedHeadClient(endpoints["refined_head"], timeout_s)
         self.vocoder = VocoderClient(endpoints["vocoder"], timeout_s)
 
-    async def ready(self) -> dict[str, bool]:
-        names = ("audio_tokenizer", "llm", "refined_head", "vocoder")
-        states = await asyncio.gather(*(c.ready() for c in (self.tokenizer, self.llm, self.refined_head,
-                                                            self.vocoder)))
-        return dict(zip(names, states))
-
     async def close(self) -> None:
         for c in (self.tokenizer, self.llm, self.refined_head, self.vocoder):
             await c.close()
@@ -248,13 +242,13 @@ class TurnRunner:
                 await stream.generate(ids, rows, max_new)
                 break
             except ServiceError as exc:
-                await stream.abandon()
+                await stream.close_sequences()
                 if exc.status in LOST_SEQUENCE and exc.model in ("llm", "refined_head") and attempt < MAX_REPLAYS:
                     stream.replays += 1
                     continue  # replay from the prefill on a new sequence; streamed output is not repeated
                 raise TurnError("UNAVAILABLE", f"model service {exc.model} failed: {exc.message}") from None
             except BaseException:
-                await stream.abandon()
+                await stream.close_sequences()
                 raise
         return await stream.finish(len(ids), dropped)
 
@@ -361,9 +355,6 @@ class _TurnStream:
             width = self.info.cfg.audio.output_dim
             ends.append(self.services.refined_head.run(cid, np.zeros((1, width), np.float32), end=True))
         await asyncio.gather(*ends, return_exceptions=True)  # a lost sequence needs no ending
-
-    async def abandon(self) -> None:
-        await self.close_sequences()
 
     async def finish(self, prompt_tokens: int, dropped: int) -> TurnOutcome:
         sched = self.schedule

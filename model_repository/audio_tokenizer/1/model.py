@@ -18,7 +18,7 @@ from funchat.model.checkpoint import ENCODER_PREFIXES, load_model
 from funchat.model.encoder import groups_for_frames, speech_frames_for_samples
 from funchat.model.mel import log_mel_spectrogram
 from funchat.serving.triton_metrics import ServiceMetrics
-from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+from funchat.serving.triton_params import apply_threads, instance_device, model_parameters, resolve_checkpoint
 
 
 def _error(message: str, internal: bool = False):
@@ -26,19 +26,12 @@ def _error(message: str, internal: bool = False):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
-def _device(args, name: str) -> str:
-    if name == "cuda" and args.get("model_instance_kind") == "GPU":
-        return f"cuda:{args['model_instance_device_id']}"
-    return name or "cpu"
-
-
 class TritonPythonModel:
     def initialize(self, args):
         self.metrics = ServiceMetrics(pb_utils, "audio_tokenizer", kinds=("encode",), stateful=False)
         params = model_parameters(args)
-        if int(params.get("threads") or 0) > 0:
-            torch.set_num_threads(int(params["threads"]))
-        self.device = _device(args, params.get("device", "cpu"))
+        apply_threads(params)
+        self.device = instance_device(args, params.get("device", "cpu"))
         self.context_tokens = int(params.get("context_tokens") or 2048)
         checkpoint = resolve_checkpoint(args, params)
         # Only the encoder and the grouping adaptor are read; the LLM and the SRH stay on the meta

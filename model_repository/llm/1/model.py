@@ -9,7 +9,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from funchat.serving.llm_engines import describe_engine
-from funchat.serving.sequences import LlmRequest, SequenceError
+from funchat.serving.sequences import LlmRequest
+from funchat.serving.triton_batch import answer_batch
 from funchat.serving.triton_metrics import ServiceMetrics
 from funchat.serving.triton_params import load_llm_engine
 
@@ -43,16 +44,7 @@ class TritonPythonModel:
             except Exception as exc:  # malformed request: answer it alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: bad request: {exc}",
                                                                                    pb_utils.TritonError.INVALID_ARG))
-        batch = [r for _, r in parsed]
-        with self.metrics.execute(len(batch), sum(r.start for r in batch), lambda: self.engine.pool.live):
-            results = self.engine.run(batch)
-        for (i, _), result in zip(parsed, results):
-            if isinstance(result, SequenceError):
-                code = getattr(pb_utils.TritonError, result.status, pb_utils.TritonError.INVALID_ARG)
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: {result}", code))
-            else:
-                responses[i] = pb_utils.InferenceResponse([
-                    pb_utils.Tensor("LOGITS", result.logits.float().cpu().numpy()[None]),
-                    pb_utils.Tensor("SRH_INPUT", result.srh_input.float().cpu().numpy()[None].astype(np.float32)),
-                ])
-        return responses
+        return answer_batch(pb_utils, "llm", self.engine, self.metrics, parsed, responses, lambda result: [
+            pb_utils.Tensor("LOGITS", result.logits.float().cpu().numpy()[None]),
+            pb_utils.Tensor("SRH_INPUT", result.srh_input.float().cpu().numpy()[None].astype(np.float32)),
+        ])

@@ -4,7 +4,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from funchat.model.sampling import GREEDY, SamplingParams
-from funchat.serving.sequences import SequenceError, SrhEngine, SrhRequest
+from funchat.serving.sequences import SrhEngine, SrhRequest
+from funchat.serving.triton_batch import answer_batch
 from funchat.serving.triton_metrics import ServiceMetrics
 from funchat.serving.triton_params import load_engine
 
@@ -41,13 +42,5 @@ class TritonPythonModel:
             except Exception as exc:  # malformed request or sampling values: answer it alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refined_head: bad request: {exc}",
                                                                                    pb_utils.TritonError.INVALID_ARG))
-        batch = [r for _, r in parsed]
-        with self.metrics.execute(len(batch), sum(r.start for r in batch), lambda: self.engine.pool.live):
-            results = self.engine.run(batch)
-        for (i, _), result in zip(parsed, results):
-            if isinstance(result, SequenceError):
-                code = getattr(pb_utils.TritonError, result.status, pb_utils.TritonError.INVALID_ARG)
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refined_head: {result}", code))
-            else:
-                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("SPEECH_TOKENS", result.cpu().numpy()[None])])
-        return responses
+        return answer_batch(pb_utils, "refined_head", self.engine, self.metrics, parsed, responses,
+                            lambda tokens: [pb_utils.Tensor("SPEECH_TOKENS", tokens.cpu().numpy()[None])])

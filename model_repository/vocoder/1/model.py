@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from funchat.errors import FunchatError
 from funchat.serving.triton_metrics import ServiceMetrics
-from funchat.serving.triton_params import model_parameters, resolve_checkpoint
+from funchat.serving.triton_params import apply_threads, model_parameters, resolve_checkpoint
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 from funchat.vocoder.token2wav import MODES, StreamState, VocoderInputError
 
@@ -49,8 +49,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.metrics = ServiceMetrics(pb_utils, "vocoder", kinds=("chunk",), stateful=False)
         params = model_parameters(args)
-        if int(params.get("threads") or 0) > 0:
-            torch.set_num_threads(int(params["threads"]))
+        apply_threads(params)
         device = params.get("device") or "cpu"
         if device != "cpu":
             raise pb_utils.TritonModelException(
