@@ -56,14 +56,14 @@ $(CHECKPOINT)/vocoder/model.safetensors: | setup
 run: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p $(RUN_DIR)
 	$(MAKE) --no-print-directory up
-	$(PY) -m funchat.orchestrator.demo --server 127.0.0.1:$(GRPC_PORT) --input $(INPUT_WAV) --out $(RUN_DIR); \
+	$(PY) -m funchat.dev.demo --server 127.0.0.1:$(GRPC_PORT) --input $(INPUT_WAV) --out $(RUN_DIR); \
 	    rc=$$?; $(MAKE) --no-print-directory down; exit $$rc
 
 up: setup $(CHECKPOINT)/vocoder/model.safetensors
-	$(PY) -m funchat.orchestrator.stack up --checkpoint $(CHECKPOINT) --grpc-port $(GRPC_PORT)
+	$(PY) -m funchat.dev.stack up --checkpoint $(CHECKPOINT) --grpc-port $(GRPC_PORT)
 
 down: setup
-	$(PY) -m funchat.orchestrator.stack down
+	$(PY) -m funchat.dev.stack down
 
 test: setup
 	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests
@@ -73,25 +73,25 @@ test-unit: setup
 
 bench-model: setup
 	@mkdir -p bench-results
-	$(PY) -m funchat.bench --presets tiny mid --json bench-results/bench-model.json
+	$(PY) -m funchat.benchmarks.model --presets tiny mid --json bench-results/bench-model.json
 
 bench-vocoder: setup
 	@mkdir -p bench-results
-	$(PY) -m funchat.vocoder.bench --json bench-results/bench-vocoder.json
+	$(PY) -m funchat.benchmarks.vocoder --json bench-results/bench-vocoder.json
 
 bench-triton: setup
 	@mkdir -p bench-results
-	$(PY) -m funchat.serving.bench --json bench-results/bench-triton.json
+	$(PY) -m funchat.benchmarks.triton --json bench-results/bench-triton.json
 
 bench-e2e: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p bench-results
-	$(PY) -m funchat.orchestrator.bench --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-e2e.json
+	$(PY) -m funchat.benchmarks.e2e --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-e2e.json
 
 triton-up: setup $(CHECKPOINT)/vocoder/model.safetensors
-	$(PY) -m funchat.serving.tritonserver up --checkpoint $(CHECKPOINT)
+	$(PY) -m funchat.dev.tritonserver up --checkpoint $(CHECKPOINT)
 
 triton-down: setup
-	$(PY) -m funchat.serving.tritonserver down
+	$(PY) -m funchat.dev.tritonserver down
 
 clean:
 	rm -rf $(RUN_DIR) checkpoints bench-results .pytest_cache

@@ -25,9 +25,9 @@ def _cmd_respond(args: argparse.Namespace) -> None:
     import torch
 
     from funchat.audio_io import load_audio
-    from funchat.generation import GenerationConfig
+    from funchat.oracle.generation import GenerationConfig
     from funchat.model.sampling import GREEDY, SamplingParams
-    from funchat.pipeline import ReferencePipeline
+    from funchat.oracle.pipeline import ReferencePipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +127,7 @@ def _cmd_import_cosyvoice(args: argparse.Namespace) -> None:
 
 
 def _cmd_reference_dump(args: argparse.Namespace) -> None:
-    from funchat.reference_dump import run_reference_dump
+    from funchat.oracle.reference_dump import run_reference_dump
 
     arrays = run_reference_dump(args.checkpoint, args.features, args.prompt_ids, args.out, mode=args.mode,
                                 max_new_tokens=args.max_new_tokens)

@@ -35,6 +35,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint):
-    from funchat.pipeline import ReferencePipeline
+    from funchat.oracle.pipeline import ReferencePipeline
 
     return ReferencePipeline(tiny_checkpoint)

@@ -10,7 +10,6 @@ Shapes: W windows, L frames per window (after the convs), C d_model, E output_di
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -131,13 +130,3 @@ class AudioEncoder(nn.Module):
             outputs.append(frames)
         joined = self.proj(self.ln_post(torch.cat(outputs, dim=0)))  # [sum, E]
         return list(torch.split(joined, [o.shape[0] for o in outputs], dim=0))
-
-
-def speech_frames_for_samples(n_samples: int, sample_rate: int = 16000, frame_rate: int = 25) -> int:
-    """25 Hz frames a clip counts for: int(seconds * 25), as the reference processor computes it."""
-    return int(n_samples / sample_rate * frame_rate)
-
-
-def groups_for_frames(frames: int, group_size: int) -> int:
-    """5 Hz LLM positions (`<|AUDIO|>` ids) a clip of `frames` 25 Hz frames takes: ceil(frames / 5)."""
-    return math.ceil(frames / group_size)

@@ -2,7 +2,7 @@
 
 Submodule names are the public checkpoint's prefixes: `continuous_audio_tower.`, `audio_tower.`,
 `language_model.` and `audio_invert_tower.`. This module holds the per-step building blocks; the
-turn loop that drives them lives in `funchat.generation` and its token rules in `funchat.schedule`.
+turn loop that drives them lives in `funchat.oracle.generation` and its token rules in `funchat.turn.schedule`.
 
 Shapes: B batch, L prompt positions, E LLM width (= hidden size), V text vocabulary.
 """

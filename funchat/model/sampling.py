@@ -6,31 +6,9 @@ given seed and generator give the same draws. Shapes: B batch, V vocabulary, n h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    greedy: bool = False
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.2
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy for argmax")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
-
-
-GREEDY = SamplingParams(greedy=True)
+from funchat.turn.sampling import GREEDY, SamplingParams  # noqa: F401  (re-exported)
 
 
 def penalty_history(ids: list[int], params: SamplingParams, device: torch.device | str = "cpu") -> torch.Tensor | None:

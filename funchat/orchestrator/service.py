@@ -29,10 +29,11 @@ from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream,
 from funchat.orchestrator.sessions import (ExpiredResumeToken, HistoryTurn, InvalidResumeToken, SessionNotFound,
                                            SessionRecord, SessionStore, StoreUnavailable)
 from funchat.orchestrator.settings import OrchestratorSettings
-from funchat.orchestrator.turn import (ModelInfo, ModelServices, TurnError, TurnOutcome, TurnRequest, TurnRunner,
+from funchat.orchestrator.turn_runner import (ModelServices, TurnError, TurnOutcome, TurnRequest, TurnRunner,
                                        new_call_id)
 from funchat.orchestrator.vad import SpeechStarted, SpeechStopped, TurnDetector
-from funchat.schedule import Mode
+from funchat.turn.prompt import PromptBuilder
+from funchat.turn.schedule import Mode
 
 MODES = {pb.MODE_UNSPECIFIED: Mode.S2S, pb.MODE_SPEECH_TO_SPEECH: Mode.S2S, pb.MODE_SPEECH_TO_TEXT: Mode.S2T}
 PROTO_MODES = {Mode.S2S: pb.MODE_SPEECH_TO_SPEECH, Mode.S2T: pb.MODE_SPEECH_TO_TEXT}
@@ -230,7 +231,7 @@ class FunchatService:
         torch.set_num_threads(1)  # the orchestrator only draws tokens; the cores belong to the model services
         if not self.settings.resume_secret:
             raise RuntimeError("FUNCHAT_RESUME_SECRET is not set: resume tokens need a key shared by all replicas")
-        self.info = ModelInfo.load(self.settings.checkpoint)
+        self.info = PromptBuilder.from_checkpoint(self.settings.checkpoint)
         self.endpoints = self.settings.model_endpoints()
         self.voices = _voices(self.settings.checkpoint)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"

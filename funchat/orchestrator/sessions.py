@@ -116,23 +116,6 @@ class SessionRecord:
     expires_in_s: float | None = None      # filled on read from the meta key's TTL
 
 
-def fit_history(turns: list[HistoryTurn], prompt_len: Callable[[list[HistoryTurn]], int],
-                context_tokens: int = 2048) -> tuple[list[HistoryTurn], int]:
-    """Drop the oldest turns until `prompt_len(kept) < context_tokens` or nothing is left.
-
-    Whole exchanges go: each cut removes the oldest turn and the turns up to the next "user" turn,
-    so the kept history starts at a user turn (the rule of ReferencePipeline.respond).
-    Returns (kept turns, number of turns dropped).
-    """
-    history, dropped = list(turns), 0
-    while history and prompt_len(history) >= context_tokens:
-        cut = 1
-        while cut < len(history) and history[cut].role != "user":
-            cut += 1
-        history, dropped = history[cut:], dropped + cut
-    return history, dropped
-
-
 def _encode_turn(turn: HistoryTurn) -> tuple[dict, bytes | None]:
     """-> (the turn's JSON object, its audio bytes or None). Checks it before anything is written."""
     if turn.role not in ROLES:

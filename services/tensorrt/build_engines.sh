@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build TensorRT plans from the shared LLM's ONNX graphs (funchat.serving.onnx_export) with trtexec,
+# Build TensorRT plans from the shared LLM's ONNX graphs (funchat.engines.onnx_export) with trtexec,
 # and write a Triton model repository holding them (platform "tensorrt_plan").
 #
 # Run it on the GPU model the plans will serve on, with the TensorRT of the Triton image that will
@@ -23,7 +23,7 @@ usage() {
     cat <<'EOF'
 usage: build_engines.sh --onnx-dir DIR [options]
 
-  --onnx-dir DIR          folder written by `python -m funchat.serving.onnx_export` (llm_prefill.onnx,
+  --onnx-dir DIR          folder written by `python -m funchat.engines.onnx_export` (llm_prefill.onnx,
                           llm_step.onnx, llm_onnx.json, llm_weights.bin when external)
   --out DIR               Triton model repository to write (default: llm_trt)
   --prefill-batch A:B:C   min:opt:max rows of a prefill call            (default 1:1:8)
@@ -103,7 +103,7 @@ done
 
 [[ -n "$ONNX_DIR" ]] || { usage >&2; die "--onnx-dir is required"; }
 META="$ONNX_DIR/llm_onnx.json"
-[[ -f "$META" ]] || die "$META not found: export first with python -m funchat.serving.onnx_export"
+[[ -f "$META" ]] || die "$META not found: export first with python -m funchat.engines.onnx_export"
 for f in llm_prefill.onnx llm_step.onnx; do
     [[ -f "$ONNX_DIR/$f" ]] || die "$ONNX_DIR/$f not found"
 done

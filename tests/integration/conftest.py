@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from funchat.serving.tritonserver import Cluster, start_servers
+from funchat.dev.tritonserver import Cluster, start_servers
 
 _CLUSTERS: list[Cluster] = []  # running clusters, whose logs a failing test report shows
 

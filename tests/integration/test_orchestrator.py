@@ -20,12 +20,12 @@ import redis
 
 from funchat.api import pb, pb_grpc
 from funchat.audio_io import load_audio
-from funchat.generation import GenerationConfig
-from funchat.orchestrator.redis_server import start_redis
-from funchat.orchestrator.stack import start_orchestrator
+from funchat.oracle.generation import GenerationConfig
+from funchat.dev.redis_server import start_redis
+from funchat.dev.stack import start_orchestrator
 from funchat.orchestrator.vad import SpeechStopped, TurnDetector
-from funchat.schedule import Mode
-from funchat.serving.tritonserver import free_port, start_servers
+from funchat.turn.schedule import Mode
+from funchat.dev.tritonserver import free_port, start_servers
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 
 MAX_NEW = 24

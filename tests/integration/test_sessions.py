@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import redis
 
-from funchat.orchestrator.redis_server import start_redis
+from funchat.dev.redis_server import start_redis
 from funchat.orchestrator.sessions import (ExpiredResumeToken, HistoryTurn, InvalidResumeToken, SessionNotFound,
-                                           SessionStore, StoreUnavailable, fit_history)
-from funchat.serving.tritonserver import free_port
+                                           SessionStore, StoreUnavailable)
+from funchat.dev.tritonserver import free_port
 
 SECRET = "test-secret-" + "0" * 20
 CONFIG = {"mode": "s2s", "instructions": "Be brief.", "voice": "alice", "tools": [],
@@ -278,27 +278,6 @@ def test_two_replicas_see_the_same_session(redis_server):
     assert got.owner == "replica-b" and got.turns[0].audio_rows.tobytes() == rows(6).tobytes()
     assert got.turns[1].text == "from b"
     assert sorted(t.text for t in got.turns[2:]) == [str(i) for i in range(8)]
-
-
-def test_fit_history_drops_whole_exchanges():
-    def turn(role, text):
-        return HistoryTurn(role=role, text=text)
-
-    history = [turn("user", "u1"), turn("assistant", "a1"), turn("tool", "t1"), turn("assistant", "a1b"),
-               turn("user", "u2"), turn("assistant", "a2"), turn("user", "u3"), turn("assistant", "a3")]
-    cost = lambda h: 100 + 10 * len(h)  # noqa: E731  (prompt length: fixed part + 10 per turn)
-    kept, dropped = fit_history(history, cost, context_tokens=1000)
-    assert kept == history and dropped == 0
-    kept, dropped = fit_history(history, cost, context_tokens=175)  # 8 turns: 180 -> drop u1..a1b (4)
-    assert [t.text for t in kept] == ["u2", "a2", "u3", "a3"] and dropped == 4
-    kept, dropped = fit_history(history, cost, context_tokens=135)  # 4 turns: 140 -> 2 more: 120
-    assert [t.text for t in kept] == ["u3", "a3"] and dropped == 6
-    kept, dropped = fit_history(history, cost, context_tokens=100)  # never fits: all dropped
-    assert kept == [] and dropped == 8
-    # A history that starts with assistant turns (already cut elsewhere): the first cut reaches a user.
-    kept, dropped = fit_history(history[1:], cost, context_tokens=165)  # 7 turns: 170
-    assert [t.text for t in kept] == ["u2", "a2", "u3", "a3"] and dropped == 3
-    assert fit_history([], cost, 10) == ([], 0)
 
 
 def test_redis_server_stop_ends_the_process(tmp_path):

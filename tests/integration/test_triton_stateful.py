@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from funchat.audio_io import load_audio
-from funchat.generation import GenerationConfig
+from funchat.oracle.generation import GenerationConfig
 from funchat.model.sampling import SamplingParams
-from funchat.schedule import Mode, TurnSchedule
-from funchat.serving.clients import LlmClient, RefinedHeadClient, ServiceError
-from funchat.serving.tritonserver import start_servers
-from funchat.text.chat import encode_chat
+from funchat.turn.schedule import Mode, TurnSchedule
+from funchat.orchestrator.model_clients import LlmClient, RefinedHeadClient, ServiceError
+from funchat.dev.tritonserver import start_servers
 
 IDLE_S = 3.0
 
@@ -40,8 +39,7 @@ def speech(example_wav):
 async def _turn(cluster, pipeline, call_id, audio, persona=None, max_new=16, sampling=None, seed=0):
     llm, srh = LlmClient(cluster.endpoints["llm"]), RefinedHeadClient(cluster.endpoints["refined_head"])
     try:
-        msgs = pipeline.build_messages(Mode.S2S, persona, None, [], pipeline.audio_groups(len(audio)))
-        ids = encode_chat(pipeline.tokenizer, msgs).input_ids
+        ids = pipeline.prompts.ids(Mode.S2S.value, persona, None, [], pipeline.audio_groups(len(audio)))
         sched = TurnSchedule(pipeline.token_ids, Mode.S2S, max_new, prompt_last_token=ids[-1])
         logits, h = await llm.prefill(call_id, ids, pipeline.encode_audio(audio).numpy())
         kw = {} if sampling is None else dict(greedy=False, temperature=sampling.temperature, top_p=sampling.top_p,

@@ -20,8 +20,8 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from funchat.audio_io import load_audio
-from funchat.serving.clients import AudioTokenizerClient, ServiceError, VocoderClient
-from funchat.serving.tritonserver import PROJECT_ROOT
+from funchat.orchestrator.model_clients import AudioTokenizerClient, ServiceError, VocoderClient
+from funchat.dev.tritonserver import PROJECT_ROOT
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 
 RNG_SEED = 1234
@@ -319,7 +319,7 @@ def test_vocoder_bad_input(triton, vocoder_in_process, case):
 
 def test_cli_up_down(tiny_checkpoint, tmp_path):
     run_dir = tmp_path / "run"
-    cli = [sys.executable, "-m", "funchat.serving.tritonserver"]
+    cli = [sys.executable, "-m", "funchat.dev.tritonserver"]
     up = subprocess.run(cli + ["up", "--models", "vocoder", "--run-dir", str(run_dir), "--checkpoint",
                                str(tiny_checkpoint), "--param", "vocoder.threads=1", "--timeout", "120"],
                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
@@ -362,7 +362,7 @@ def is_tritonserver(pid: int) -> bool:
 
 def test_load_failure_is_reported(tmp_path):
     """A model that cannot load: start_servers fails at once with the model's error and the log tail."""
-    from funchat.serving.tritonserver import TritonServerError, start_servers
+    from funchat.dev.tritonserver import TritonServerError, start_servers
 
     with pytest.raises(TritonServerError) as info:
         start_servers(["vocoder"], run_dir=tmp_path, params={"vocoder": {"checkpoint": str(tmp_path / "nowhere")}},
@@ -375,7 +375,7 @@ def test_load_failure_is_reported(tmp_path):
 def test_gpu_config_variants_parse_and_select_gpu(tmp_path):
     """The GPU variants (configs/gpu.pbtxt) are valid model configs for KIND_GPU, CUDA and bf16; the
     launcher uses them with config_name="gpu". (Loading them needs a GPU: not available here.)"""
-    from funchat.serving.tritonserver import DEFAULT_REPO, prepare_model_repo
+    from funchat.dev.tritonserver import DEFAULT_REPO, prepare_model_repo
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 

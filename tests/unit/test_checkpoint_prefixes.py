@@ -14,7 +14,7 @@ from funchat.audio_io import load_audio
 from funchat.errors import CheckpointError
 from funchat.model.checkpoint import ENCODER_PREFIXES, SINGLE_FILE, load_model, module_prefixes
 from funchat.model.config import FunAudioChatConfig
-from funchat.model.encoder import speech_frames_for_samples
+from funchat.turn.prompt import speech_frames_for_samples
 from funchat.model.mel import log_mel_spectrogram
 
 

@@ -63,8 +63,8 @@ def test_respond_writes_token_json_from_stereo_int16_44k(tiny_checkpoint, exampl
 
 def test_respond_greedy_matches_the_oracle(tiny_checkpoint, tiny_pipeline, example_wav, tmp_path):
     from funchat.audio_io import load_audio
-    from funchat.generation import GenerationConfig
-    from funchat.schedule import Mode
+    from funchat.oracle.generation import GenerationConfig
+    from funchat.turn.schedule import Mode
 
     out = tmp_path / "o.json"
     cli_main(["respond", "--checkpoint", str(tiny_checkpoint), "--input", str(example_wav), "--greedy",

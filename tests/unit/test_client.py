@@ -16,7 +16,7 @@ from funchat.api import pb
 from funchat.cli import main as cli_main
 from funchat.client import (AsyncClient, Conversation, FunchatClientError, Reply, _Player, collect_reply,
                             decode_pcm16, describe_event, encode_audio, session_config)
-from funchat.pipeline import TurnResult
+from funchat.oracle.pipeline import TurnResult
 
 # ---------------------------------------------------------------------------------------------
 # session_config

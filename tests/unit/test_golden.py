@@ -14,7 +14,7 @@ import pytest
 
 from funchat.cli import main as cli_main
 from funchat.errors import PromptError
-from funchat.reference_dump import run_reference_dump
+from funchat.oracle.reference_dump import run_reference_dump
 
 FLOAT_TOLERANCE = 1e-4
 CASES = [("fun-audio-chat-tiny-a", "s2s", 40), ("fun-audio-chat-tiny-a", "s2t", 40),

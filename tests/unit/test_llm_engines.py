@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from funchat.model.checkpoint import load_model
-from funchat.serving.llm_engines import (
+from funchat.engines.llm_engines import (
     TENSORRT_HELP,
     CudaGraphStepRunner,
     EngineUnavailableError,
@@ -22,8 +22,8 @@ from funchat.serving.llm_engines import (
     context_buckets,
     describe_engine,
 )
-from funchat.serving.sequences import LlmEngine, LlmRequest, SequenceError
-from funchat.serving.triton_params import load_llm_engine
+from funchat.engines.sequences import LlmEngine, LlmRequest, SequenceError
+from funchat.engines.triton_params import load_llm_engine
 
 ATOL = 1e-5  # float32 on CPU: the two paths differ only in summation order
 
@@ -240,7 +240,7 @@ class _OrtPlan:
 def test_tensorrt_engine_cache_handling_with_the_onnx_graphs(model, tiny_checkpoint, tmp_path, step_kv):
     """TensorRtLlmEngine's own logic (batch pieces, cache writes after prefill and step, lengths)
     with the plans' ONNX graphs run by onnxruntime in their place: equals the eager engine."""
-    from funchat.serving.onnx_export import PREFILL_FILE, STEP_FILE, export_llm
+    from funchat.engines.onnx_export import PREFILL_FILE, STEP_FILE, export_llm
 
     export_llm(model, tmp_path, step_kv=step_kv)
     text = model.cfg.text

@@ -17,7 +17,7 @@ import torch
 from funchat.model.checkpoint import build_model, randomize
 from funchat.model.config import FunAudioChatConfig
 from funchat.model.presets import preset_config
-from funchat.serving import onnx_export as ox
+from funchat.engines import onnx_export as ox
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "services" / "tensorrt" / "build_engines.sh"

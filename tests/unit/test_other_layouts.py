@@ -11,7 +11,7 @@ import torch
 from funchat.model.checkpoint import build_model, randomize, save_checkpoint
 from funchat.model.config import FunAudioChatConfig
 from funchat.model.presets import preset_config
-from funchat.reference_dump import run_reference_dump
+from funchat.oracle.reference_dump import run_reference_dump
 
 
 def other_layout_config() -> dict:

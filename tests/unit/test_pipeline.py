@@ -7,9 +7,9 @@ import pytest
 
 from funchat.audio_io import load_audio
 from funchat.errors import AudioInputError, PromptError
-from funchat.generation import GenerationConfig
+from funchat.oracle.generation import GenerationConfig
 from funchat.model.sampling import GREEDY
-from funchat.schedule import Mode
+from funchat.turn.schedule import Mode
 
 
 @pytest.fixture(scope="module")

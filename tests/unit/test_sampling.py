@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from funchat.generation import GenerationConfig, generate
+from funchat.oracle.generation import GenerationConfig, generate
 from funchat.model.checkpoint import build_model, randomize
 from funchat.model.config import FunAudioChatConfig
 from funchat.model.presets import preset_config
 from funchat.model.sampling import GREEDY, SamplingParams, apply_repetition_penalty, select, warp
-from funchat.schedule import Mode
+from funchat.turn.schedule import Mode
 
 NEG_INF = -float("inf")
 

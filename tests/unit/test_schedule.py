@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from funchat.schedule import Mode, StepInput, TokenIds, TurnSchedule
+from funchat.turn.schedule import Mode, StepInput, TokenIds, TurnSchedule
 
 # Speech: codes 0..9 reach the vocoder; 10 bos, 11 eos, 12 pad, 13 spare. Groups of 3.
 CODES, S_BOS, S_EOS, S_PAD, S_SPARE = 10, 10, 11, 12, 13
@@ -290,6 +290,6 @@ def test_unknown_mode_raises():
 
 
 def test_schedule_module_does_not_import_torch():
-    code = "import sys, funchat.schedule; assert 'torch' not in sys.modules, 'funchat.schedule imported torch'"
+    code = "import sys, funchat.turn.schedule; assert 'torch' not in sys.modules, 'funchat.turn.schedule imported torch'"
     repo = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, env={**os.environ, "PYTHONPATH": str(repo)})

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from funchat.audio_io import load_audio
-from funchat.generation import GenerationConfig
+from funchat.oracle.generation import GenerationConfig
 from funchat.model.sampling import SamplingParams
-from funchat.schedule import Mode, TurnSchedule
-from funchat.serving.sequences import LlmEngine, LlmRequest, SequenceError, SrhEngine, SrhRequest
-from funchat.text.chat import encode_chat
+from funchat.turn.schedule import Mode, TurnSchedule
+from funchat.engines.sequences import LlmEngine, LlmRequest, SequenceError, SrhEngine, SrhRequest
 
 
 class FakeClock:
@@ -28,8 +27,8 @@ def speech(example_wav):
 
 
 def _prompt(pipeline, audio, persona=None):
-    msgs = pipeline.build_messages(Mode.S2S, persona, None, [], pipeline.audio_groups(len(audio)))
-    return encode_chat(pipeline.tokenizer, msgs).input_ids, pipeline.encode_audio(audio)
+    ids = pipeline.prompts.ids(Mode.S2S.value, persona, None, [], pipeline.audio_groups(len(audio)))
+    return ids, pipeline.encode_audio(audio)
 
 
 def _drive(pipeline, llm, srh, calls, max_new=16, srh_sampling=None, seed=0):

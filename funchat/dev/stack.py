@@ -1,0 +1,229 @@
+"""`make up` / `make down`: redis-server, the four Triton model services and the Ray Serve orchestrator
+on 127.0.0.1, in the background.
+
+    python -m funchat.dev.stack up [--checkpoint DIR] [--grpc-port 50051] [--timeout S]
+    python -m funchat.dev.stack status
+    python -m funchat.dev.stack down
+
+`up` returns when every part answers (Redis PING, Triton model readiness, the API's gRPC health
+check) and writes `<run_dir>/endpoints.json`: each model service, `"orchestrator"` (the public
+API), `"redis"` and `"checkpoint"` (the directory in use). The parts' pids go to
+`<run_dir>/stack.json`, which `down` reads. A resume-token key is created once in
+`<run_dir>/resume_secret` (mode 0600) and given to the orchestrator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from funchat.dev.redis_server import start_redis
+from funchat.dev.tritonserver import PROJECT_ROOT
+from funchat.dev.tritonserver import _alive, free_port, stop_pids, tail
+
+DEFAULT_RUN_DIR = PROJECT_ROOT / ".run"
+STACK_FILE = "stack.json"
+HOST = "127.0.0.1"
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def resume_secret(run_dir: Path) -> str:
+    path = run_dir / "resume_secret"
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+async def _health(target: str, timeout: float = 2.0) -> bool:
+    from funchat.client import AsyncClient, FunchatClientError
+    try:
+        async with AsyncClient(target, timeout=timeout) as client:
+            return await client.health()
+    except FunchatClientError:  # e.g. Ray's proxy up before the application: not ready yet
+        return False
+
+
+def api_healthy(target: str, timeout: float = 2.0) -> bool:
+    return asyncio.run(_health(target, timeout))
+
+
+@dataclass
+class OrchestratorProcess:
+    pid: int
+    grpc_port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (Serve and Ray shut down cleanly), then SIGKILL the whole process group."""
+        if not _alive(self.pid):
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(self.pid):
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL the process group (the way a lost node looks)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int = 50051, timeout: float = 180.0,
+                       replicas: int = 1) -> OrchestratorProcess:
+    """Start `python -m funchat.orchestrator.app` in its own process group; wait for its health check.
+    env: FUNCHAT_* settings (checkpoint, endpoints, redis_url, resume_secret, ...)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "orchestrator.log"
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    venv_bin = str(Path(sys.executable).parent)
+    full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "funchat.orchestrator.app", "--grpc-port", str(grpc_port),
+                                 "--http-port", str(free_port()), "--replicas", str(replicas)],
+                                stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=str(PROJECT_ROOT),
+                                start_new_session=True)
+    orch = OrchestratorProcess(proc.pid, grpc_port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"the orchestrator exited with code {proc.returncode}; log {log}:\n{tail(log)}")
+        if api_healthy(orch.target):
+            return orch
+        time.sleep(0.5)
+    orch.stop()
+    raise StackError(f"the orchestrator did not become healthy on {orch.target} in {timeout:g} s; log {log}:\n"
+                     f"{tail(log)}")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    checkpoint = Path(args.checkpoint).resolve()
+    state = _read(run_dir / STACK_FILE)
+    if any(state.get(k) and _alive(state[k]) for k in ("redis_pid", "orchestrator_pid")):
+        print(f"the stack is already running ({run_dir / STACK_FILE}); run `make down` first", file=sys.stderr)
+        return 1
+    started: dict = {"run_dir": str(run_dir)}
+    redis = None
+    try:
+        redis = start_redis(run_dir, port=args.redis_port or None)
+        started.update(redis_pid=redis.pid, redis_url=redis.url)
+        print(f"redis-server      {redis.url}  pid {redis.pid}", flush=True)
+        # one torch thread per service: on a small CPU machine the four services and the orchestrator
+        # share the cores (a GPU deployment sets its own parameters)
+        rc = subprocess.call([sys.executable, "-m", "funchat.dev.tritonserver", "up", "--checkpoint",
+                              str(checkpoint), "--run-dir", str(run_dir), "--timeout", str(args.timeout),
+                              "--param", f"threads={args.threads}"])
+        if rc != 0:
+            raise StackError("the Triton model services did not start (see above)")
+        endpoints = _read(run_dir / "endpoints.json")
+        env = {"FUNCHAT_CHECKPOINT": str(checkpoint), "FUNCHAT_RUN_DIR": str(run_dir),
+               "FUNCHAT_REDIS_URL": redis.url, "FUNCHAT_RESUME_SECRET": resume_secret(run_dir),
+               "FUNCHAT_ENDPOINTS": json.dumps({k: endpoints[k] for k in
+                                                ("audio_tokenizer", "llm", "refined_head", "vocoder")})}
+        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout, args.replicas)
+        started.update(orchestrator_pid=orch.pid)
+        print(f"orchestrator      {orch.target} (Ray Serve gRPC)  pid {orch.pid}  log {orch.log}", flush=True)
+        endpoints.update(orchestrator=orch.target, redis=redis.url, checkpoint=str(checkpoint))
+        (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
+        (run_dir / STACK_FILE).write_text(json.dumps(started, indent=2) + "\n")
+        print(f"endpoints: {run_dir / 'endpoints.json'}")
+        return 0
+    except Exception as exc:  # leave nothing half-started behind
+        print(f"error: {exc}", file=sys.stderr)
+        (run_dir / STACK_FILE).write_text(json.dumps(started, indent=2) + "\n")
+        cmd_down(args)
+        return 2
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    state = _read(run_dir / STACK_FILE)
+    pid = state.get("orchestrator_pid")
+    if pid and _alive(pid):
+        OrchestratorProcess(pid, 0, run_dir / "orchestrator.log").stop()
+        print("orchestrator      stopped")
+    subprocess.call([sys.executable, "-m", "funchat.dev.tritonserver", "down", "--run-dir", str(run_dir)])
+    pid = state.get("redis_pid")
+    if pid and _alive(pid):
+        stop_pids([pid], timeout=10)
+        print("redis-server      stopped")
+    (run_dir / STACK_FILE).unlink(missing_ok=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    state = _read(run_dir / STACK_FILE)
+    endpoints = _read(run_dir / "endpoints.json")
+    for name, key in (("redis-server", "redis_pid"), ("orchestrator", "orchestrator_pid")):
+        pid = state.get(key)
+        print(f"{name:17s} {'running' if pid and _alive(pid) else 'stopped'}" + (f"  pid {pid}" if pid else ""))
+    if endpoints.get("orchestrator"):
+        ok = api_healthy(endpoints["orchestrator"])
+        print(f"api               {endpoints['orchestrator']}  {'SERVING' if ok else 'not serving'}")
+    return subprocess.call([sys.executable, "-m", "funchat.dev.tritonserver", "status", "--run-dir", str(run_dir)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m funchat.dev.stack", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--checkpoint", default=str(PROJECT_ROOT / "checkpoints" / "tiny"))
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--redis-port", type=int, default=0, help="default: a free port")
+    up.add_argument("--replicas", type=int, default=1, help="orchestrator replicas")
+    up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument("--threads", type=int, default=1, help="torch threads per model service (0 = torch default)")
+    down = sub.add_parser("down")
+    status = sub.add_parser("status")
+    for p in (up, down, status):
+        p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    args = ap.parse_args(argv)
+    return {"up": cmd_up, "down": cmd_down, "status": cmd_status}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The llm service's engines, chosen by the Triton model parameter `engine`.
+
+- `torch` (default): `LlmEngine` (funchat.engines.sequences). Prefills run eagerly. On a CUDA
+  device the single-token steps run through a `CudaGraphStepRunner`: one fixed-shape step function
+  per (batch size bucket, context bucket), captured once as a CUDA graph and replayed. With
+  `cuda_graphs` = "false" the same fixed-shape function runs without capture (any device; this is
+  how its numerics are tested on CPU). On CPU with `cuda_graphs` = "auto" the engine is the eager
+  one, unchanged.
+- `tensorrt`: `TensorRtLlmEngine` runs the prefill and step plans that
+  services/tensorrt/build_engines.sh builds from funchat.engines.onnx_export's graphs, through the
+  TensorRT Python runtime. Unverified here (no TensorRT, no GPU): see services/tensorrt/README.md.
+
+Shapes: B calls in a batch, N bucket rows (B real + padding), T new positions, S attended cache
+positions, C cache capacity (max_context), E LLM width, V vocabulary, L layers, K kv heads,
+H query heads, d head dim, R cache rows (max_sequences, + 1 scratch row for the runner).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from funchat.errors import CheckpointError
+from funchat.model.checkpoint import load_model, tensor_index
+from funchat.model.config import FunAudioChatConfig
+from funchat.model.funaudiochat import FunAudioChat
+from funchat.model.qwen3 import KVCache, apply_rotary
+from funchat.engines.sequences import LlmEngine, SlotPool
+
+ENGINES = ("torch", "tensorrt")
+CUDA_GRAPHS = ("auto", "true", "false")
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_TENSORRT_PLANS = "build/llm_trt"  # build_engines.sh --out, as in services/tensorrt/README.md
+
+TENSORRT_HELP = ("engine=tensorrt needs NVIDIA's Triton image with TensorRT; "
+                 "plans from services/tensorrt/build_engines.sh")
+# build_engines.sh's default model names; each folder holds 1/model.plan
+PREFILL_MODEL, STEP_MODEL = "llm_trt_prefill", "llm_trt_step"
+
+
+class EngineUnavailableError(RuntimeError):
+    """The requested engine cannot run here (missing package, plans or device); the message says why."""
+
+
+# ---- parameters ----
+
+@dataclass(frozen=True)
+class LlmEngineSettings:
+    """The llm service's engine parameters (config.pbtxt `parameters`), validated."""
+
+    engine: str = "torch"
+    cuda_graphs: str = "auto"
+    max_context: int = DEFAULT_MAX_CONTEXT
+    tensorrt_plans: str = DEFAULT_TENSORRT_PLANS
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> "LlmEngineSettings":
+        """ValueError names the parameter and its accepted values; checked before any weight is read."""
+        engine = (params.get("engine") or "torch").strip().lower()
+        if engine not in ENGINES:
+            raise ValueError(f"llm parameter engine={params.get('engine')!r} is not accepted: "
+                             f"use one of {', '.join(ENGINES)}")
+        graphs = (params.get("cuda_graphs") or "auto").strip().lower()
+        if graphs not in CUDA_GRAPHS:
+            raise ValueError(f"llm parameter cuda_graphs={params.get('cuda_graphs')!r} is not accepted: "
+                             f"use one of {', '.join(CUDA_GRAPHS)}")
+        raw = (params.get("max_context") or str(DEFAULT_MAX_CONTEXT)).strip()
+        max_context = int(raw) if raw.isdigit() else 0
+        if max_context < 1:
+            raise ValueError(f"llm parameter max_context={raw!r} is not accepted: use a positive number of positions")
+        return cls(engine, graphs, max_context, params.get("tensorrt_plans") or DEFAULT_TENSORRT_PLANS)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two below max_batch, then max_batch (16 -> 1, 2, 4, 8, 16)."""
+    sizes, n = [], 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_batch]
+
+
+def context_buckets(capacity: int, smallest: int = 256) -> list[int]:
+    """Attended cache lengths that get a graph: doubling from `smallest`, then the capacity
+    (2048 -> 256, 512, 1024, 2048). A step attends over the smallest one that holds its rows."""
+    sizes, n = [], smallest
+    while n < capacity:
+        sizes.append(n)
+        n *= 2
+    return sizes + [capacity]
+
+
+# ---- torch: fixed-shape steps, optionally as CUDA graphs ----
+
+class CudaGraphStepRunner:
+    """Single-token steps of the shared LLM on fixed shapes, reading and writing the engine's KV cache in place.
+
+    The step function reads only static buffers: the inputs x [N, 1, E], each batch row's cache row
+    and position, and the cache tensors themselves (R rows of C positions, never reallocated). For a
+    batch of B steps it takes the smallest batch bucket N >= B and the smallest context bucket S
+    that holds every row's new position, and fills rows B..N-1 with padding: zero input, position
+    0 and the scratch row, so their cache writes land in a row no call owns and their outputs are
+    dropped. Each layer writes the new key/value at (row, position), then gathers the rows' first
+    S positions and attends with a mask (key index <= position), so rows of different lengths
+    share one shape.
+
+    use_graphs: capture each (N, S) function once as a CUDA graph and replay it (CUDA only);
+    False runs the very same function eagerly (any device: the path the CPU tests compare).
+    """
+
+    def __init__(self, model: FunAudioChat, max_batch: int = 16, use_graphs: bool | None = None,
+                 context_sizes: list[int] | None = None):
+        self.model = model
+        self.device = model.device
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {self.device}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.batch_sizes = batch_buckets(max_batch)
+        self.requested_context_sizes = context_sizes
+        self.cache: KVCache | None = None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def attach(self, cache: KVCache, scratch_row: int) -> None:
+        """Bind the engine's cache (its tensors must never be replaced afterwards: graphs hold their
+        addresses) and the row that padding rows may write."""
+        self.cache = cache
+        self.scratch_row = scratch_row
+        self.capacity = cache.capacity
+        sizes = sorted(set(self.requested_context_sizes or context_buckets(self.capacity)))
+        if sizes[0] < 1 or sizes[-1] != self.capacity:
+            raise ValueError(f"context sizes {sizes} must be positive and end at the cache capacity {self.capacity}")
+        self.context_sizes = sizes
+        n = self.batch_sizes[-1]
+        cfg = self.model.cfg.text
+        self.x_buf = torch.zeros(n, 1, cfg.hidden_size, dtype=self.model.dtype, device=self.device)  # [N, 1, E]
+        self.rows_buf = torch.full((n,), scratch_row, dtype=torch.long, device=self.device)  # [N] cache row
+        self.pos_buf = torch.zeros(n, dtype=torch.long, device=self.device)  # [N] new position (cached length)
+        self.key_index = torch.arange(self.capacity, device=self.device)  # [C]
+        self.graphs.clear()
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._bound = list(cache.k) + list(cache.v)
+
+    def describe(self) -> str:
+        mode = "CUDA graphs" if self.use_graphs else "fixed shapes, no capture"
+        return (f"{mode}: batch buckets {self.batch_sizes}, context buckets {self.context_sizes}, "
+                f"capacity {self.capacity}")
+
+    def step(self, embeds: torch.Tensor, rows: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [B, 1, E], each call's cache row and cached length -> (hidden [B, 1, E], logits [B, V] float32).
+        Writes each row's new key/value at its position and sets its length to position + 1."""
+        if self.cache is None:
+            raise RuntimeError("CudaGraphStepRunner.attach(cache, scratch_row) was not called")
+        if any(a is not b for a, b in zip(list(self.cache.k) + list(self.cache.v), self._bound)):
+            raise RuntimeError("the KV cache was reallocated after CudaGraphStepRunner.attach; "
+                               "its capacity must stay fixed")
+        largest = self.batch_sizes[-1]
+        hidden, logits = [], []
+        for start in range(0, len(rows), largest):  # a batch above the largest bucket runs in pieces
+            end = start + largest
+            h, lg = self._step_bucket(embeds[start:end], rows[start:end], positions[start:end])
+            hidden.append(h)
+            logits.append(lg)
+        return torch.cat(hidden), torch.cat(logits)
+
+    def _step_bucket(self, embeds: torch.Tensor, rows: list[int],
+                     positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = len(rows)
+        n = next(size for size in self.batch_sizes if size >= b)
+        need = max(positions) + 1
+        if need > self.capacity:
+            raise ValueError(f"a row would hold {need} positions, more than the cache capacity {self.capacity}")
+        context = next(size for size in self.context_sizes if size >= need)
+        if self.use_graphs:
+            # Capture first: its warm-up runs overwrite the buffers filled below.
+            graph, outputs = self.graphs.get((n, context)) or self._capture(n, context)
+        self.x_buf[:b].copy_(embeds)
+        self.x_buf[b:n].zero_()
+        self.rows_buf[:b].copy_(torch.tensor(rows, dtype=torch.long))
+        self.rows_buf[b:n].fill_(self.scratch_row)
+        self.pos_buf[:b].copy_(torch.tensor(positions, dtype=torch.long))
+        self.pos_buf[b:n].zero_()
+        if self.use_graphs:
+            graph.replay()
+            hidden, logits = outputs
+        else:
+            hidden, logits = self._static_step(n, context)
+        self.cache.lengths[self.rows_buf[:b]] = self.pos_buf[:b] + 1
+        # Copies: the graph's output buffers are overwritten by the next replay.
+        return hidden[:b].clone(), logits[:b].clone()
+
+    def _static_step(self, n: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the first n buffer rows over `context` cache positions -> (hidden [n, 1, E],
+        logits [n, V] float32). No host syncs and no data-dependent shapes, so it can be captured."""
+        lm = self.model.language_model.model
+        x = self.x_buf[:n]  # [n, 1, E]
+        rows = self.rows_buf[:n]  # [n]
+        pos = self.pos_buf[:n]  # [n]
+        cos, sin = lm.rotary(pos[:, None], x.dtype)  # [n, 1, d]
+        visible = self.key_index[None, :context] <= pos[:, None]  # [n, S]: the row's cached keys and the new one
+        mask = visible[:, None, None, :]  # [n, 1, 1, S], broadcast over heads
+        for i, layer in enumerate(lm.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_norm(attn.q_proj(h).view(n, 1, attn.n_heads, attn.head_dim)).transpose(1, 2)  # [n, H, 1, d]
+            k = attn.k_norm(attn.k_proj(h).view(n, 1, attn.n_kv, attn.head_dim)).transpose(1, 2)  # [n, K, 1, d]
+            v = attn.v_proj(h).view(n, 1, attn.n_kv, attn.head_dim).transpose(1, 2)  # [n, K, 1, d]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            store_k, store_v = self.cache.k[i], self.cache.v[i]  # [R, K, C, d]
+            # (row, position) pairs select [n, K, d]; padding rows all write the scratch row's position 0
+            store_k[rows, :, pos] = k[:, :, 0]
+            store_v[rows, :, pos] = v[:, :, 0]
+            keys = store_k[:, :, :context].index_select(0, rows)  # [n, K, S, d]
+            values = store_v[:, :, :context].index_select(0, rows)  # [n, K, S, d]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=attn.n_heads != attn.n_kv)  # [n, H, 1, d]
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(n, 1, attn.n_heads * attn.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = lm.norm(x)  # [n, 1, E]
+        logits = self.model.language_model.lm_head(hidden[:, 0]).float()  # [n, V]
+        return hidden, logits
+
+    @torch.inference_mode()
+    def _capture(self, n: int, context: int):
+        """Capture the (n, context) step as a CUDA graph; -> (graph, its static outputs)."""
+        with torch.cuda.device(self.device):
+            # Warm-up on a side stream first, as torch.cuda.graph asks (lazy cuBLAS/kernel setup).
+            # Every buffer row points at the scratch row, so these runs write nothing a call owns.
+            self.x_buf.zero_()
+            self.rows_buf.fill_(self.scratch_row)
+            self.pos_buf.zero_()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._static_step(n, context)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # One memory pool for all graphs: they replay one at a time, so intermediates can share it.
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                outputs = self._static_step(n, context)
+        self.graphs[(n, context)] = (graph, outputs)
+        return graph, outputs
+
+    def capture_all(self) -> None:
+        """Capture every (batch bucket, context bucket) graph now, largest first, so that no call
+        pays for a capture and the shared pool is sized by the largest graph."""
+        if not self.use_graphs:
+            return
+        for context in reversed(self.context_sizes):
+            for n in reversed(self.batch_sizes):
+                if (n, context) not in self.graphs:
+                    self._capture(n, context)
+
+
+# ---- tensorrt: the plans of services/tensorrt/build_engines.sh ----
+
+def tensorrt_plan_paths(plans_dir: str | Path) -> tuple[Path, Path]:
+    """(prefill plan, step plan) inside build_engines.sh's output folder."""
+    root = Path(plans_dir)
+    return root / PREFILL_MODEL / "1" / "model.plan", root / STEP_MODEL / "1" / "model.plan"
+
+
+class TrtPlan:
+    """One deserialized TensorRT plan and an execution context (TensorRT 10 name-based I/O API)."""
+
+    TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
+                    "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+
+    def __init__(self, trt, path: Path, device: torch.device):
+        self.path = path
+        self.device = device
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # must outlive the engine
+        with torch.cuda.device(device):
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineUnavailableError(f"{TENSORRT_HELP}: {path} could not be deserialized (built by another "
+                                         f"TensorRT version or for another GPU? TensorRT's log above says)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [name for name in names if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+        self.outputs = [name for name in names if name not in self.inputs]
+        self.dtypes = {name: self.TORCH_DTYPES[self.engine.get_tensor_dtype(name).name] for name in names}
+
+    def profile_max(self, name: str) -> tuple[int, ...]:
+        """The largest shape of input `name` the plan's (first) optimization profile accepts."""
+        return tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs by name (cast to the plan's types) -> outputs by name, on the current torch stream."""
+        with torch.cuda.device(self.device):
+            keep = {}  # the inputs as bound, alive until the plan ran (same stream, so freeing later is safe)
+            for name in self.inputs:
+                tensor = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
+                keep[name] = tensor
+                if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                    raise RuntimeError(f"{self.path}: input {name} of shape {list(tensor.shape)} is outside the "
+                                       f"plan's profile (max {list(self.profile_max(name))})")
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            outputs = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+                raise RuntimeError(f"{self.path}: TensorRT execution failed (see TensorRT's log)")
+            return outputs
+
+
+def _load_text_embeddings(checkpoint: Path, cfg: FunAudioChatConfig, dtype: torch.dtype,
+                          device: torch.device) -> nn.Embedding:
+    """Only `language_model.model.embed_tokens` of the LLM: the plans hold the rest of its weights."""
+    name = "language_model.model.embed_tokens.weight"
+    stored = tensor_index(checkpoint)
+    expected = (cfg.text.vocab_size, cfg.text.hidden_size)
+    if name not in stored or tuple(stored[name][1]) != expected:
+        got = list(stored[name][1]) if name in stored else "missing"
+        raise CheckpointError(f"{checkpoint}: tensor {name} is {got}, the config implies {list(expected)}")
+    with safe_open(str(stored[name][0]), framework="pt", device="cpu") as handle:
+        weight = handle.get_tensor(name)
+    return nn.Embedding.from_pretrained(weight.to(device=device, dtype=dtype), freeze=True)
+
+
+class TensorRtLlmEngine(LlmEngine):
+    """LlmEngine whose forwards are TensorRT plans (prefill, step); request checks, embeddings,
+    slots and the KV cache buffer stay in torch.
+
+    The cache is one buffer per keys/values in the plans' layout [L, R, K, C, d] (zeros, so masked
+    positions stay finite); the SlotPool's per-layer views point into it. A prefill writes
+    present[:, b, :, :T] at the start of the row; a step passes the rows' first S = max(length)
+    positions and writes back either present[..., :S+1] (step_kv "present") or the new column at
+    each row's length (step_kv "new"). Batches above a plan's profile maximum run in pieces.
+    Unverified here: see services/tensorrt/README.md.
+    """
+
+    def __init__(self, checkpoint: str | Path, plans_dir: str | Path, device: str | torch.device = "cuda",
+                 max_sequences: int = 16, idle_timeout_s: float = 60.0, max_context: int = DEFAULT_MAX_CONTEXT,
+                 clock: Callable[[], float] = time.monotonic, plans: tuple | None = None):
+        """plans: (prefill, step) stand-ins with TrtPlan's interface (inputs, outputs, dtypes,
+        profile_max, run) instead of the plan files; the tests pass the ONNX graphs run by onnxruntime."""
+        device = torch.device(device)
+        if plans is None:
+            # Everything that can be missing is reported at once, before any weight is read.
+            paths = tensorrt_plan_paths(plans_dir)
+            problems = [f"{p} not found" for p in paths if not p.is_file()]
+            try:
+                import tensorrt as trt
+            except ImportError as exc:
+                trt = None
+                problems.append(f"the tensorrt Python package cannot be imported ({exc})")
+            if device.type != "cuda" or not torch.cuda.is_available():
+                problems.append(f"TensorRT plans run on a CUDA device; device is {device}"
+                                + ("" if torch.cuda.is_available() else " and no CUDA device is visible"))
+            if problems:
+                raise EngineUnavailableError(f"{TENSORRT_HELP}: " + "; ".join(problems))
+            plans = (TrtPlan(trt, paths[0], device), TrtPlan(trt, paths[1], device))
+
+        self.device = device
+        self.plans_dir = Path(plans_dir)
+        self.prefill_plan, self.step_plan = plans
+        self.new_kv_only = "new_keys" in self.step_plan.outputs  # exported with --step-kv new
+        prefill_max = self.prefill_plan.profile_max("inputs_embeds")  # [B, T, E]
+        step_max = self.step_plan.profile_max("past_keys")  # [L, B, K, S, d]
+        if max_context > prefill_max[1] or max_context - 1 > step_max[3]:
+            raise EngineUnavailableError(
+                f"max_context {max_context} does not fit the plans' profiles (prefill up to {prefill_max[1]} "
+                f"positions, step up to {step_max[3]} cached): rebuild with larger --seq/--past or lower max_context")
+        self.prefill_batch, self.step_batch = prefill_max[0], step_max[1]
+
+        dtype = self.step_plan.dtypes["inputs_embeds"]
+        checkpoint = Path(checkpoint)
+        # Torch holds only what runs outside the plans: the text embedding table and audio_tower
+        # (speech-group fusion); the rest of the LLM stays on the meta device.
+        model = load_model(checkpoint, dtype=dtype, device=device, prefixes=("audio_tower",))
+        model.language_model.model.embed_tokens = _load_text_embeddings(checkpoint, model.cfg, dtype, device)
+        self.model = model
+        self.step_runner = None
+        self.max_context = max_context
+        cfg = model.cfg.text
+        cache_dtype = self.step_plan.dtypes["past_keys"]
+        shape = (cfg.num_hidden_layers, max_sequences, cfg.num_key_value_heads, max_context, cfg.head_dim)
+        self.keys = torch.zeros(shape, dtype=cache_dtype, device=device)  # [L, R, K, C, d]
+        self.values = torch.zeros(shape, dtype=cache_dtype, device=device)
+        self.pool = SlotPool(self._new_cache, max_sequences, idle_timeout_s, max_context, clock)
+
+    def _new_cache(self, rows: int, capacity: int) -> KVCache:
+        """The SlotPool's cache: per-layer views [R, K, C, d] of the plans' buffers, and the lengths."""
+        cache = KVCache.__new__(KVCache)
+        cache.k = list(self.keys.unbind(0))
+        cache.v = list(self.values.unbind(0))
+        cache.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)  # [R]
+        return cache
+
+    def _forward(self, is_prefill: bool, embeds: torch.Tensor, lengths: torch.Tensor,
+                 rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        run = self._prefill if is_prefill else self._step
+        size = self.prefill_batch if is_prefill else self.step_batch
+        hidden, logits = [], []
+        with self.pool.lock:
+            for start in range(0, len(rows), size):
+                end = start + size
+                h, lg = run(embeds[start:end], lengths[start:end], rows[start:end])
+                hidden.append(h)
+                logits.append(lg)
+        return torch.cat(hidden), torch.cat(logits)
+
+    def _prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, rows: list[int]):
+        out = self.prefill_plan.run({"inputs_embeds": embeds, "lengths": lengths})  # embeds [B, T, E], lengths [B]
+        t = embeds.shape[1]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.keys[:, idx, :, :t] = out["present_keys"]  # [L, B, K, T, d], zero past each row's length
+        self.values[:, idx, :, :t] = out["present_values"]
+        self.pool.cache.lengths[idx] = lengths
+        return out["hidden"], out["logits_last"]  # [B, T, E], [B, V]
+
+    def _step(self, embeds: torch.Tensor, lengths: torch.Tensor, rows: list[int]):
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        past = self.pool.cache.lengths[idx]  # [B] cached positions per row (>= 1: every call was prefilled)
+        s = int(past.max())  # the rows' first S positions; shorter rows are masked by past_lengths
+        out = self.step_plan.run({"inputs_embeds": embeds,  # [B, 1, E]
+                                  "past_keys": self.keys[:, idx, :, :s],  # [L, B, K, S, d]
+                                  "past_values": self.values[:, idx, :, :s],
+                                  "past_lengths": past})
+        if self.new_kv_only:
+            # (row, position) pairs select [B, L, K, d] (advanced indices go first): new_keys [L, B, K, 1, d] transposed
+            self.keys[:, idx, :, past] = out["new_keys"][:, :, :, 0].transpose(0, 1)
+            self.values[:, idx, :, past] = out["new_values"][:, :, :, 0].transpose(0, 1)
+        else:
+            # present [L, B, K, S+1, d]: the new entry sits at each row's length (S < C by max_context)
+            self.keys[:, idx, :, :s + 1] = out["present_keys"]
+            self.values[:, idx, :, :s + 1] = out["present_values"]
+        self.pool.cache.lengths[idx] = past + 1
+        return out["hidden"], out["logits"]  # [B, 1, E], [B, V]
+
+    def describe(self) -> str:
+        return (f"TensorRT plans {self.plans_dir}, step_kv "
+                f"{'new' if self.new_kv_only else 'present'}, max_context {self.max_context}")
+
+
+# ---- building the engine from the service's parameters ----
+
+def build_llm_engine(settings: LlmEngineSettings, checkpoint: str | Path, device: str = "cpu",
+                     dtype: str = "float32", max_sequences: int = 64, idle_timeout_s: float = 60.0,
+                     max_batch: int = 16, plans_dir: str | Path | None = None) -> LlmEngine:
+    """The llm service's engine for these settings (see the module docstring).
+    max_batch: the largest batch of requests Triton hands the model (config `max_batch_size`)."""
+    on_cuda = torch.device(device).type == "cuda"
+    if settings.engine == "tensorrt":
+        return TensorRtLlmEngine(checkpoint, plans_dir or settings.tensorrt_plans, device, max_sequences,
+                                 idle_timeout_s, settings.max_context)
+    if settings.cuda_graphs == "true" and not on_cuda:
+        raise ValueError(f"llm parameter cuda_graphs=true needs device cuda, got {device!r}: use auto or false")
+    model = load_model(checkpoint, dtype=dtype, device=device)
+    if settings.cuda_graphs == "auto" and not on_cuda:
+        return LlmEngine(model, max_sequences, idle_timeout_s)  # eager; the cache grows as calls need
+    runner = CudaGraphStepRunner(model, max_batch, use_graphs=settings.cuda_graphs != "false")
+    engine = LlmEngine(model, max_sequences, idle_timeout_s, capacity=settings.max_context, step_runner=runner)
+    runner.capture_all()  # at load, not during the first calls (nothing to do without graphs)
+    return engine
+
+
+def describe_engine(engine: LlmEngine) -> str:
+    """One line for the service's log."""
+    if isinstance(engine, TensorRtLlmEngine):
+        return engine.describe()
+    if engine.step_runner is not None:
+        return f"torch on {engine.device}, steps with {engine.step_runner.describe()}"
+    return f"torch on {engine.device}, eager"

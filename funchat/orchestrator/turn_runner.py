@@ -1,0 +1,426 @@
+"""One assistant turn through the Triton model services, streamed as API events.
+
+    audio_tokenizer -> llm prefill -> loop(llm step -> refined_head) -> text deltas
+                                                   \\-> vocoder (its own task) -> audio deltas
+
+The loop is the oracle's (`funchat.oracle.generation.generate`) with every forward replaced by a service
+call: the same `TurnSchedule`, the same text selection (greedy or seeded draws with seed + 1), the
+refined_head service drawing the speech tokens with `seed`. So under greedy decoding (or a fixed
+seed) the tokens are the oracle's. The vocoder runs in its own task and takes every code that has
+piled up each time it is free, so its work overlaps the next LLM steps.
+
+Every turn is a fresh llm / refined_head sequence whose prefill is the whole prompt, rebuilt from
+the session history (user speech kept as the audio tokenizer's rows): nothing of a call lives only
+in a model replica. If a replica loses the sequence mid-turn (restart, idle timeout), the turn is
+replayed from the prefill with the same seed on a new sequence, and what was already streamed is
+not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from funchat.api import pb
+from funchat.audio_io import SAMPLE_RATE
+from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
+from funchat.errors import AudioInputError, ContextOverflowError
+from funchat.orchestrator.sessions import HistoryTurn
+from funchat.turn.prompt import Prompt, PromptBuilder
+from funchat.turn.schedule import Mode, TurnSchedule
+from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
+                                     VocoderClient)
+from funchat.text.tokenizer import TextTokenizer
+
+OUTPUT_SAMPLE_RATE = 24000
+MS_PER_SPEECH_TOKEN = 40  # 25 Hz speech tokens
+LOST_SEQUENCE = ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")  # a replica lost the call: replay
+MAX_REPLAYS = 2
+
+
+class TurnError(Exception):
+    """A turn that cannot run; `code` is the gRPC status name to answer with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class TurnRequest:
+    response_id: str
+    mode: Mode
+    audio_rows: np.ndarray  # [n_groups, E] float32: the caller's turn, from the audio tokenizer
+    n_groups: int
+    history: list[HistoryTurn] = field(default_factory=list)
+    persona: str | None = None
+    tools: list[dict] | None = None
+    voice: str | None = None
+    text_sampling: SamplingParams = GREEDY
+    speech_sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    max_new_tokens: int = 512
+    call_id: int = 0  # the llm / refined_head correlation id (0 = draw one); replays draw new ones
+
+
+@dataclass
+class TurnOutcome:
+    response_id: str
+    status: str  # completed | cancelled | interrupted
+    text: str
+    text_tokens: list[int]
+    text_tokens_emitted: list[int]
+    speech_tokens: list[int]
+    vocoder_tokens: list[int]
+    prompt_tokens: int
+    history_turns_dropped: int
+    audio_samples: int  # 24 kHz samples streamed
+    latency_ms: dict[str, float]
+    # For cutting the turn at a barge-in: the reply-audio position (ms) at which each emitted text
+    # token is spoken (its step's position in the speech stream).
+    text_audio_ms: list[int] = field(default_factory=list)
+    function_calls: list[dict] = field(default_factory=list)
+
+    @property
+    def audio_ms(self) -> int:
+        return self.audio_samples * 1000 // OUTPUT_SAMPLE_RATE
+
+    def text_heard(self, tokenizer: TextTokenizer, played_ms: int) -> str:
+        """The reply text the caller heard when playback stopped at played_ms (step granularity)."""
+        kept = [t for t, at in zip(self.text_tokens_emitted, self.text_audio_ms) if at < played_ms]
+        return tokenizer.decode(kept, skip_special_tokens=True)
+
+    def done_event(self) -> pb.ServerEvent:
+        return pb.ServerEvent(response_done=pb.ResponseDone(
+            response_id=self.response_id, status=self.status, text=self.text,
+            usage=pb.Usage(input_tokens=self.prompt_tokens, output_text_tokens=len(self.text_tokens),
+                           output_speech_tokens=len(self.speech_tokens),
+                           history_turns_dropped=self.history_turns_dropped),
+            latency_ms=self.latency_ms, text_tokens=self.text_tokens, text_tokens_emitted=self.text_tokens_emitted,
+            speech_tokens=self.speech_tokens, vocoder_tokens=self.vocoder_tokens, audio_ms=self.audio_ms))
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    """float32 [-1, 1] -> PCM16 little-endian bytes."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str) -> list[dict]:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks of a reply (malformed ones skipped)."""
+    calls = []
+    for body in _TOOL_CALL.findall(text):
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            args = obj.get("arguments", {})
+            calls.append({"call_id": "call_" + secrets.token_hex(8), "name": obj["name"],
+                          "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)})
+    return calls
+
+
+def new_call_id() -> int:
+    """A Triton correlation id unique across orchestrator replicas (random 62 bits, never 0)."""
+    return secrets.randbits(62) | 1
+
+
+class ModelServices:
+    """The four model services' clients (one set per orchestrator replica, shared by its calls)."""
+
+    def __init__(self, endpoints: dict[str, str], timeout_s: float | None = 30.0):
+        self.endpoints = dict(endpoints)
+        self.tokenizer = AudioTokenizerClient(endpoints["audio_tokenizer"], timeout_s)
+        self.llm = LlmClient(endpoints["llm"], timeout_s)
+        self.refined_head = RefinedHeadClient(endpoints["refined_head"], timeout_s)
+        self.vocoder = VocoderClient(endpoints["vocoder"], timeout_s)
+
+    async def close(self) -> None:
+        for c in (self.tokenizer, self.llm, self.refined_head, self.vocoder):
+            await c.close()
+
+
+class TurnRunner:
+    """Runs turns; events go to an `emit` coroutine (the call's outgoing stream)."""
+
+    def __init__(self, info: PromptBuilder, services: ModelServices):
+        self.info = info
+        self.services = services
+
+    async def encode(self, audio16k: np.ndarray) -> tuple[np.ndarray, int]:
+        """Caller speech (16 kHz float32) -> (rows [n_groups, E], n_groups) from the audio tokenizer."""
+        try:
+            n_groups = self.info.check_clip(len(audio16k), "the turn's audio")
+        except AudioInputError as exc:
+            raise TurnError("INVALID_ARGUMENT", str(exc)) from None
+        try:
+            rows = await self.services.tokenizer.encode(np.ascontiguousarray(audio16k, dtype=np.float32))
+        except ServiceError as exc:
+            raise TurnError("INVALID_ARGUMENT" if "INVALID" in exc.status else "UNAVAILABLE",
+                            f"audio tokenizer: {exc.message}") from None
+        if rows.shape[0] != n_groups:
+            raise TurnError("INTERNAL", f"audio tokenizer returned {rows.shape[0]} rows, expected {n_groups}")
+        return rows, n_groups
+
+    def prompt(self, req: TurnRequest) -> tuple[Prompt, np.ndarray]:
+        """-> (the prompt, the <|AUDIO|> rows in prompt order [N, E])."""
+        try:
+            prompt = self.info.build(req.mode.value, req.persona, req.tools, req.history, req.n_groups,
+                                     req.max_new_tokens)
+        except ContextOverflowError as exc:
+            raise TurnError("INVALID_ARGUMENT", str(exc)) from None
+        clips = [t.audio_rows for t in prompt.kept(req.history) if t.audio_rows is not None] + [req.audio_rows]
+        return prompt, np.concatenate(clips, axis=0).astype(np.float32, copy=False)
+
+    async def run(self, req: TurnRequest, emit, cancel: asyncio.Event, t_end_of_turn: float | None = None
+                  ) -> TurnOutcome:
+        """Generate the reply, emitting text/audio deltas as they are produced. Stops early (status
+        "cancelled") when `cancel` is set: no more events are emitted after that, unsent audio is dropped."""
+        t0 = t_end_of_turn or time.perf_counter()
+        prompt, rows = self.prompt(req)
+        ids, max_new = prompt.ids, prompt.max_new_tokens
+        stream = _TurnStream(self, req, emit, cancel, t0)
+        for attempt in range(MAX_REPLAYS + 1):
+            try:
+                await stream.generate(ids, rows, max_new)
+                break
+            except ServiceError as exc:
+                await stream.close_sequences()
+                if exc.status in LOST_SEQUENCE and exc.model in ("llm", "refined_head") and attempt < MAX_REPLAYS:
+                    stream.replays += 1
+                    continue  # replay from the prefill on a new sequence; streamed output is not repeated
+                raise TurnError("UNAVAILABLE", f"model service {exc.model} failed: {exc.message}") from None
+            except BaseException:
+                await stream.close_sequences()
+                raise
+        return await stream.finish(len(ids), prompt.dropped)
+
+
+class _TurnStream:
+    """One turn's generation state; survives a replay (what was streamed is remembered)."""
+
+    def __init__(self, runner: TurnRunner, req: TurnRequest, emit, cancel: asyncio.Event, t0: float):
+        self.runner, self.req, self.emit, self.cancel, self.t0 = runner, req, emit, cancel, t0
+        self.info, self.services = runner.info, runner.services
+        self.latency: dict[str, float] = {}
+        self.replays = 0
+        self.sent_text_tokens = 0  # emitted text tokens already streamed (as text)
+        self.sent_text = ""
+        self.sent_codes = 0  # vocoder codes already handed to the vocoder
+        self.schedule: TurnSchedule | None = None
+        self.text_audio_ms: list[int] = []
+        self.call_id = 0
+        self.sequences_open = False
+        self.vocoder = _VocoderStream(self) if req.mode is Mode.S2S else None
+        self.llm_seconds: list[float] = []
+        self.srh_seconds: list[float] = []
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0
+
+    async def generate(self, ids: list[int], rows: np.ndarray, max_new: int) -> None:
+        req, llm, srh = self.req, self.services.llm, self.services.refined_head
+        sched = self.schedule = TurnSchedule(self.info.token_ids, req.mode, max_new, prompt_last_token=ids[-1])
+        text_gen = torch.Generator().manual_seed(req.seed + 1)  # as the oracle: text draws use seed + 1
+        text_history = list(ids)
+        self.call_id = req.call_id if req.call_id and not self.replays else new_call_id()
+        speech = req.speech_sampling
+        t = time.perf_counter()
+        self.sequences_open = True
+        logits, h = await llm.prefill(self.call_id, ids, rows)
+        self.latency.setdefault("llm_prefill", (time.perf_counter() - t) * 1000.0)
+        group, appended, step_index, speech_start = None, None, 0, None
+        while True:
+            if sched.runs_srh:
+                t = time.perf_counter()
+                group = await srh.run(self.call_id, h, start=step_index == 0, appended=appended,
+                                      greedy=speech.greedy, temperature=speech.temperature, top_p=speech.top_p,
+                                      top_k=speech.top_k, repetition_penalty=speech.repetition_penalty,
+                                      seed=req.seed)
+                self.srh_seconds.append(time.perf_counter() - t)
+                group = group.tolist()
+            history = penalty_history(text_history, req.text_sampling)
+            token = int(select(torch.from_numpy(np.asarray(logits, dtype=np.float32))[None], req.text_sampling,
+                               history, text_gen)[0])
+            out = sched.observe(token, group)
+            appended = out.speech_group  # the refined head's penalty history grows by what was kept
+            text_history.append(out.text_token)
+            if out.speech_group is not None and speech_start is None:
+                speech_start = step_index
+            if self.cancel.is_set():
+                return
+            await self._stream_text(step_index, speech_start)
+            if self.vocoder is not None:
+                await self.vocoder.offer(sched.vocoder_tokens, final=sched.finished)
+            if sched.finished:
+                break
+            nxt = sched.next_input
+            step_index += 1
+            t = time.perf_counter()
+            logits, h = await llm.step(self.call_id, nxt.text_token, nxt.speech_group)
+            self.llm_seconds.append(time.perf_counter() - t)
+        await self.close_sequences()
+
+    async def _stream_text(self, step_index: int, speech_start: int | None) -> None:
+        sched = self.schedule
+        emitted = sched.text_tokens_emitted
+        while len(self.text_audio_ms) < len(emitted):  # alignment: the step's position in the speech
+            self.text_audio_ms.append(max(0, step_index - (speech_start if speech_start is not None else step_index))
+                                      * self.info.token_ids.group_size * MS_PER_SPEECH_TOKEN)
+        if len(emitted) <= self.sent_text_tokens:
+            return
+        text = self.info.tokenizer.decode(emitted, skip_special_tokens=True)
+        new_ids = emitted[self.sent_text_tokens:]
+        self.sent_text_tokens = len(emitted)
+        delta = ""
+        # A trailing U+FFFD may be a multi-byte character still incomplete: it goes with a later delta.
+        if text.startswith(self.sent_text) and not text.endswith("\ufffd"):
+            delta, self.sent_text = text[len(self.sent_text):], text
+        self.latency.setdefault("first_text", self.ms())
+        await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta,
+                                                               token_ids=new_ids)))
+
+    async def flush_text(self, final_text: str) -> None:
+        """What the deltas have not carried yet, so that they add up to the reply's text."""
+        if final_text.startswith(self.sent_text) and len(final_text) > len(self.sent_text):
+            delta, self.sent_text = final_text[len(self.sent_text):], final_text
+            await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta)))
+
+    async def close_sequences(self) -> None:
+        """End the call's llm and refined_head sequences so their slots are freed now, not at the idle timeout."""
+        if not self.sequences_open:
+            return
+        self.sequences_open = False
+        cid, sched = self.call_id, self.schedule
+        nxt = sched.next_input if sched is not None and sched.next_input is not None else None
+        ends = [self.services.llm.step(cid, nxt.text_token if nxt else self.info.token_ids.end_ids[0], None, end=True)]
+        if sched is not None and sched.runs_srh:
+            width = self.info.facts.hidden_size
+            ends.append(self.services.refined_head.run(cid, np.zeros((1, width), np.float32), end=True))
+        await asyncio.gather(*ends, return_exceptions=True)  # a lost sequence needs no ending
+
+    async def finish(self, prompt_tokens: int, dropped: int) -> TurnOutcome:
+        sched = self.schedule
+        cancelled = self.cancel.is_set()
+        if self.vocoder is not None:
+            await self.vocoder.close(flush=not cancelled)
+        await self.close_sequences()
+        text_ids = sched.text_tokens
+        text = self.info.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if not cancelled:
+            await self.flush_text(text)
+        lat = self.latency
+        lat["total"] = self.ms()
+        if self.llm_seconds:
+            lat["llm_step_mean"] = float(np.mean(self.llm_seconds)) * 1000.0
+        if self.srh_seconds:
+            lat["srh_step_mean"] = float(np.mean(self.srh_seconds)) * 1000.0
+        if self.vocoder is not None and self.vocoder.seconds:
+            lat["vocoder_push_mean"] = float(np.mean(self.vocoder.seconds)) * 1000.0
+        if self.replays:
+            lat["replays"] = float(self.replays)
+        vocoder_tokens = sched.vocoder_tokens
+        return TurnOutcome(
+            response_id=self.req.response_id, status="cancelled" if cancelled else "completed", text=text,
+            text_tokens=list(text_ids), text_tokens_emitted=list(sched.text_tokens_emitted),
+            speech_tokens=list(sched.speech_tokens), vocoder_tokens=list(vocoder_tokens),
+            prompt_tokens=prompt_tokens, history_turns_dropped=dropped,
+            audio_samples=self.vocoder.samples if self.vocoder else 0, latency_ms=lat,
+            text_audio_ms=self.text_audio_ms[:len(sched.text_tokens_emitted)],
+            function_calls=parse_tool_calls(text) if not cancelled else [])
+
+
+class _VocoderStream:
+    """Feeds the vocoder service from its own task: each push takes every code waiting, so vocoder
+    work overlaps the LLM steps; audio deltas go out as soon as a push returns samples."""
+
+    def __init__(self, turn: _TurnStream):
+        self.turn = turn
+        self.codes: list[int] = []  # every code handed over so far (replays do not repeat them)
+        self.final = False
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.state: bytes | None = None
+        self.samples = 0
+        self.sequence = 0
+        self.seconds: list[float] = []
+        self.error: BaseException | None = None
+
+    async def offer(self, vocoder_tokens: list[int], final: bool) -> None:
+        if self.error is not None:
+            raise self.error
+        if len(vocoder_tokens) > len(self.codes):
+            self.codes.extend(vocoder_tokens[len(self.codes):])
+        self.final = self.final or final
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+        self.wake.set()
+
+    async def _run(self) -> None:
+        sent = 0
+        voc = self.turn.services.vocoder
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                if self.turn.cancel.is_set():
+                    return
+                final = self.final
+                if len(self.codes) == sent and not final:
+                    continue
+                batch = self.codes[sent:]
+                if self.state is None and not batch:
+                    return  # the reply has no speech: no stream to open or flush
+                t = time.perf_counter()
+                audio, self.state, _ = await voc.push(batch, self.state, final=final,
+                                                      speaker=self.turn.req.voice if self.state is None else None)
+                self.seconds.append(time.perf_counter() - t)
+                sent += len(batch)
+                if audio.size and not self.turn.cancel.is_set():
+                    await self._emit(audio)
+                if final:
+                    return
+                if len(self.codes) > sent or self.final:
+                    self.wake.set()
+        except BaseException as exc:  # surfaced by offer()/close()
+            self.error = exc
+
+    async def _emit(self, audio: np.ndarray) -> None:
+        t = self.turn
+        t.latency.setdefault("first_audio", t.ms())
+        event = pb.AudioDelta(response_id=t.req.response_id, sequence=self.sequence, pcm16=pcm16(audio),
+                              sample_rate_hz=OUTPUT_SAMPLE_RATE,
+                              start_ms=self.samples * 1000 // OUTPUT_SAMPLE_RATE)
+        self.sequence += 1
+        self.samples += int(audio.size)
+        await t.emit(pb.ServerEvent(audio_delta=event))
+
+    async def close(self, flush: bool) -> None:
+        if self.task is None:
+            if not flush or not self.codes and not self.final:
+                return
+            self.task = asyncio.create_task(self._run())
+        if flush:
+            self.final = True
+            self.wake.set()
+            await self.task
+        else:
+            self.wake.set()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self.error is not None and flush:
+            err, self.error = self.error, None
+            if isinstance(err, ServiceError):
+                raise TurnError("UNAVAILABLE", f"vocoder failed: {err.message}") from None
+            raise err
