@@ -36,18 +36,23 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# The venv is rebuilt only when pyproject.toml changes (stamp file), so `make setup` is idempotent.
-$(VENV)/.stamp: pyproject.toml
+# The venv is refreshed only when what the install reads changes (stamp file), so `make setup` is
+# idempotent. Installing the package also generates the public API's Python code (funchat/v1/,
+# git-ignored) from protos/ (setup.py), so a changed .proto reinstalls too.
+INSTALL_INPUTS := pyproject.toml setup.py MANIFEST.in protos/funchat/v1/funchat.proto
+# A checkout whose generated code is gone (funchat/v1 deleted, the venv kept) reinstalls as well.
+ifeq ($(wildcard funchat/v1/funchat_pb2.py),)
+INSTALL_INPUTS += FORCE
+endif
+$(VENV)/.stamp: $(INSTALL_INPUTS)
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[all,test]"
 	@touch $@
 
-# The public API's Python code is generated from protos/ at build time (git-ignored).
-funchat/v1/funchat_pb2.py: protos/funchat/v1/funchat.proto $(VENV)/.stamp
-	$(PY) -m funchat.api --force
+setup: apt $(VENV)/.stamp
 
-setup: apt $(VENV)/.stamp funchat/v1/funchat_pb2.py
+FORCE:
 
 $(CHECKPOINT)/vocoder/model.safetensors: | setup
 	$(VENV)/bin/funchat init-checkpoint --preset tiny --out $(CHECKPOINT) --seed 0

@@ -1,4 +1,9 @@
-"""The `funchat` command line."""
+"""The `funchat` command line.
+
+Each command imports what it needs when it runs: `chat` and `call` (and `--help`) work with only
+`funchat[client]` installed (no torch), the other commands import the model, the oracle or the
+vocoder.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from funchat.errors import FunchatError
+from funchat.errors import FunchatError  # no dependencies; AudioInputError and the model's errors derive from it
+
+
+class CommandError(Exception):
+    """A failure a command reports as its one-line error message (exit status 2)."""
+
+
+# The extra (pyproject.toml) that installs a third-party module a command imports, for the message
+# of a command run where its extra is not installed.
+EXTRA_OF_MODULE = {"grpc": "client", "grpc_health": "client", "google": "client",
+                   "torch": "models", "safetensors": "models", "tokenizers": "models", "yaml": "models"}
 
 
 def _cmd_init_checkpoint(args: argparse.Namespace) -> None:
@@ -143,11 +158,11 @@ def _server_address(value: str) -> str:
     return value
 
 
-def _server_error(exc, server: str) -> FunchatError:
-    """A FunchatClientError as the one-line message the command exits with."""
+def _server_error(exc, server: str) -> CommandError:
+    """A FunchatClientError (the client's own error type, not a FunchatError) as the command's message."""
     if exc.unreachable:
-        return FunchatError(f"cannot reach funchat server at {server} ({exc.code}): {exc.message}")
-    return FunchatError(f"funchat server at {server} answered {exc.code}: {exc.message}")
+        return CommandError(f"cannot reach funchat server at {server} ({exc.code}): {exc.message}")
+    return CommandError(f"funchat server at {server} answered {exc.code}: {exc.message}")
 
 
 def _client_config(args: argparse.Namespace):
@@ -351,11 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except FunchatError as exc:
+    # FunchatError: bad input (audio files, checkpoints); CommandError: the server's answer (chat, call);
+    # ValueError: invalid option values, vocoder input errors (VocoderInputError).
+    except (FunchatError, CommandError, ValueError) as exc:
         print(f"funchat {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # invalid option values, vocoder input errors (VocoderInputError)
-        print(f"funchat {args.command}: error: {exc}", file=sys.stderr)
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"funchat {args.command}: error: needs {exc.name}, which is not installed; "
+              f"install funchat[{extra}]", file=sys.stderr)
         return 2
     return 0
 

@@ -266,7 +266,7 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
         t0 = time.monotonic()
         env = {"FUNCHAT_CHECKPOINT": str(checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
                "FUNCHAT_RESUME_SECRET": secrets.token_hex(32), "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
-               "FUNCHAT_MAX_CALLS": str(max_calls), "FUNCHAT_RUN_DIR": str(run_dir)}
+               "FUNCHAT_MAX_CALLS": str(max_calls)}
         orch = start_orchestrator(run_dir, env, free_port(), timeout=timeout)
         stack.stop_fns.append(orch.stop)
         stack.target = orch.target

@@ -3,6 +3,9 @@
 For 1, 4 and 16 concurrent calls: per-request latency p50/p99 and requests per second through the
 service (async gRPC clients), and the same work in process (the service's engine, batched as the
 server batches it). The ratio is the cost of the service boundary. Tiny checkpoint, CPU.
+
+Also the bytes of one llm step's response payload (the output tensors the orchestrator requests:
+the chosen TEXT_TOKEN and the SRH_INPUT), next to what the whole vocabulary's float32 logits took.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tritonclient.grpc.aio as grpcclient
 
 from funchat.audio_io import load_audio
 from funchat.model.init_checkpoint import init_checkpoint
 from funchat.oracle.pipeline import ReferencePipeline
-from funchat.orchestrator.model_clients import AudioTokenizerClient, LlmClient, RefinedHeadClient, VocoderClient
-from funchat.engines.sequences import LlmEngine, LlmRequest, SrhEngine, SrhRequest
+from funchat.engines.llm import LlmEngine, LlmRequest
+from funchat.engines.refined_head import SrhEngine, SrhRequest
+from funchat.orchestrator.model_clients import (LLM_STEP_OUTPUTS, AudioTokenizerClient, LlmClient, RefinedHeadClient,
+                                                VocoderClient)
 from funchat.dev.tritonserver import start_servers
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 
@@ -61,6 +67,22 @@ def _in_process(run_batch, concurrency: int, repeats: int) -> dict[str, float]:
     return _stats(latencies, time.perf_counter() - t0)
 
 
+async def llm_step_response_bytes(endpoint: str, call_id: int, prompt: list[int]) -> int:
+    """Bytes of the output tensors in one llm step's response, with the outputs the orchestrator
+    requests (LLM_STEP_OUTPUTS), on a call of its own."""
+    async with grpcclient.InferenceServerClient(endpoint) as client:
+        async def infer(ids: list[int], start: bool, end: bool):
+            tensor = grpcclient.InferInput("INPUT_IDS", [1, len(ids)], "INT64")
+            tensor.set_data_from_numpy(np.array([ids], dtype=np.int64))
+            outputs = [grpcclient.InferRequestedOutput(n) for n in LLM_STEP_OUTPUTS]
+            return await client.infer("llm", [tensor], outputs=outputs, sequence_id=call_id,
+                                      sequence_start=start, sequence_end=end)
+
+        await infer(prompt, True, False)
+        step = await infer([5], False, True)
+    return sum(len(raw) for raw in step.get_response().raw_output_contents)
+
+
 async def bench(ckpt: Path, cluster, audio: np.ndarray, repeats: int) -> dict:
     p = ReferencePipeline(ckpt)
     e = cluster.endpoints
@@ -72,6 +94,7 @@ async def bench(ckpt: Path, cluster, audio: np.ndarray, repeats: int) -> dict:
     prompt = list(range(1, 40))
     hidden = np.random.default_rng(0).normal(size=(1, p.model.cfg.hidden_size)).astype(np.float32)
     codes = np.random.default_rng(1).integers(0, 6561, 18).tolist()
+    step_bytes = await llm_step_response_bytes(e["llm"], 999_999, prompt)
     results: dict[str, dict] = {}
     for c in CONCURRENCY:
         row: dict[str, dict] = {}
@@ -87,7 +110,8 @@ async def bench(ckpt: Path, cluster, audio: np.ndarray, repeats: int) -> dict:
         row["llm_step"] = {
             "service": await _service(lambda w, i: llm.step(base + w, 5), c, repeats),
             "in_process": _in_process(lambda n, i: llm_engine.run(
-                [LlmRequest(base + w, False, False, torch.tensor([5])) for w in range(n)]), c, repeats)}
+                [LlmRequest(base + w, False, False, torch.tensor([5])) for w in range(n)]), c, repeats),
+            "response_bytes": step_bytes}
         # refined_head: one LLM step's 5 speech tokens per request
         for w in range(c):
             await srh.run(base + w, np.repeat(hidden, 3, 0), start=True)
@@ -107,7 +131,10 @@ async def bench(ckpt: Path, cluster, audio: np.ndarray, repeats: int) -> dict:
         results[str(c)] = row
     for client in (tok, llm, srh, voc):
         await client.close()
-    return results
+    vocab = p.model.cfg.text.vocab_size
+    return {"concurrency": results,
+            "llm_step_response": {"bytes": step_bytes, "vocabulary": vocab,
+                                  "vocabulary_logits_bytes": 4 * vocab}}  # what float32 LOGITS [1, V] took
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,16 +153,21 @@ def main(argv: list[str] | None = None) -> None:
         with start_servers(["audio_tokenizer", "llm", "refined_head", "vocoder"], run_dir=Path(tmp) / "run",
                            params=params, timeout=180) as cluster:
             results = asyncio.run(bench(ckpt, cluster, audio, args.repeats))
-    print("funchat bench-triton: tiny checkpoint, CPU, one tritonserver per model; latency per request (ms)")
+    print("funchat bench-triton: tiny checkpoint, CPU, one tritonserver per model; latency per request (ms);")
+    print("resp B: bytes of the output tensors in one response (llm step: TEXT_TOKEN + SRH_INPUT)")
     print(f"{'model':<22}{'calls':>6}{'svc p50':>10}{'svc p99':>10}{'svc rps':>10}"
-          f"{'inproc p50':>12}{'inproc rps':>12}{'p50 ratio':>11}")
-    for c, row in results.items():
+          f"{'inproc p50':>12}{'inproc rps':>12}{'p50 ratio':>11}{'resp B':>9}")
+    for c, row in results["concurrency"].items():
         for model, r in row.items():
             s, i = r["service"], r["in_process"]
+            size = f"{r['response_bytes']:>9}" if "response_bytes" in r else f"{'-':>9}"
             print(f"{model:<22}{c:>6}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['rps']:>10.1f}"
-                  f"{i['p50_ms']:>12.2f}{i['rps']:>12.1f}{s['p50_ms'] / i['p50_ms']:>11.2f}")
+                  f"{i['p50_ms']:>12.2f}{i['rps']:>12.1f}{s['p50_ms'] / i['p50_ms']:>11.2f}{size}")
+    step = results["llm_step_response"]
+    print(f"llm step response: {step['bytes']} bytes (the whole vocabulary's float32 logits were "
+          f"{step['vocabulary_logits_bytes']} bytes, V = {step['vocabulary']})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"concurrency": results, "repeats": args.repeats}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({**results, "repeats": args.repeats}, indent=2) + "\n")
     print(f"JSON written to {args.json}")
 
 

@@ -4,7 +4,9 @@ The recording is cut at its natural pause into two turns; each is streamed in 10
 committed; the replies are written as WAVs with a transcript, and the first-audio latency (commit
 -> first audio chunk, measured here, the client side) is printed.
 
-    python -m funchat.dev.demo --server 127.0.0.1:50051 --input IN.wav --out .run
+    python -m funchat.dev.demo [--server HOST:PORT] --input IN.wav --out .run
+
+The server defaults to the local stack's (`make up`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import soundfile as sf
 
 from funchat.audio_io import SAMPLE_RATE, load_audio
 from funchat.client import AsyncClient, FunchatClientError, session_config
+from funchat.dev.stack import DEFAULT_GRPC_PORT, HOST
 
 
 def split_turns(audio: np.ndarray) -> list[np.ndarray]:
@@ -64,7 +67,7 @@ async def conversation(server: str, audio: np.ndarray, out: Path, greedy: bool, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m funchat.dev.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", default="127.0.0.1:50051")
+    ap.add_argument("--server", default=f"{HOST}:{DEFAULT_GRPC_PORT}")
     ap.add_argument("--input", required=True)
     ap.add_argument("--out", default=".run")
     ap.add_argument("--greedy", action="store_true")

@@ -1,7 +1,7 @@
 """`make up` / `make down`: redis-server, the four Triton model services and the Ray Serve orchestrator
 on 127.0.0.1, in the background.
 
-    python -m funchat.dev.stack up [--checkpoint DIR] [--grpc-port 50051] [--timeout S]
+    python -m funchat.dev.stack up [--checkpoint DIR] [--grpc-port P] [--timeout S]
     python -m funchat.dev.stack status
     python -m funchat.dev.stack down
 
@@ -9,7 +9,9 @@ on 127.0.0.1, in the background.
 check) and writes `<run_dir>/endpoints.json`: each model service, `"orchestrator"` (the public
 API), `"redis"` and `"checkpoint"` (the directory in use). The parts' pids go to
 `<run_dir>/stack.json`, which `down` reads. A resume-token key is created once in
-`<run_dir>/resume_secret` (mode 0600) and given to the orchestrator.
+`<run_dir>/resume_secret` (mode 0600); the orchestrator reads it there (FUNCHAT_RESUME_SECRET_FILE).
+The orchestrator's settings are FUNCHAT_* environment variables (services/orchestrator/README.md):
+the ones set in this shell are passed on, the stack sets checkpoint, endpoints, Redis and ports.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from pathlib import Path
 from funchat.dev.redis_server import start_redis
 from funchat.dev.tritonserver import PROJECT_ROOT
 from funchat.dev.tritonserver import _alive, free_port, stop_pids, tail
+from funchat.orchestrator.settings import ModelEndpoints, OrchestratorSettings
 
 DEFAULT_RUN_DIR = PROJECT_ROOT / ".run"
+DEFAULT_GRPC_PORT = OrchestratorSettings.model_fields["grpc_port"].default  # the orchestrator's own default
 STACK_FILE = "stack.json"
 HOST = "127.0.0.1"
 
@@ -39,13 +43,14 @@ class StackError(RuntimeError):
     pass
 
 
-def resume_secret(run_dir: Path) -> str:
+def resume_secret_file(run_dir: Path) -> Path:
+    """<run_dir>/resume_secret, created once (mode 0600) so sessions resume across `make up`s."""
     path = run_dir / "resume_secret"
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
         path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return path
 
 
 async def _health(target: str, timeout: float = 2.0) -> bool:
@@ -103,18 +108,19 @@ class OrchestratorProcess:
             pass
 
 
-def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int = 50051, timeout: float = 180.0,
-                       replicas: int = 1) -> OrchestratorProcess:
+def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeout: float = 180.0
+                       ) -> OrchestratorProcess:
     """Start `python -m funchat.orchestrator.app` in its own process group; wait for its health check.
-    env: FUNCHAT_* settings (checkpoint, endpoints, redis_url, resume_secret, ...)."""
+    env: its FUNCHAT_* settings (checkpoint, endpoints, redis_url, the resume secret, ...), over
+    this process's environment; the gRPC port is `grpc_port`, Ray's HTTP proxy gets a free port."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "orchestrator.log"
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, **env, "FUNCHAT_GRPC_PORT": str(grpc_port), "FUNCHAT_HTTP_PORT": str(free_port()),
+                "PYTHONUNBUFFERED": "1"}
     venv_bin = str(Path(sys.executable).parent)
     full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "funchat.orchestrator.app", "--grpc-port", str(grpc_port),
-                                 "--http-port", str(free_port()), "--replicas", str(replicas)],
+        proc = subprocess.Popen([sys.executable, "-m", "funchat.orchestrator.app"],
                                 stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=str(PROJECT_ROOT),
                                 start_new_session=True)
     orch = OrchestratorProcess(proc.pid, grpc_port, log)
@@ -158,11 +164,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         if rc != 0:
             raise StackError("the Triton model services did not start (see above)")
         endpoints = _read(run_dir / "endpoints.json")
-        env = {"FUNCHAT_CHECKPOINT": str(checkpoint), "FUNCHAT_RUN_DIR": str(run_dir),
-               "FUNCHAT_REDIS_URL": redis.url, "FUNCHAT_RESUME_SECRET": resume_secret(run_dir),
-               "FUNCHAT_ENDPOINTS": json.dumps({k: endpoints[k] for k in
-                                                ("audio_tokenizer", "llm", "refined_head", "vocoder")})}
-        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout, args.replicas)
+        env = {"FUNCHAT_CHECKPOINT": str(checkpoint), "FUNCHAT_REDIS_URL": redis.url,
+               "FUNCHAT_ENDPOINTS": json.dumps({k: endpoints[k] for k in ModelEndpoints.model_fields}),
+               # the key is the file; a FUNCHAT_RESUME_SECRET inherited from the shell would conflict
+               "FUNCHAT_RESUME_SECRET_FILE": str(resume_secret_file(run_dir)), "FUNCHAT_RESUME_SECRET": ""}
+        if args.replicas is not None:
+            env["FUNCHAT_REPLICAS"] = str(args.replicas)
+        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout)
         started.update(orchestrator_pid=orch.pid)
         print(f"orchestrator      {orch.target} (Ray Serve gRPC)  pid {orch.pid}  log {orch.log}", flush=True)
         endpoints.update(orchestrator=orch.target, redis=redis.url, checkpoint=str(checkpoint))
@@ -212,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up")
     up.add_argument("--checkpoint", default=str(PROJECT_ROOT / "checkpoints" / "tiny"))
-    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     up.add_argument("--redis-port", type=int, default=0, help="default: a free port")
-    up.add_argument("--replicas", type=int, default=1, help="orchestrator replicas")
+    up.add_argument("--replicas", type=int, default=None, help="orchestrator replicas (default: FUNCHAT_REPLICAS "
+                                                              "or the orchestrator's default)")
     up.add_argument("--timeout", type=float, default=180.0)
     up.add_argument("--threads", type=int, default=1, help="torch threads per model service (0 = torch default)")
     down = sub.add_parser("down")

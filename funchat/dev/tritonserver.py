@@ -6,8 +6,9 @@ venv; nothing is installed system-wide. For each requested model we
 1. copy the Python backend (`libtriton_python.so`, `triton_python_backend_utils.py` and the
    `triton_python_backend_stub` built for this Python) into `<run_dir>/triton/backends/python/`;
 2. write a one-model repository `<run_dir>/triton/repos/<model>/<model>/` (the model's `1/` folder
-   copied, its `config.pbtxt` rewritten with the parameter overrides and a relative `checkpoint`
-   made absolute against the project root, i.e. the parent of `model_repository/`);
+   copied, its `config.pbtxt` rewritten with the parameter overrides and relative path parameters
+   (`checkpoint`, `tensorrt_plans`) made absolute against the project root, i.e. the parent of
+   `services/`: the services themselves take a relative path from tritonserver's working directory);
 3. start `tritonserver` on free (or given) ports with its log in `<run_dir>/triton/<model>.log`,
    and wait until the server and the model are ready (a load failure is reported at once, with the
    model's error and the log's tail);
@@ -51,7 +52,7 @@ HOST = "127.0.0.1"
 ENDPOINTS_FILE = "endpoints.json"  # in run_dir: {model: "127.0.0.1:GRPC_PORT"}
 SERVERS_FILE = "servers.json"  # in run_dir/triton: {model: {grpc_port, http_port, metrics_port, pid, log}}
 PIDS_FILE = "pids.json"  # in run_dir/triton: {model: pid} of servers left running by `up`
-PATH_PARAMS = ("checkpoint",)  # parameters holding a path; relative ones are resolved against the project root
+PATH_PARAMS = ("checkpoint", "tensorrt_plans")  # parameters holding a path; relative ones are resolved against the project root
 
 
 class TritonServerError(RuntimeError):

@@ -1,6 +1,6 @@
 """The llm service's engines, chosen by the Triton model parameter `engine`.
 
-- `torch` (default): `LlmEngine` (funchat.engines.sequences). Prefills run eagerly. On a CUDA
+- `torch` (default): `LlmEngine` (funchat.engines.llm). Prefills run eagerly. On a CUDA
   device the single-token steps run through a `CudaGraphStepRunner`: one fixed-shape step function
   per (batch size bucket, context bucket), captured once as a CUDA graph and replayed. With
   `cuda_graphs` = "false" the same fixed-shape function runs without capture (any device; this is
@@ -32,12 +32,15 @@ from funchat.model.checkpoint import load_model, tensor_index
 from funchat.model.config import FunAudioChatConfig
 from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.qwen3 import KVCache, apply_rotary
-from funchat.engines.sequences import LlmEngine, SlotPool
+from funchat.engines.llm import LlmEngine
+from funchat.engines.slot_pool import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SlotPool
+from funchat.engines.triton_adapter import ServiceParams
+from funchat.turn.prompt import CONTEXT_TOKENS
 
 ENGINES = ("torch", "tensorrt")
 CUDA_GRAPHS = ("auto", "true", "false")
-DEFAULT_MAX_CONTEXT = 2048
-DEFAULT_TENSORRT_PLANS = "build/llm_trt"  # build_engines.sh --out, as in services/tensorrt/README.md
+DEFAULT_MAX_CONTEXT = CONTEXT_TOKENS  # the reference's context (prompt + reply)
+DEFAULT_TENSORRT_PLANS = "build/llm_trt"  # build_engines.sh --out (services/tensorrt/README.md), from the server's cwd
 
 TENSORRT_HELP = ("engine=tensorrt needs NVIDIA's Triton image with TensorRT; "
                  "plans from services/tensorrt/build_engines.sh")
@@ -343,7 +346,8 @@ class TensorRtLlmEngine(LlmEngine):
     """
 
     def __init__(self, checkpoint: str | Path, plans_dir: str | Path, device: str | torch.device = "cuda",
-                 max_sequences: int = 16, idle_timeout_s: float = 60.0, max_context: int = DEFAULT_MAX_CONTEXT,
+                 max_sequences: int = DEFAULT_MAX_SEQUENCES, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                 max_context: int = DEFAULT_MAX_CONTEXT,
                  clock: Callable[[], float] = time.monotonic, plans: tuple | None = None):
         """plans: (prefill, step) stand-ins with TrtPlan's interface (inputs, outputs, dtypes,
         profile_max, run) instead of the plan files; the tests pass the ONNX graphs run by onnxruntime."""
@@ -449,8 +453,9 @@ class TensorRtLlmEngine(LlmEngine):
 # ---- building the engine from the service's parameters ----
 
 def build_llm_engine(settings: LlmEngineSettings, checkpoint: str | Path, device: str = "cpu",
-                     dtype: str = "float32", max_sequences: int = 64, idle_timeout_s: float = 60.0,
-                     max_batch: int = 16, plans_dir: str | Path | None = None) -> LlmEngine:
+                     dtype: str = "float32", max_sequences: int = DEFAULT_MAX_SEQUENCES,
+                     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_batch: int = 16,
+                     plans_dir: str | Path | None = None) -> LlmEngine:
     """The llm service's engine for these settings (see the module docstring).
     max_batch: the largest batch of requests Triton hands the model (config `max_batch_size`)."""
     on_cuda = torch.device(device).type == "cuda"
@@ -475,3 +480,17 @@ def describe_engine(engine: LlmEngine) -> str:
     if engine.step_runner is not None:
         return f"torch on {engine.device}, steps with {engine.step_runner.describe()}"
     return f"torch on {engine.device}, eager"
+
+
+def load_llm_engine(params: ServiceParams) -> LlmEngine:
+    """The llm service's engine from its config parameters: `engine`, `cuda_graphs`, `max_context`,
+    `tensorrt_plans` (LlmEngineSettings), `checkpoint`, `device`, `dtype`, `threads`,
+    `max_sequences`, `idle_timeout_s`. Bad values raise ValueError before any weight is read."""
+    settings = LlmEngineSettings.from_params(params.values)
+    max_sequences = params.integer("max_sequences", DEFAULT_MAX_SEQUENCES, minimum=1)
+    idle_timeout_s = params.number("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
+    params.apply_threads()
+    return build_llm_engine(settings, params.checkpoint, device=params.device, dtype=params.dtype,
+                            max_sequences=max_sequences, idle_timeout_s=idle_timeout_s,
+                            max_batch=max(1, params.max_batch_size),
+                            plans_dir=params.path("tensorrt_plans", settings.tensorrt_plans))

@@ -1,4 +1,4 @@
-"""The orchestrator as a Ray Serve application with Ray Serve's gRPC ingress.
+"""The orchestrator process: the public API as a Ray Serve application with Ray Serve's gRPC ingress.
 
 Ray Serve's gRPC proxy serves `funchat.v1.Funchat` (Converse is bidirectional streaming through
 `ray.serve.grpc_util.gRPCInputStream`, verified on Ray 2.60), the standard `grpc.health.v1.Health`
@@ -6,17 +6,19 @@ service and server reflection. With a single application deployed, clients need 
 `application` metadata. Each replica is a `FunchatService`; replicas share nothing but Redis
 (sessions) and the resume-token key, so a call resumes on any replica.
 
-Run in the foreground (what `make up` starts in the background):
+Two ways to start it, the same application:
 
-    python -m funchat.orchestrator.app [--grpc-port 50051] [--replicas 1]
+    python -m funchat.orchestrator.app                  # one machine: a local Ray, Serve, the app
+    serve run services/orchestrator/serve_config.yaml   # an existing Ray cluster (KubeRay serveConfigV2)
 
-It serves until SIGTERM / SIGINT, then shuts Serve and Ray down.
+The first serves until SIGTERM / SIGINT, then shuts Serve and Ray down (`make up` starts it in the
+background). The second imports `funchat.orchestrator.app:app_builder`. Both take their settings
+from the `FUNCHAT_*` environment (services/orchestrator/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -24,24 +26,31 @@ import sys
 import threading
 
 from ray import serve
+from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
 from funchat.orchestrator.service import FunchatService
-from funchat.orchestrator.settings import OrchestratorSettings
+from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, env_name
 
 APP_NAME = "funchat"
+DEPLOYMENT_NAME = "Orchestrator"
 SERVICER_FUNCTIONS = [
     "funchat.v1.funchat_pb2_grpc.add_FunchatServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+# The replicas only draw tokens and move audio: the cores belong to the model services.
+RUNTIME_ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+SECRET_FIELDS = ("resume_secret",)
 
 
-@serve.deployment(name="Orchestrator")
+@serve.deployment(name=DEPLOYMENT_NAME)
 class Orchestrator:
     """Ray Serve routes each gRPC method to the method of the same name."""
 
     def __init__(self, settings: dict):
-        self.service = FunchatService(OrchestratorSettings(**settings))
+        """settings: `OrchestratorSettings.deployment_args()`, no secret in it; the replica's own
+        environment gives the resume-token key."""
+        self.service = FunchatService(OrchestratorSettings.load(**settings))
 
     async def Converse(self, request_stream, grpc_context=None):
         async for event in self.service.Converse(request_stream, grpc_context):
@@ -70,26 +79,39 @@ class Orchestrator:
         return health_pb2.HealthCheckResponse(status=status)
 
 
-def build_app(settings: OrchestratorSettings):
-    options = dict(num_replicas=settings.replicas, ray_actor_options={"num_cpus": settings.replica_cpus},
-                   # above our own admission limit, so a full replica answers RESOURCE_EXHAUSTED itself
-                   max_ongoing_requests=settings.max_calls + 16)
-    data = settings.model_dump(mode="json")
-    data["endpoints"] = settings.model_endpoints()  # resolved once here; replicas may run anywhere
-    return Orchestrator.options(**options).bind(data)
+def deployment_options(settings: OrchestratorSettings) -> dict:
+    return dict(num_replicas=settings.replicas, ray_actor_options={"num_cpus": settings.replica_cpus},
+                # above our own admission limit, so a full replica answers RESOURCE_EXHAUSTED itself
+                max_ongoing_requests=settings.max_calls + 16)
 
 
-def serve_forever(settings: OrchestratorSettings, http_port: int, num_cpus: int = 2) -> None:
+def build_app(settings: OrchestratorSettings) -> Application:
+    return Orchestrator.options(**deployment_options(settings)).bind(settings.deployment_args())
+
+
+def app_builder(args: dict) -> Application:
+    """The application for Ray Serve's config (`import_path: funchat.orchestrator.app:app_builder`):
+    settings from the environment of the process building it, overridden by the config's `args`
+    (setting names as keys). Secrets are refused there: Ray records a config's arguments."""
+    secrets_given = [name for name in SECRET_FIELDS if name in args]
+    if secrets_given:
+        raise SettingsError(f"{secrets_given} must not be in the Serve config (Ray records its args): set "
+                            f"{env_name('resume_secret')} or {env_name('resume_secret_file')} in the replicas' "
+                            "environment")
+    return build_app(OrchestratorSettings.load(**args))
+
+
+def serve_forever(settings: OrchestratorSettings) -> None:
+    """A local Ray cluster, Serve with its gRPC proxy, the application; until SIGTERM / SIGINT."""
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=200 << 20,
-             logging_level=logging.WARNING, log_to_driver=True,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, object_store_memory=200 << 20,
+             logging_level=logging.WARNING, log_to_driver=True, runtime_env=RUNTIME_ENV)
     try:
         serve.start(grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-                    http_options={"host": "127.0.0.1", "port": http_port})
+                    http_options={"host": "127.0.0.1", "port": settings.http_port})
         serve.run(build_app(settings), name=APP_NAME)
-        print(f"funchat orchestrator serving gRPC on {settings.host}:{settings.grpc_port}", flush=True)
+        print(f"funchat orchestrator serving gRPC on port {settings.grpc_port}", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -102,21 +124,17 @@ def serve_forever(settings: OrchestratorSettings, http_port: int, num_cpus: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m funchat.orchestrator.app", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grpc-port", type=int, default=None)
-    ap.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP proxy (unused by the API)")
-    ap.add_argument("--replicas", type=int, default=None)
-    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray cluster")
-    args = ap.parse_args(argv)
-    overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("replicas", args.replicas)) if v is not None}
-    settings = OrchestratorSettings(**overrides)
-    settings.model_endpoints()  # fail fast when the model services are not known
-    if not settings.resume_secret:
-        print("FUNCHAT_RESUME_SECRET is not set (make up writes one to .run/resume_secret)", file=sys.stderr)
+    argparse.ArgumentParser(prog="python -m funchat.orchestrator.app", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    try:
+        settings = OrchestratorSettings.load()
+        # the replicas on this machine read the same key: refuse before starting Ray without one
+        settings.read_resume_secret()
+    except SettingsError as exc:
+        print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")
-    serve_forever(settings, args.http_port, args.num_cpus)
+    os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")  # Ray's own knob, inherited by its processes
+    serve_forever(settings)
     return 0
 
 

@@ -1,7 +1,10 @@
-"""Typed async clients of the stateless model services, on `tritonclient.grpc.aio`.
+"""Typed async clients of the model services, on `tritonclient.grpc.aio`.
 
     tok = AudioTokenizerClient("127.0.0.1:8001")
     rows = await tok.encode(audio)                         # [n_groups, E] float32
+    llm = LlmClient("127.0.0.1:8002")
+    token, h = await llm.prefill(call_id, ids, rows, sampling=GREEDY, seed=text_seed(seed))
+    token, h = await llm.step(call_id, next_id, speech_group)   # the service chose `token`
     voc = VocoderClient("127.0.0.1:8004")
     pcm, state, dropped = await voc.push(codes, None, final=False, speaker="default")
     pcm, state, dropped = await voc.push(more, state, final=True)   # any vocoder replica
@@ -15,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from funchat.turn.sampling import GREEDY, SamplingParams
 
 
 class ServiceError(Exception):
@@ -122,25 +127,55 @@ class _SequenceClient(_Client):
 
 
 class LlmClient(_SequenceClient):
+    """The llm service chooses each forward's text token itself (greedy, or the call's seeded draws
+    set at start), so a response is one int64 id and, when asked, the SRH input: not the logits."""
+
     model = "llm"
 
-    async def prefill(self, call_id: int, input_ids, audio_embeds: np.ndarray | None = None,
-                      end: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Start a call with its prompt ids [T] (and the <|AUDIO|> rows [n, E]) -> (logits [V], srh_input [T, E])."""
+    async def prefill(self, call_id: int, input_ids, audio_embeds: np.ndarray | None = None, end: bool = False,
+                      sampling: SamplingParams = GREEDY, seed: int = 0,
+                      srh_input: bool = True) -> tuple[int, np.ndarray | None]:
+        """Start a call with its prompt ids [T] (and the <|AUDIO|> rows [n, E]) and how its text
+        tokens are chosen (seed: the text stream, `funchat.turn.sampling.text_seed`) -> (the chosen
+        text id, srh_input [T, E], or None when srh_input=False: a speech-to-text turn needs none)."""
         inputs = [_input("INPUT_IDS", np.asarray(input_ids, dtype=np.int64).reshape(1, -1), "INT64")]
         if audio_embeds is not None and len(audio_embeds):
-            inputs.append(_input("AUDIO_EMBEDS", np.ascontiguousarray(audio_embeds, dtype=np.float32)[None], "FP32"))
-        result = await self._infer_seq(inputs, ["LOGITS", "SRH_INPUT"], call_id, True, end)
-        return result.as_numpy("LOGITS")[0], result.as_numpy("SRH_INPUT")[0]
+            rows = np.ascontiguousarray(audio_embeds, dtype=np.float32)[None]
+            inputs.append(_input("AUDIO_EMBEDS", rows, "FP32"))
+        inputs += _sampling_inputs(sampling, seed)
+        return await self._run(inputs, call_id, True, end, srh_input)
 
-    async def step(self, call_id: int, text_token: int, speech_group=None,
-                   end: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """One LLM step of a call: its text id (+ the last speech group to fuse) -> (logits [V], srh_input [1, E])."""
+    async def step(self, call_id: int, text_token: int, speech_group=None, end: bool = False,
+                   srh_input: bool = True) -> tuple[int, np.ndarray | None]:
+        """One LLM step of a call: its text id (+ the last speech group to fuse) -> (the chosen text
+        id, srh_input [1, E], or None when srh_input=False)."""
         inputs = [_input("INPUT_IDS", np.array([[int(text_token)]], dtype=np.int64), "INT64")]
         if speech_group is not None:
             inputs.append(_input("SPEECH_GROUP", np.asarray(speech_group, dtype=np.int64).reshape(1, -1), "INT64"))
-        result = await self._infer_seq(inputs, ["LOGITS", "SRH_INPUT"], call_id, False, end)
-        return result.as_numpy("LOGITS")[0], result.as_numpy("SRH_INPUT")[0]
+        return await self._run(inputs, call_id, False, end, srh_input)
+
+    async def _run(self, inputs, call_id: int, start: bool, end: bool,
+                   srh_input: bool) -> tuple[int, np.ndarray | None]:
+        outputs = list(LLM_STEP_OUTPUTS if srh_input else LLM_STEP_OUTPUTS[:1])  # only what the caller uses
+        result = await self._infer_seq(inputs, outputs, call_id, start, end)
+        return int(result.as_numpy("TEXT_TOKEN").reshape(-1)[0]), \
+            result.as_numpy("SRH_INPUT")[0] if srh_input else None
+
+
+LLM_STEP_OUTPUTS = ("TEXT_TOKEN", "SRH_INPUT")  # what a speech-to-speech turn requests per llm forward
+
+
+def _sampling_inputs(sampling: SamplingParams, seed: int) -> list[grpcclient.InferInput]:
+    """The START inputs of a call's sampling settings (greedy sends GREEDY alone)."""
+    inputs = [_input("GREEDY", np.array([[sampling.greedy]]), "BOOL"),
+              _input("SEED", np.array([[seed]], dtype=np.int64), "INT64")]
+    if not sampling.greedy:
+        inputs += [_input("TEMPERATURE", np.array([[sampling.temperature]], dtype=np.float32), "FP32"),
+                   _input("TOP_P", np.array([[sampling.top_p]], dtype=np.float32), "FP32"),
+                   _input("TOP_K", np.array([[sampling.top_k]], dtype=np.int32), "INT32"),
+                   _input("REPETITION_PENALTY", np.array([[sampling.repetition_penalty]], dtype=np.float32),
+                          "FP32")]
+    return inputs
 
 
 class RefinedHeadClient(_SequenceClient):

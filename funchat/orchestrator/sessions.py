@@ -30,9 +30,9 @@ the write starts over from the read. Reads of a whole session use the same WATCH
 their audio rows always come from one version.
 
 Resume tokens `v1.<session_id>.<issued_at>.<mac>` (issued_at: Unix seconds; mac: unpadded
-base64url HMAC-SHA256 of "<session_id>|<issued_at>" keyed with the shared secret
-FUNCHAT_RESUME_SECRET) let a caller take its session to any replica. A token is good for `ttl_s`
-seconds after it was issued, and only while its session exists.
+base64url HMAC-SHA256 of "<session_id>|<issued_at>" keyed with the secret shared by every
+replica, the orchestrator's FUNCHAT_RESUME_SECRET) let a caller take its session to any replica.
+A token is good for `ttl_s` seconds after it was issued, and only while its session exists.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import time
@@ -162,16 +161,13 @@ class SessionStore:
     """Sessions in Redis (see the module docstring for the layout). One instance per event loop:
     redis.asyncio clients are bound to the loop they first run on."""
 
-    def __init__(self, redis_url: str, ttl_s: int = 3600, secret: str | bytes | None = None,
-                 prefix: str = "funchat:"):
-        """secret: the resume-token HMAC key, shared by every replica; None reads
-        FUNCHAT_RESUME_SECRET. An empty one is refused (tokens anyone could forge)."""
-        if secret is None:
-            secret = os.environ.get("FUNCHAT_RESUME_SECRET", "")
+    def __init__(self, redis_url: str, *, secret: str | bytes, ttl_s: int, prefix: str = "funchat:"):
+        """secret: the resume-token HMAC key, the same on every replica (the orchestrator's settings
+        hold it). An empty one is refused (tokens anyone could forge). ttl_s: sliding expiry."""
         key = secret.encode() if isinstance(secret, str) else bytes(secret)
         if not key:
-            raise ValueError("the resume-token secret is empty: set FUNCHAT_RESUME_SECRET (the same value on "
-                             "every orchestrator replica; `make up` writes one to .run/resume_secret)")
+            raise ValueError("the resume-token secret is empty: it must be the same non-empty key on every "
+                             "orchestrator replica (FUNCHAT_RESUME_SECRET or FUNCHAT_RESUME_SECRET_FILE)")
         if int(ttl_s) < 1:
             raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s}")
         self.url = redis_url

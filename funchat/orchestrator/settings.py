@@ -1,50 +1,118 @@
-"""Orchestrator configuration: environment variables `FUNCHAT_*` (or keyword arguments).
+"""The orchestrator's settings: environment variables `FUNCHAT_<FIELD>` (or keyword arguments).
 
-Endpoints of the model services come from `<run_dir>/endpoints.json` (written by
-`make triton-up` / `make up`) unless given explicitly.
+Built once by the process (`funchat.orchestrator.app`) and passed down. The Ray Serve deployment
+gets `deployment_args()`: every setting but the secret. Each replica rebuilds its settings from
+those arguments plus its own environment, where it finds the resume-token key
+(`FUNCHAT_RESUME_SECRET`, or a file named by `FUNCHAT_RESUME_SECRET_FILE`, e.g. a mounted
+Kubernetes Secret): the key never travels as a deployment argument, which Ray records.
+
+`services/orchestrator/README.md` lists every variable with its default.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvParseError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-MODEL_SERVICES = ("audio_tokenizer", "llm", "refined_head", "vocoder")
+ENV_PREFIX = "FUNCHAT_"
+NESTED_DELIMITER = "__"
+
+
+class SettingsError(ValueError):
+    """Settings that are missing or malformed; the message names the environment variables."""
+
+
+class ModelEndpoints(BaseModel):
+    """The gRPC address (host:port) of each model service's tritonserver."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audio_tokenizer: str
+    llm: str
+    refined_head: str
+    vocoder: str
 
 
 class OrchestratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FUNCHAT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="ignore")
 
-    checkpoint: Path = PROJECT_ROOT / "checkpoints" / "tiny"  # tokenizer, config, vocoder speakers
-    run_dir: Path = PROJECT_ROOT / ".run"
-    # {"audio_tokenizer": "127.0.0.1:PORT", ...}; empty = read <run_dir>/endpoints.json
-    endpoints: dict[str, str] = Field(default_factory=dict)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    # HMAC key of resume tokens; shared by every orchestrator replica. `make up` writes one.
-    resume_secret: str = ""
-    session_ttl_s: int = 3600
-    max_calls: int = 16                 # admission limit per orchestrator replica (calls in flight)
-    max_new_tokens: int = 512           # default reply length cap (the context caps it too)
-    max_chunk_ms: int = 1000            # longest caller audio chunk accepted in one event
-    max_turn_s: float = 60.0            # longest caller turn (audio) accepted
-    service_timeout_s: float = 30.0     # per model-service request
-    replicas: int = 1
-    replica_cpus: float = 0.25          # Ray CPUs per orchestrator replica (2-core machines: <= 0.5)
+    # ---- what each replica needs ----
+    checkpoint: Path = Field(description="checkpoint directory: tokenizer, config.json, vocoder speakers (voices)")
+    endpoints: ModelEndpoints = Field(
+        description='model services, JSON {"audio_tokenizer": "host:port", "llm": ..., "refined_head": ..., '
+                    '"vocoder": ...} (or one variable each: FUNCHAT_ENDPOINTS__LLM=host:port)')
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the session store")
+    # exclude=True: never in model_dump(), so never in the deployment arguments
+    resume_secret: SecretStr = Field(SecretStr(""), exclude=True,
+                                     description="HMAC key of resume tokens, the same on every replica")
+    resume_secret_file: Path | None = Field(None, description="a file holding the resume-token key (instead of "
+                                                              "FUNCHAT_RESUME_SECRET), e.g. a mounted Secret")
+    session_ttl_s: int = Field(3600, description="sessions expire this long after their last write")
+    max_calls: int = Field(16, description="admission limit per replica (calls in flight)")
+    max_new_tokens: int = Field(512, description="reply length cap (the context caps it too)")
+    max_chunk_ms: int = Field(1000, description="longest caller audio chunk accepted in one event")
+    max_turn_s: float = Field(60.0, description="longest caller turn (audio) accepted")
+    service_timeout_s: float = Field(30.0, description="per model-service request")
 
-    def model_endpoints(self) -> dict[str, str]:
-        endpoints = dict(self.endpoints)
-        if not endpoints:
-            path = self.run_dir / "endpoints.json"
-            if path.exists():
-                endpoints = {k: v for k, v in json.loads(path.read_text()).items() if k in MODEL_SERVICES}
-        missing = [m for m in MODEL_SERVICES if m not in endpoints]
-        if missing:
-            raise RuntimeError(f"no endpoint for model services {missing}: start them (make triton-up) or set "
-                               f"FUNCHAT_ENDPOINTS / {self.run_dir / 'endpoints.json'}")
-        return endpoints
+    # ---- the process and its Ray Serve deployment ----
+    grpc_port: int = Field(50051, description="the public API (Ray Serve's gRPC proxy, all interfaces)")
+    http_port: int = Field(8000, description="Ray Serve's HTTP proxy (always started, unused by the API)")
+    replicas: int = Field(1, description="orchestrator replicas")
+    replica_cpus: float = Field(0.25, description="Ray CPUs per replica (2-core machines: <= 0.5)")
+    ray_cpus: int = Field(2, description="CPUs of the local Ray cluster that `python -m funchat.orchestrator.app` "
+                                         "starts")
+
+    @classmethod
+    def load(cls, **values) -> OrchestratorSettings:
+        """The environment, overridden by `values`. Raises SettingsError naming the variables to fix."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise SettingsError(f"unknown orchestrator settings {unknown}; known: {sorted(cls.model_fields)}")
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError("orchestrator settings:\n" + "\n".join(_explain(e) for e in exc.errors())) from None
+        except EnvParseError as exc:  # a variable that is not JSON where JSON is expected
+            raise SettingsError(f"orchestrator settings: {exc} ({env_name('endpoints')} must be a JSON "
+                                "object)") from None
+
+    def deployment_args(self) -> dict:
+        """What the Ray Serve deployment is bound with: every setting but the secret, JSON-able."""
+        return self.model_dump(mode="json")
+
+    def read_resume_secret(self) -> SecretStr:
+        """The resume-token key: FUNCHAT_RESUME_SECRET, or the contents of FUNCHAT_RESUME_SECRET_FILE.
+        Read when a replica starts (not at validation), so that a process which only builds the
+        application (a Serve controller) needs no access to it."""
+        secret = self.resume_secret.get_secret_value()
+        if self.resume_secret_file is not None:
+            if secret:
+                raise SettingsError(f"set {env_name('resume_secret')} or {env_name('resume_secret_file')}, not both")
+            try:
+                secret = self.resume_secret_file.read_text().strip()
+            except OSError as exc:
+                raise SettingsError(f"{env_name('resume_secret_file')}={self.resume_secret_file}: cannot read it "
+                                    f"({exc.strerror})") from None
+        if not secret:
+            raise SettingsError(f"{env_name('resume_secret')} (or {env_name('resume_secret_file')}) is not set: "
+                                "resume tokens need a key shared by all replicas")
+        return SecretStr(secret)
+
+
+def env_name(*loc) -> str:
+    """The environment variable of a setting: ("endpoints", "llm") -> FUNCHAT_ENDPOINTS__LLM."""
+    return ENV_PREFIX + NESTED_DELIMITER.join(str(part).upper() for part in loc)
+
+
+def _explain(error: dict) -> str:
+    loc = error["loc"]
+    field = OrchestratorSettings.model_fields.get(loc[0]) if loc else None
+    what = f" ({field.description})" if field is not None and len(loc) == 1 and field.description else ""
+    if error["type"] == "missing":
+        return f"  {env_name(*loc)} is not set{what}"
+    if error["type"] == "extra_forbidden":
+        return f"  {env_name(*loc)}: no such setting"
+    return f"  {env_name(*loc)}: {error['msg']} (got {error.get('input')!r}){what}"

@@ -4,10 +4,11 @@
                                                    \\-> vocoder (its own task) -> audio deltas
 
 The loop is the oracle's (`funchat.oracle.generation.generate`) with every forward replaced by a service
-call: the same `TurnSchedule`, the same text selection (greedy or seeded draws with seed + 1), the
-refined_head service drawing the speech tokens with `seed`. So under greedy decoding (or a fixed
-seed) the tokens are the oracle's. The vocoder runs in its own task and takes every code that has
-piled up each time it is free, so its work overlaps the next LLM steps.
+call: the same `TurnSchedule`; the llm service choosing the text tokens (greedy, or seeded draws on
+the `text_seed` stream) and the refined_head service the speech tokens (the `speech_seed` stream),
+both as the oracle does. So under greedy decoding (or a fixed seed) the tokens are the oracle's.
+The vocoder runs in its own task and takes every code that has piled up each time it is free, so
+its work overlaps the next LLM steps.
 
 Every turn is a fresh llm / refined_head sequence whose prefill is the whole prompt, rebuilt from
 the session history (user speech kept as the audio tokenizer's rows): nothing of a call lives only
@@ -26,14 +27,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
-from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
 from funchat.errors import AudioInputError, ContextOverflowError
 from funchat.orchestrator.sessions import HistoryTurn
 from funchat.turn.prompt import Prompt, PromptBuilder
+from funchat.turn.sampling import GREEDY, SamplingParams, speech_seed, text_seed
 from funchat.turn.schedule import Mode, TurnSchedule
 from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
                                      VocoderClient)
@@ -232,13 +232,14 @@ class _TurnStream:
     async def generate(self, ids: list[int], rows: np.ndarray, max_new: int) -> None:
         req, llm, srh = self.req, self.services.llm, self.services.refined_head
         sched = self.schedule = TurnSchedule(self.info.token_ids, req.mode, max_new, prompt_last_token=ids[-1])
-        text_gen = torch.Generator().manual_seed(req.seed + 1)  # as the oracle: text draws use seed + 1
-        text_history = list(ids)
         self.call_id = req.call_id if req.call_id and not self.replays else new_call_id()
         speech = req.speech_sampling
         t = time.perf_counter()
         self.sequences_open = True
-        logits, h = await llm.prefill(self.call_id, ids, rows)
+        # The llm service chooses the text tokens (the oracle's text stream); a speech-to-text turn
+        # does not ask for the SRH input it would not use.
+        token, h = await llm.prefill(self.call_id, ids, rows, sampling=req.text_sampling, seed=text_seed(req.seed),
+                                     srh_input=sched.runs_srh)
         self.latency.setdefault("llm_prefill", (time.perf_counter() - t) * 1000.0)
         group, appended, step_index, speech_start = None, None, 0, None
         while True:
@@ -247,15 +248,11 @@ class _TurnStream:
                 group = await srh.run(self.call_id, h, start=step_index == 0, appended=appended,
                                       greedy=speech.greedy, temperature=speech.temperature, top_p=speech.top_p,
                                       top_k=speech.top_k, repetition_penalty=speech.repetition_penalty,
-                                      seed=req.seed)
+                                      seed=speech_seed(req.seed))
                 self.srh_seconds.append(time.perf_counter() - t)
                 group = group.tolist()
-            history = penalty_history(text_history, req.text_sampling)
-            token = int(select(torch.from_numpy(np.asarray(logits, dtype=np.float32))[None], req.text_sampling,
-                               history, text_gen)[0])
             out = sched.observe(token, group)
             appended = out.speech_group  # the refined head's penalty history grows by what was kept
-            text_history.append(out.text_token)
             if out.speech_group is not None and speech_start is None:
                 speech_start = step_index
             if self.cancel.is_set():
@@ -268,7 +265,7 @@ class _TurnStream:
             nxt = sched.next_input
             step_index += 1
             t = time.perf_counter()
-            logits, h = await llm.step(self.call_id, nxt.text_token, nxt.speech_group)
+            token, h = await llm.step(self.call_id, nxt.text_token, nxt.speech_group, srh_input=sched.runs_srh)
             self.llm_seconds.append(time.perf_counter() - t)
         await self.close_sequences()
 
@@ -304,7 +301,8 @@ class _TurnStream:
         self.sequences_open = False
         cid, sched = self.call_id, self.schedule
         nxt = sched.next_input if sched is not None and sched.next_input is not None else None
-        ends = [self.services.llm.step(cid, nxt.text_token if nxt else self.info.token_ids.end_ids[0], None, end=True)]
+        ends = [self.services.llm.step(cid, nxt.text_token if nxt else self.info.token_ids.end_ids[0], None, end=True,
+                                       srh_input=False)]
         if sched is not None and sched.runs_srh:
             width = self.info.facts.hidden_size
             ends.append(self.services.refined_head.run(cid, np.zeros((1, width), np.float32), end=True))

@@ -45,11 +45,13 @@ def silero_model_path() -> Path:
     """The `silero_vad.onnx` file inside the installed `silero-vad` package.
 
     Located with `importlib.util.find_spec`, which finds the package directory without executing
-    its `__init__` (that imports torch, about a second, and torch is not needed here).
+    its `__init__` (that imports torch, about a second, and torch is not needed here). The package
+    declares torch as a dependency, so a torch-free orchestrator installs it with `--no-deps`.
     """
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the silero-vad package is not installed (pip install silero-vad)")
+        raise RuntimeError("the silero-vad package (the VAD's ONNX model) is not installed: "
+                           "pip install --no-deps silero-vad==6.2.3 (--no-deps: it would pull in torch)")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
     if not path.is_file():
         raise RuntimeError(f"the Silero VAD model is missing at {path}")

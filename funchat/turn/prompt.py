@@ -52,6 +52,21 @@ def groups_for_frames(frames: int, group_size: int) -> int:
     return math.ceil(frames / group_size)
 
 
+def check_clip(n_samples: int, group_size: int, context_tokens: int, what: str = "audio") -> int:
+    """A clip's prompt positions; AudioInputError when it is too short to encode or cannot fit.
+    The audio tokenizer service and the prompt builder both apply it, so a clip the service
+    accepts fits the prompt built for it."""
+    groups = groups_for_frames(speech_frames_for_samples(n_samples), group_size)
+    if groups < 1:
+        raise AudioInputError(f"{what} is too short: {n_samples / INPUT_SAMPLE_RATE * 1000:.1f} ms ({n_samples} "
+                              f"samples); at least 40 ms (640 samples, one 25 Hz frame) is needed")
+    # The turn's fixed part (system prompt, role tags, audio bos/eos) needs some room too.
+    if groups >= context_tokens:
+        raise AudioInputError(f"{what} is too long: {n_samples / INPUT_SAMPLE_RATE:.1f} s takes {groups} LLM "
+                              f"positions, more than the {context_tokens}-token context")
+    return groups
+
+
 # ---- special ids ----
 
 @dataclass(frozen=True)
@@ -254,15 +269,7 @@ class PromptBuilder:
 
     def check_clip(self, n_samples: int, what: str = "audio") -> int:
         """A clip's prompt positions; AudioInputError when it is too short to encode or cannot fit."""
-        groups = self.audio_groups(n_samples)
-        if groups < 1:
-            raise AudioInputError(f"{what} is too short: {n_samples / INPUT_SAMPLE_RATE * 1000:.1f} ms; "
-                                  f"at least 40 ms (one 25 Hz frame) is needed")
-        # The turn's fixed part (system prompt, role tags, audio bos/eos) needs some room too.
-        if groups >= self.context_tokens:
-            raise AudioInputError(f"{what} is too long: {n_samples / INPUT_SAMPLE_RATE:.1f} s takes {groups} LLM "
-                                  f"positions, more than the {self.context_tokens}-token context")
-        return groups
+        return check_clip(n_samples, self.facts.group_size, self.context_tokens, what)
 
     # ---- prompt ----
 

@@ -6,6 +6,7 @@ services, which do the drawing (`funchat.model.sampling.select`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -18,6 +19,9 @@ class SamplingParams:
     repetition_penalty: float = 1.2
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (got {getattr(self, name)})")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy for argmax")
         if not 0 < self.top_p <= 1:

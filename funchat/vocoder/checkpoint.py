@@ -21,15 +21,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from funchat.checkpoint_files import SPEAKERS_FILE, VOCODER_DIR, vocoder_dir  # noqa: F401  (re-exported)
 from funchat.errors import CheckpointError
 from funchat.model.checkpoint import check_tensor_shapes
 from funchat.vocoder.hift import normalize_hift_state_dict
 from funchat.vocoder.token2wav import Token2Wav, VocoderConfig
 
-VOCODER_DIR = "vocoder"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-SPEAKERS_FILE = "speakers.safetensors"
 DEFAULT_SPEAKER = "default"
 
 
@@ -92,12 +91,6 @@ def save_speakers(speakers: dict[str, torch.Tensor], path: Path, dim: int) -> No
             raise CheckpointError(f"speaker {name!r} has {v.numel()} values, expected {dim}")
         tensors[name] = v.clone().contiguous()  # aliases (e.g. "default") are stored as their own copy
     save_file(tensors, str(path))
-
-
-def vocoder_dir(checkpoint: str | Path) -> Path:
-    """The vocoder folder of a funchat checkpoint (or the folder itself if it is one)."""
-    path = Path(checkpoint)
-    return path / VOCODER_DIR if (path / VOCODER_DIR).is_dir() else path
 
 
 def load_vocoder(checkpoint: str | Path) -> tuple[Token2Wav, dict[str, torch.Tensor]]:

@@ -40,7 +40,7 @@ def stack(tiny_checkpoint, tmp_path_factory):
                                     "llm": {"idle_timeout_s": "30"}}, run_dir=run_dir / "triton", timeout=180)
     env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
            "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
-           "FUNCHAT_MAX_CALLS": "6", "FUNCHAT_MAX_NEW_TOKENS": "512", "FUNCHAT_RUN_DIR": str(run_dir)}
+           "FUNCHAT_MAX_CALLS": "6", "FUNCHAT_MAX_NEW_TOKENS": "512"}
     port = free_port()
     state = {"redis": redis_server, "cluster": cluster, "env": env, "run_dir": run_dir, "port": port,
              "target": f"127.0.0.1:{port}", "orch": None}

@@ -21,6 +21,7 @@ from funchat.orchestrator.sessions import (ExpiredResumeToken, HistoryTurn, Inva
 from funchat.dev.tritonserver import free_port
 
 SECRET = "test-secret-" + "0" * 20
+TTL_S = 3600
 CONFIG = {"mode": "s2s", "instructions": "Be brief.", "voice": "alice", "tools": [],
           "generation": {"greedy": True, "seed": 0}, "turn_detection": {"manual": True},
           "input_audio_format": {"encoding": "pcm16", "sample_rate_hz": 16000}}
@@ -43,7 +44,7 @@ def plain(redis_server):
 def run_with_store(url: str, body, **kwargs):
     """asyncio.run(body(store)) with a store made (and closed) inside that event loop."""
     async def main():
-        async with SessionStore(url, **{"secret": SECRET, **kwargs}) as store:
+        async with SessionStore(url, **{"secret": SECRET, "ttl_s": TTL_S, **kwargs}) as store:
             return await body(store)
     return asyncio.run(main())
 
@@ -193,10 +194,11 @@ def test_resume_tokens(redis_server):
         results = {"ok": await store.verify_resume_token(token)}
         v, tid, issued, mac = token.split(".")
         forged_mac = mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")
+        other = SessionStore(redis_server.url, secret="another-secret", ttl_s=TTL_S)
         bad = {"tampered mac": f"{v}.{tid}.{issued}.{forged_mac}",
                "other session": f"{v}.{'0' * 32}.{issued}.{mac}",
                "other time": f"{v}.{tid}.{int(issued) - 1}.{mac}",
-               "other secret": SessionStore(redis_server.url, secret="another-secret").issue_resume_token(sid),
+               "other secret": other.issue_resume_token(sid),
                "empty": "", "garbage": "not-a-token", "v2": f"v2.{tid}.{issued}.{mac}",
                "extra part": token + ".x", "bad time": f"{v}.{tid}.12x.{mac}"}
         for name, t in bad.items():
@@ -251,18 +253,17 @@ def test_unreachable_redis_is_store_unavailable():
 def test_empty_secret_is_refused(redis_server, monkeypatch):
     for secret in ("", b""):
         with pytest.raises(ValueError, match="FUNCHAT_RESUME_SECRET"):
-            SessionStore(redis_server.url, secret=secret)
-    monkeypatch.delenv("FUNCHAT_RESUME_SECRET", raising=False)
-    with pytest.raises(ValueError, match="FUNCHAT_RESUME_SECRET"):
-        SessionStore(redis_server.url)
+            SessionStore(redis_server.url, secret=secret, ttl_s=TTL_S)
+    # the store takes its key from its caller only, never from the environment
     monkeypatch.setenv("FUNCHAT_RESUME_SECRET", SECRET)
-    assert SessionStore(redis_server.url).ttl_s == 3600  # the secret read from the environment
+    with pytest.raises(TypeError, match="secret"):
+        SessionStore(redis_server.url, ttl_s=TTL_S)
 
 
 def test_two_replicas_see_the_same_session(redis_server):
     async def body(_):
-        async with SessionStore(redis_server.url, secret=SECRET) as a, \
-                SessionStore(redis_server.url, secret=SECRET) as b:
+        async with SessionStore(redis_server.url, secret=SECRET, ttl_s=TTL_S) as a, \
+                SessionStore(redis_server.url, secret=SECRET, ttl_s=TTL_S) as b:
             sid = (await a.create(CONFIG)).session_id
             await a.append_turns(sid, [HistoryTurn(role="user", audio_rows=rows(6), n_groups=7)])
             token = a.issue_resume_token(sid)

@@ -14,8 +14,9 @@ import soundfile as sf
 
 from funchat.api import pb
 from funchat.cli import main as cli_main
-from funchat.client import (AsyncClient, Conversation, FunchatClientError, Reply, _Player, collect_reply,
-                            decode_pcm16, describe_event, encode_audio, session_config)
+from funchat.client import (AsyncClient, Conversation, FunchatClientError, Reply, collect_reply, decode_pcm16,
+                            describe_event, encode_audio, session_config)
+from funchat.client.call import _Player
 from funchat.oracle.pipeline import TurnResult
 
 # ---------------------------------------------------------------------------------------------

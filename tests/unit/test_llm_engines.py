@@ -22,8 +22,10 @@ from funchat.engines.llm_engines import (
     context_buckets,
     describe_engine,
 )
-from funchat.engines.sequences import LlmEngine, LlmRequest, SequenceError
-from funchat.engines.triton_params import load_llm_engine
+from funchat.engines.llm import LlmEngine, LlmRequest
+from funchat.engines.llm_engines import load_llm_engine
+from funchat.engines.slot_pool import SequenceError
+from funchat.engines.triton_adapter import ServiceParams
 
 ATOL = 1e-5  # float32 on CPU: the two paths differ only in summation order
 
@@ -47,7 +49,7 @@ def _assert_same(got, want, atol):
         assert not isinstance(g, SequenceError), g
         torch.testing.assert_close(g.logits, w.logits, atol=atol, rtol=0)
         torch.testing.assert_close(g.srh_input, w.srh_input, atol=atol, rtol=0)
-        assert int(g.logits.argmax()) == int(w.logits.argmax())
+        assert g.token == w.token == int(w.logits.argmax())  # greedy: the raw argmax
 
 
 def _drive_both(model, eager: LlmEngine, static: LlmEngine, atol: float) -> int:
@@ -163,10 +165,11 @@ def test_settings_are_validated():
 
 
 def _triton_args(tmp_path, checkpoint, max_batch_size=4, **params):
-    """What Triton gives `initialize`: the model config as JSON and the model's folder."""
+    """The llm's parameters from what Triton gives `initialize`: the model config as JSON and the model's folder."""
     config = {"max_batch_size": max_batch_size,
               "parameters": {k: {"string_value": v} for k, v in {"checkpoint": str(checkpoint), **params}.items()}}
-    return {"model_config": json.dumps(config), "model_repository": str(tmp_path / "model_repository" / "llm")}
+    args = {"model_config": json.dumps(config), "model_repository": str(tmp_path / "services" / "llm")}
+    return ServiceParams.from_args(args, "llm")
 
 
 def test_triton_parameters_choose_the_engine(tiny_checkpoint, tmp_path):

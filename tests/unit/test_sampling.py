@@ -161,7 +161,8 @@ def test_different_seeds_give_different_draws():
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
-                                    {"repetition_penalty": 0}])
+                                    {"repetition_penalty": 0}, {"temperature": float("nan")},
+                                    {"top_p": float("nan")}, {"repetition_penalty": float("inf")}])
 def test_invalid_sampling_params_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -8,9 +8,12 @@ import torch
 
 from funchat.audio_io import load_audio
 from funchat.oracle.generation import GenerationConfig
-from funchat.model.sampling import SamplingParams
+from funchat.model.sampling import GREEDY, SamplingParams
+from funchat.turn.sampling import speech_seed, text_seed
 from funchat.turn.schedule import Mode, TurnSchedule
-from funchat.engines.sequences import LlmEngine, LlmRequest, SequenceError, SrhEngine, SrhRequest
+from funchat.engines.llm import LlmEngine, LlmRequest
+from funchat.engines.refined_head import SrhEngine, SrhRequest
+from funchat.engines.slot_pool import SequenceError
 
 
 class FakeClock:
@@ -26,21 +29,33 @@ def speech(example_wav):
     return load_audio(example_wav)
 
 
-def _prompt(pipeline, audio, persona=None):
-    ids = pipeline.prompts.ids(Mode.S2S.value, persona, None, [], pipeline.audio_groups(len(audio)))
+def _prompt(pipeline, audio, persona=None, mode=Mode.S2S):
+    ids = pipeline.prompts.ids(mode.value, persona, None, [], pipeline.audio_groups(len(audio)))
     return ids, pipeline.encode_audio(audio)
 
 
-def _drive(pipeline, llm, srh, calls, max_new=16, srh_sampling=None, seed=0):
-    """Run several calls step-interleaved, every step of every live call in one batch; text greedy."""
-    sched = {cid: TurnSchedule(pipeline.token_ids, Mode.S2S, max_new, prompt_last_token=ids[-1])
+def _drive(pipeline, llm, srh, calls, max_new=16, srh_sampling=None, seed=0, text=None, mode=Mode.S2S):
+    """Run several calls step-interleaved, every step of every live call in one batch (the SRH in
+    s2s only). text: per call (SamplingParams, turn seed) of its text tokens; the other calls are
+    greedy with turn seed `seed`. Each service gets its stream of the call's turn seed, as the
+    oracle: the llm text_seed, the refined head speech_seed."""
+    text = text or {}
+    sched = {cid: TurnSchedule(pipeline.token_ids, mode, max_new, prompt_last_token=ids[-1])
              for cid, (ids, _) in calls.items()}
     order = list(calls)
-    kw = dict(sampling=srh_sampling, seed=seed) if srh_sampling else {}
-    res = llm.run([LlmRequest(cid, True, False, torch.tensor(calls[cid][0]), calls[cid][1]) for cid in order])
-    speech = srh.run([SrhRequest(cid, True, False, res[k].srh_input, **kw) for k, cid in enumerate(order)])
-    appended = {cid: sched[cid].observe(int(res[k].logits.argmax()), speech[k].tolist()).speech_group
-                for k, cid in enumerate(order)}
+    settings = {cid: text.get(cid, (GREEDY, seed)) for cid in order}
+    res = llm.run([LlmRequest(cid, True, False, torch.tensor(calls[cid][0]), calls[cid][1],
+                              sampling=settings[cid][0], seed=text_seed(settings[cid][1])) for cid in order])
+
+    def srh_run(requests):
+        return srh.run(requests) if mode is Mode.S2S else [None] * len(requests)
+
+    def observe(cid, result, group):
+        return sched[cid].observe(result.token, None if group is None else group.tolist()).speech_group
+
+    speech = srh_run([SrhRequest(cid, True, False, res[k].srh_input, sampling=srh_sampling or GREEDY,
+                                 seed=speech_seed(settings[cid][1])) for k, cid in enumerate(order)])
+    appended = {cid: observe(cid, res[k], speech[k]) for k, cid in enumerate(order)}
     while True:
         live = [cid for cid in order if not sched[cid].finished]
         if not live:
@@ -52,11 +67,11 @@ def _drive(pipeline, llm, srh, calls, max_new=16, srh_sampling=None, seed=0):
             steps.append(LlmRequest(cid, False, False, torch.tensor([nxt.text_token]), None, group))
         res = llm.run(steps)
         # the SRH's repetition penalty sees every group the schedule appended so far
-        speech = srh.run([SrhRequest(cid, False, False, res[k].srh_input,
+        speech = srh_run([SrhRequest(cid, False, False, res[k].srh_input,
                                      appended=torch.tensor(appended[cid]) if appended[cid] else None)
                           for k, cid in enumerate(live)])
         for k, cid in enumerate(live):
-            appended[cid] = sched[cid].observe(int(res[k].logits.argmax()), speech[k].tolist()).speech_group
+            appended[cid] = observe(cid, res[k], speech[k])
 
 
 def test_interleaved_batched_calls_equal_the_oracle(tiny_pipeline, speech):
@@ -127,3 +142,54 @@ def test_bad_requests_are_named_and_do_not_disturb_others(tiny_pipeline):
     assert "SRH_INPUT must be [positions, 64]" in str(bad)
     nan = srh.run([SrhRequest(1, True, False, torch.full((2, 64), float("nan")))])[0]
     assert "non-finite" in str(nan)
+
+
+TEXT_SAMPLING = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.3)
+
+
+@pytest.mark.parametrize("mode", [Mode.S2T, Mode.S2S])
+def test_seeded_text_sampling_equals_the_oracle(tiny_pipeline, speech, mode):
+    """The llm engine draws the text tokens (temperature, top-k, top-p, repetition penalty over the
+    prompt and the returned ids) with the call's text_seed stream: exactly the oracle's draws for
+    that turn seed, for calls batched together with a greedy one."""
+    p = tiny_pipeline
+    clips = {1: speech[:30000], 2: speech[10000:60000], 3: speech[:30000]}
+    calls = {cid: _prompt(p, audio, mode=mode) for cid, audio in clips.items()}
+    text = {1: (TEXT_SAMPLING, 7), 3: (TEXT_SAMPLING, 8)}  # call 2 stays greedy
+    speech_params = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2)
+    srh = SrhEngine(p.model, 4) if mode is Mode.S2S else None
+    got = _drive(p, LlmEngine(p.model, 4), srh, calls, mode=mode, text=text, srh_sampling=speech_params, seed=5)
+    for cid, audio in clips.items():
+        sampling, seed = text.get(cid, (GREEDY, 5))
+        gen = GenerationConfig(mode=mode, max_new_tokens=16, text=sampling, speech=speech_params, seed=seed)
+        ref = p.respond(audio, mode=mode, gen=gen)
+        assert got[cid].text_tokens == ref.text_tokens, cid
+        assert got[cid].speech_tokens == ref.speech_tokens, cid
+    greedy = p.respond(clips[1], mode=mode, gen=GenerationConfig.greedy(mode, 16))
+    assert got[1].text_tokens != greedy.text_tokens  # the draws did happen
+
+
+def test_a_step_without_start_is_not_found_even_with_sampling_settings(tiny_pipeline):
+    llm = LlmEngine(tiny_pipeline.model, max_sequences=2)
+    step = llm.run([LlmRequest(9, False, False, torch.tensor([4]), sampling=TEXT_SAMPLING, seed=3)])[0]
+    assert isinstance(step, SequenceError) and step.status == "NOT_FOUND"
+    assert "unknown or ended sequence 9: send a START request first" in str(step)
+    assert llm.pool.live == 0  # settings on a step start nothing
+
+
+def test_debug_top_k_only_when_asked(tiny_pipeline):
+    llm = LlmEngine(tiny_pipeline.model, max_sequences=2)
+    vocab = tiny_pipeline.model.cfg.text.vocab_size
+    plain, asked = llm.run([LlmRequest(1, True, False, torch.tensor([1, 2, 3])),
+                            LlmRequest(2, True, False, torch.tensor([1, 2, 3]), return_top_k=5)])
+    assert plain.top_ids is None and plain.top_logits is None
+    top = torch.topk(asked.logits, 5)
+    assert asked.top_ids.tolist() == top.indices.tolist()
+    assert asked.top_ids[0] == asked.token  # greedy: the argmax
+    torch.testing.assert_close(asked.top_logits, top.values)
+    step = llm.run([LlmRequest(2, False, False, torch.tensor([asked.token]), return_top_k=3)])[0]
+    assert step.top_ids.shape == (3,) and int(step.top_ids[0]) == step.token
+    for bad in (-1, vocab + 1):
+        error = llm.run([LlmRequest(1, False, False, torch.tensor([4]), return_top_k=bad)])[0]
+        assert isinstance(error, SequenceError) and error.status == "INVALID_ARG"
+        assert f"RETURN_TOP_K is {bad}: use 0 (none) to {vocab}" in str(error)

@@ -1,0 +1,40 @@
+"""Client: a blocking wrapper of AsyncClient for one-shot calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from funchat.api import pb
+from funchat.client.async_client import AsyncClient
+from funchat.client.replies import Reply
+
+
+class Client:
+    """Blocking wrapper of AsyncClient for one-shot calls. Each call runs in its own event loop
+    (asyncio.run) with its own channel: simple and safe across threads, at the cost of a connection
+    per call. Not for use inside a running event loop (use AsyncClient there)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+        self.target = target
+        self.timeout = timeout
+
+    def _run(self, method: str, *args, **kwargs):
+        async def call():
+            async with AsyncClient(self.target, self.timeout) as client:
+                return await getattr(client, method)(*args, **kwargs)
+        return asyncio.run(call())
+
+    def respond(self, audio: np.ndarray | bytes, config: pb.SessionConfig | None = None,
+                session_id: str | None = None) -> Reply:
+        return self._run("respond", audio, config, session_id)
+
+    def get_session(self, session_id: str) -> pb.Session:
+        return self._run("get_session", session_id)
+
+    def delete_session(self, session_id: str) -> bool:
+        return self._run("delete_session", session_id)
+
+    def health(self, service: str = "") -> bool:
+        return self._run("health", service)

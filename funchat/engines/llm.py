@@ -1,0 +1,187 @@
+"""The llm service's logic: prefills and steps of many calls, batched, and each call's text token chosen.
+
+A call's START carries its prompt and how its text tokens are chosen (greedy, or sampling settings
+and a seed). The slot keeps a torch.Generator seeded with that seed and the ids the repetition
+penalty looks at, so each forward's token is chosen here exactly as the oracle
+(`funchat.oracle.generation.generate`) chooses it: the caller gets one id per forward, never the
+vocabulary's logits.
+
+Why the penalty history is "the prompt, then each step's input id": the oracle's history is the
+prompt plus every text id the schedule returned, and a step's input id is the schedule's previous
+returned id (after its forcing and audio_eos rules), so both lists are equal at every forward.
+
+Shapes: B calls in a batch, T new positions, E LLM width, V text vocabulary, g speech group size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SequenceError, Slot,
+                                       SlotPool, pad_right)
+from funchat.model.funaudiochat import FunAudioChat
+from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
+
+
+@dataclass
+class LlmRequest:
+    cid: int
+    start: bool
+    end: bool
+    input_ids: torch.Tensor  # [T] text ids (prompt at start, one id per step)
+    audio: torch.Tensor | None = None  # [n, E] rows for the <|AUDIO|> positions (prompt only)
+    speech_group: torch.Tensor | None = None  # [g] speech ids fused with the step's text id
+    sampling: SamplingParams = GREEDY  # START only: how the call's text tokens are chosen
+    seed: int = 0  # START only: the call's text draws (the orchestrator sends funchat.turn.sampling.text_seed)
+    return_top_k: int = 0  # debugging: also return this forward's k largest raw logits and their ids
+
+
+@dataclass
+class LlmResult:
+    token: int  # the text id chosen for this forward's last position
+    srh_input: torch.Tensor  # [T, E]: final hidden + E_text(input id), what the SRH consumes
+    logits: torch.Tensor  # [V] float32 raw logits of the last position: for in-process checks, never sent
+    top_ids: torch.Tensor | None = None  # [k] int64, only when the request asked (return_top_k)
+    top_logits: torch.Tensor | None = None  # [k] float32 raw logits of top_ids
+
+
+@dataclass
+class _Ready:
+    index: int  # the request's position in the batch
+    slot: Slot
+    inputs: torch.Tensor  # [T, E]
+    ids: torch.Tensor  # [T] on the model's device
+
+
+class LlmEngine:
+    """The shared LLM's service logic: prefill and step requests of many calls, batched.
+
+    step_runner: optional, e.g. `funchat.engines.llm_engines.CudaGraphStepRunner`; it runs the
+    batches of single steps (prefills stay eager) on fixed shapes. With one, `capacity` is fixed:
+    the KV cache is allocated once at `capacity` positions per call (plus one scratch row for the
+    runner's padding rows) and never grows, and a call that would go past it gets a SequenceError.
+    Without one, the cache starts at `capacity` and grows as calls need.
+    """
+
+    def __init__(self, model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUENCES,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, capacity: int = 256,
+                 clock: Callable[[], float] = time.monotonic, step_runner: Any = None):
+        self.model = model
+        self.device = model.device
+        self.step_runner = step_runner
+        if step_runner is None:
+            self.max_context: int | None = None
+            self.pool = SlotPool(model.new_llm_cache, max_sequences, idle_timeout_s, capacity, clock)
+        else:
+            # Row `max_sequences` is never given to a call (SlotPool uses rows 0..max_sequences-1):
+            # the runner's padding rows write there.
+            self.max_context = capacity
+            self.pool = SlotPool(lambda rows, cap: model.new_llm_cache(rows + 1, cap), max_sequences,
+                                 idle_timeout_s, capacity, clock)
+            step_runner.attach(self.pool.cache, scratch_row=max_sequences)
+
+    @torch.inference_mode()
+    def run(self, requests: list[LlmRequest]) -> list[LlmResult | SequenceError]:
+        """One result (or error) per request, in order. Steps of different calls share a forward;
+        prefills share another (right-padded)."""
+        self.pool.reap_idle()
+        results: list[LlmResult | SequenceError | None] = [None] * len(requests)
+        ready: list[_Ready] = []
+        for i, req in enumerate(requests):
+            try:
+                ready.append(self._prepare(i, req))
+            except SequenceError as exc:
+                results[i] = exc
+        for is_prefill in (True, False):
+            group = [r for r in ready if (r.inputs.shape[0] > 1 or requests[r.index].start) == is_prefill]
+            if not group:
+                continue
+            embeds, lengths = pad_right([r.inputs for r in group])
+            lengths = lengths.to(embeds.device)
+            hidden, logits = self._forward(is_prefill, embeds, lengths, [r.slot.row for r in group])
+            tokens = self._choose([r.slot for r in group], logits)
+            for b, r in enumerate(group):
+                t = r.ids.shape[0]
+                srh_input = hidden[b, :t] + self.model.language_model.embed(r.ids)
+                results[r.index] = LlmResult(tokens[b], srh_input, logits[b],
+                                             *self._top_k(logits[b], requests[r.index].return_top_k))
+        for i, req in enumerate(requests):
+            if req.end and not isinstance(results[i], SequenceError):
+                self.pool.free(req.cid)
+        return results  # type: ignore[return-value]
+
+    def _forward(self, is_prefill: bool, embeds: torch.Tensor, lengths: torch.Tensor,
+                 rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [B, T, E] right-padded (T = 1 for steps), lengths [B], the calls' cache rows ->
+        (hidden [B, T, E], logits of each row's last real position [B, V]); appends to the rows."""
+        if is_prefill or self.step_runner is None:
+            return self.pool.run(rows, lambda cache: self.model.llm_forward(embeds, cache, lengths))
+        with self.pool.lock:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.pool.cache.lengths.device)
+            positions = self.pool.cache.lengths[idx].tolist()  # where each row's new position goes
+            return self.step_runner.step(embeds, rows, positions)
+
+    @staticmethod
+    def _choose(slots: list[Slot], logits: torch.Tensor) -> list[int]:
+        """logits [B, V] float32 -> each call's text id, chosen as the oracle does: greedy rows take
+        the raw argmax (the whole batch at once), sampled rows draw from their own generator after
+        the repetition penalty over their history."""
+        sampled = [b for b, s in enumerate(slots) if not s.extra["sampling"].greedy]
+        tokens = logits.argmax(dim=-1).tolist() if len(sampled) < len(slots) else [0] * len(slots)
+        for b in sampled:
+            extra = slots[b].extra
+            history = penalty_history(extra["history"], extra["sampling"], logits.device)
+            tokens[b] = int(select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0])
+        return tokens
+
+    @staticmethod
+    def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """logits [V] -> (ids [k], raw logits [k]) largest first, or (None, None) when not asked."""
+        if k <= 0:
+            return None, None
+        top = torch.topk(logits, k)
+        return top.indices, top.values
+
+    def _prepare(self, index: int, req: LlmRequest) -> _Ready:
+        vocab = self.model.cfg.text.vocab_size
+        device = self.device
+        ids = req.input_ids.long().reshape(-1).to(device)
+        if ids.numel() == 0:
+            raise SequenceError("INPUT_IDS is empty")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise SequenceError(f"INPUT_IDS holds ids outside the text vocabulary 0..{vocab - 1}")
+        if not 0 <= req.return_top_k <= vocab:
+            raise SequenceError(f"RETURN_TOP_K is {req.return_top_k}: use 0 (none) to {vocab} (the vocabulary)")
+        if req.start and self.max_context is not None and ids.numel() > self.max_context:
+            raise SequenceError(f"the prompt has {ids.numel()} positions, more than max_context "
+                                f"{self.max_context}")
+        if req.start:
+            slot = self.pool.start(req.cid)
+            audio = [req.audio.to(device)] if req.audio is not None and req.audio.numel() else []
+            try:
+                inputs = self.model.embed_prompt(ids[None], audio)[0]  # [T, E]
+            except Exception as exc:
+                self.pool.free(req.cid)
+                raise SequenceError(str(exc)) from None
+            slot.extra.update(sampling=req.sampling, history=ids.tolist(),
+                              generator=torch.Generator(device=device).manual_seed(req.seed))
+            return _Ready(index, slot, inputs, ids)
+        slot = self.pool.get(req.cid)
+        if ids.numel() != 1:
+            raise SequenceError(f"a step takes one text id, got {ids.numel()}")
+        if self.max_context is not None and int(self.pool.cache.lengths[slot.row]) >= self.max_context:
+            raise SequenceError(f"sequence {req.cid} holds max_context {self.max_context} positions: "
+                                f"no room for another step; end the call")
+        group = None
+        if req.speech_group is not None and req.speech_group.numel():
+            group = req.speech_group.long().reshape(1, -1).to(device)
+            g, codebook = self.model.cfg.audio.group_size, self.model.cfg.audio.codebook_size
+            if group.shape[1] != g or int(group.min()) < 0 or int(group.max()) >= codebook:
+                raise SequenceError(f"SPEECH_GROUP must hold {g} ids in 0..{codebook - 1}")
+        inputs = self.model.embed_step(ids, group)[0]  # [1, E]
+        slot.extra["history"].append(int(ids[0]))  # the previous forward's returned id
+        return _Ready(index, slot, inputs, ids)

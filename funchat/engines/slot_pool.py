@@ -1,0 +1,119 @@
+"""Per-call KV-cache rows of the stateful model services (llm, refined_head), independent of Triton.
+
+Each live call (a Triton sequence, keyed by its correlation id) owns one row ("slot") of a shared
+KV cache pool. A batch of steps from different calls runs as one forward: the calls' rows are
+gathered into a batch cache, the forward appends to it, and the rows are written back. A cap
+bounds the live calls and an idle timeout frees the slot of an abandoned call.
+
+Shapes: B calls in a batch, T new positions, E width.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from funchat.model.qwen3 import KVCache
+
+# The one default of the `max_sequences` and `idle_timeout_s` parameters (engines and services).
+DEFAULT_MAX_SEQUENCES = 64
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+
+
+class SequenceError(Exception):
+    """A request that does not fit the call's state (unknown call, step before start, pool full).
+    `status` is the Triton error code name the service answers with."""
+
+    def __init__(self, message: str, status: str = "INVALID_ARG"):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Slot:
+    row: int
+    last_used: float
+    extra: dict[str, Any] = field(default_factory=dict)  # per-call data of the service (e.g. its sampling)
+
+
+class SlotPool:
+    """Rows of one KV cache shared by up to `max_sequences` calls."""
+
+    def __init__(self, new_cache: Callable[[int, int], KVCache], max_sequences: int, idle_timeout_s: float,
+                 capacity: int = 256, clock: Callable[[], float] = time.monotonic):
+        self.cache = new_cache(max_sequences, capacity)
+        self.max_sequences = max_sequences
+        self.idle_timeout_s = idle_timeout_s
+        self.clock = clock
+        self.slots: dict[int, Slot] = {}  # correlation id -> slot
+        self.lock = threading.RLock()
+
+    @property
+    def live(self) -> int:
+        return len(self.slots)
+
+    def reap_idle(self) -> list[int]:
+        """Free the slots of calls idle longer than the timeout; -> their correlation ids."""
+        now = self.clock()
+        with self.lock:
+            stale = [cid for cid, s in self.slots.items() if now - s.last_used > self.idle_timeout_s]
+            for cid in stale:
+                self.free(cid)
+        return stale
+
+    def start(self, cid: int) -> Slot:
+        with self.lock:
+            if cid in self.slots:  # a new START on a live id restarts that call
+                self.free(cid)
+            if len(self.slots) >= self.max_sequences:
+                self.reap_idle()
+            if len(self.slots) >= self.max_sequences:
+                raise SequenceError(f"all {self.max_sequences} sequence slots are busy; retry later or raise "
+                                    f"max_sequences", status="UNAVAILABLE")
+            used = {s.row for s in self.slots.values()}
+            row = next(r for r in range(self.max_sequences) if r not in used)
+            self.cache.lengths[row] = 0
+            slot = self.slots[cid] = Slot(row, self.clock())
+            return slot
+
+    def get(self, cid: int) -> Slot:
+        with self.lock:
+            if cid not in self.slots:
+                raise SequenceError(f"unknown or ended sequence {cid}: send a START request first "
+                                    f"(it may have been freed after {self.idle_timeout_s:g} s idle)", status="NOT_FOUND")
+            slot = self.slots[cid]
+            slot.last_used = self.clock()
+            return slot
+
+    def free(self, cid: int) -> None:
+        with self.lock:
+            slot = self.slots.pop(cid, None)
+            if slot is not None:
+                self.cache.lengths[slot.row] = 0
+
+    def run(self, rows: list[int], fn: Callable[[KVCache], Any]) -> Any:
+        """Gather `rows` into a batch cache, run fn on it (it appends), write the rows back."""
+        with self.lock:
+            batch = self.cache.select(rows)
+            out = fn(batch)
+            self.cache.ensure_capacity(batch.capacity)
+            idx = torch.tensor(rows, dtype=torch.long, device=self.cache.lengths.device)
+            width = batch.capacity
+            for store, new in ((self.cache.k, batch.k), (self.cache.v, batch.v)):
+                for layer, t in enumerate(new):
+                    store[layer][:, :, :width].index_copy_(0, idx, t)
+            self.cache.lengths[idx] = batch.lengths
+            return out
+
+
+def pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T_i, E] per row -> ([B, max T, E] zero-padded, lengths [B])."""
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
+    out = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[1])
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out, lengths

@@ -1,0 +1,131 @@
+"""A call's configuration: the caller's `SessionConfig` checked field by field into a `CallConfig`.
+
+A bad field is refused with INVALID_ARGUMENT and a message naming it. The `CallConfig` is JSON-able
+(`dataclasses.asdict`): it is what the session record keeps, so a resumed call can go on anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from funchat.api import pb
+from funchat.audio_io import SAMPLE_RATE
+from funchat.orchestrator.audio_input import AudioFormatError, InputFormat
+from funchat.orchestrator.errors import ApiError
+from funchat.turn.sampling import GREEDY, SamplingParams
+from funchat.turn.schedule import Mode
+
+MODES = {pb.MODE_UNSPECIFIED: Mode.S2S, pb.MODE_SPEECH_TO_SPEECH: Mode.S2S, pb.MODE_SPEECH_TO_TEXT: Mode.S2T}
+PROTO_MODES = {Mode.S2S: pb.MODE_SPEECH_TO_SPEECH, Mode.S2T: pb.MODE_SPEECH_TO_TEXT}
+VAD_DEFAULTS = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "repetition_penalty")  # Generation fields for speech
+
+
+@dataclass
+class CallConfig:
+    """A validated SessionConfig, JSON-able for the session record."""
+
+    mode: str = Mode.S2S.value
+    instructions: str = ""
+    voice: str = ""
+    tools: list[dict] = field(default_factory=list)
+    vad: dict | None = field(default_factory=lambda: dict(VAD_DEFAULTS))  # None = manual commits
+    encoding: str = "pcm16"
+    sample_rate: int = SAMPLE_RATE
+    greedy: bool = False
+    seed: int | None = None
+    max_new_tokens: int = 0
+    speech: dict = field(default_factory=dict)  # SamplingParams overrides for the speech tokens
+
+    @property
+    def input_format(self) -> InputFormat:
+        enc = pb.AUDIO_ENCODING_FLOAT32 if self.encoding == "float32" else pb.AUDIO_ENCODING_PCM16
+        return InputFormat.from_proto(pb.AudioFormat(encoding=enc, sample_rate_hz=self.sample_rate))
+
+    def sampling(self) -> tuple[SamplingParams, SamplingParams]:
+        """(text, speech). Text is greedy as in the reference demos; the speech tokens are sampled
+        with the reference's settings unless greedy or overridden."""
+        if self.greedy:
+            return GREEDY, GREEDY
+        return GREEDY, SamplingParams(**self.speech)
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError("INVALID_ARGUMENT", message, "session")
+
+
+def parse_config(cfg: pb.SessionConfig, voices: set[str], max_new_tokens: int) -> CallConfig:
+    """SessionConfig -> CallConfig; raises ApiError(INVALID_ARGUMENT) naming the bad field.
+    The fields are checked in this order, so a config with several problems names the first."""
+    if cfg.mode not in MODES:
+        raise _bad(f"unknown mode {cfg.mode}; use MODE_SPEECH_TO_TEXT or MODE_SPEECH_TO_SPEECH")
+    out = CallConfig(mode=MODES[cfg.mode].value, instructions=cfg.instructions.strip())
+    out.voice = _voice(cfg.voice, voices)
+    out.tools = _tools(cfg.tools)
+    out.vad = _turn_detection(cfg.turn_detection)
+    try:
+        fmt = InputFormat.from_proto(cfg.input_audio_format)
+    except AudioFormatError as exc:
+        raise _bad(str(exc)) from None
+    out.encoding, out.sample_rate = fmt.encoding, fmt.sample_rate
+    g = cfg.generation
+    out.greedy = g.greedy
+    out.seed = int(g.seed) if g.HasField("seed") else None
+    if g.max_new_tokens > max_new_tokens:
+        raise _bad(f"generation.max_new_tokens {g.max_new_tokens} is over the server's limit {max_new_tokens}")
+    out.max_new_tokens = int(g.max_new_tokens)
+    out.speech = _speech_sampling(g)
+    return out
+
+
+def _voice(voice: str, voices: set[str]) -> str:
+    if voice and voice not in voices:
+        raise _bad(f"unknown voice {voice!r}; available: {', '.join(sorted(voices))}")
+    return voice
+
+
+def _tools(tools) -> list[dict]:
+    """pb.Tool list -> the chat template's function descriptions."""
+    out = []
+    for i, tool in enumerate(tools):
+        if not tool.name:
+            raise _bad(f"tools[{i}] has no name")
+        try:
+            params = json.loads(tool.parameters_json) if tool.parameters_json else {"type": "object", "properties": {}}
+        except json.JSONDecodeError as exc:
+            raise _bad(f"tools[{i}] ({tool.name}): parameters_json is not valid JSON: {exc}") from None
+        out.append({"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                                     "parameters": params}})
+    return out
+
+
+def _turn_detection(td: pb.TurnDetection) -> dict | None:
+    """The server VAD's parameters (defaults where unset), or None for manual commits."""
+    if td.WhichOneof("type") == "manual":
+        return None
+    v = td.server_vad
+    vad = dict(VAD_DEFAULTS)
+    if v.threshold:
+        if not 0.0 < v.threshold < 1.0:
+            raise _bad(f"server_vad.threshold must be in (0, 1), got {v.threshold}")
+        vad["threshold"] = float(v.threshold)
+    if v.prefix_padding_ms:
+        if v.prefix_padding_ms > 5000:
+            raise _bad(f"server_vad.prefix_padding_ms must be <= 5000, got {v.prefix_padding_ms}")
+        vad["prefix_padding_ms"] = int(v.prefix_padding_ms)
+    if v.silence_duration_ms:
+        if not 100 <= v.silence_duration_ms <= 10000:
+            raise _bad(f"server_vad.silence_duration_ms must be in 100..10000, got {v.silence_duration_ms}")
+        vad["silence_duration_ms"] = int(v.silence_duration_ms)
+    return vad
+
+
+def _speech_sampling(g: pb.Generation) -> dict:
+    """The speech sampling overrides the caller set, checked by SamplingParams itself."""
+    speech = {name: getattr(g, name) for name in SAMPLING_OVERRIDES if g.HasField(name)}
+    try:
+        SamplingParams(**speech)
+    except ValueError as exc:
+        raise _bad(f"generation: {exc}") from None
+    return speech

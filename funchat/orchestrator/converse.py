@@ -1,0 +1,220 @@
+"""One Converse call after its `session` event: the caller's events in, the call's events out.
+
+A reader task (`ConverseCall.read`) takes the caller's events while the RPC streams the call's
+outbox back; each reply runs as its own task (`Exchange`), so audio keeps flowing both ways. Each
+kind of client event has one handler (`ConverseCall.HANDLERS`); an event the call cannot take is
+answered with an `error` event naming it and the call goes on. A broken client stream ends the
+call (INTERNAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from funchat.api import pb
+from funchat.audio_io import SAMPLE_RATE
+from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
+from funchat.orchestrator.call_config import CallConfig
+from funchat.orchestrator.errors import ApiError, store_call
+from funchat.orchestrator.exchange import Exchange, Response
+from funchat.orchestrator.outbox import END, Outbox
+from funchat.orchestrator.sessions import HistoryTurn
+from funchat.orchestrator.vad import SpeechStarted, SpeechStopped, TurnDetector
+
+if TYPE_CHECKING:
+    from funchat.orchestrator.service import FunchatService
+
+END_EVENT = "end"  # the caller hangs up: the reading loop stops there, no handler
+
+
+class ConverseCall:
+    """One Converse call's state: input audio, turn detection, the reply in progress."""
+
+    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig):
+        self.service, self.session_id, self.cfg = service, session_id, cfg
+        self.settings = service.settings
+        self.outbox = Outbox()
+        self.audio = InputAudioStream(cfg.input_format, self.settings.max_chunk_ms)
+        self.detector = None if cfg.vad is None else TurnDetector(
+            threshold=cfg.vad["threshold"], prefix_padding_ms=cfg.vad["prefix_padding_ms"],
+            silence_duration_ms=cfg.vad["silence_duration_ms"], max_utterance_s=self.settings.max_turn_s)
+        self.buffer: list[np.ndarray] = []  # manual mode: audio since the last commit (16 kHz)
+        self.buffered = 0
+        self.response: Response | None = None
+
+    def error(self, code: str, message: str, event: str) -> None:
+        """Refuse one event; the call goes on."""
+        self.outbox.put_nowait(ApiError(code, message, event).event_message())
+
+    async def read(self, stream) -> None:
+        """The caller's events until `end` or the stream's end; then the call's outbox ends."""
+        try:
+            async for event in stream:
+                if event.WhichOneof("event") == END_EVENT:
+                    break
+                await self.handle(event)
+            await self.finish()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the client stream broke: end the call
+            self.outbox.put_nowait(ApiError("INTERNAL", f"call failed: {exc}"))
+        self.outbox.put_nowait(END)
+
+    async def handle(self, event: pb.ClientEvent) -> None:
+        handler = self.HANDLERS.get(event.WhichOneof("event"), ConverseCall.on_unknown)
+        await handler(self, event)
+
+    # ---- one handler per kind of client event ----
+
+    async def on_session(self, event: pb.ClientEvent) -> None:
+        self.error("FAILED_PRECONDITION", "the session is already configured; a call takes one `session` event "
+                                          "(start a new call to change mode or format)", "session")
+
+    async def on_audio(self, event: pb.ClientEvent) -> None:
+        try:
+            samples = self.audio.push(event.audio.audio)
+        except AudioFormatError as exc:
+            self.error("INVALID_ARGUMENT", f"{exc}; chunk dropped", "audio")
+            return
+        if self.detector is not None:
+            for ev in self.detector.feed(samples):
+                await self.on_vad(ev)
+        else:
+            self.buffer_audio(samples)
+
+    async def on_commit(self, event: pb.ClientEvent) -> None:
+        if self.detector is not None:  # server VAD: a commit ends the speech in progress
+            for ev in self.detector.flush():
+                await self.on_vad(ev)
+            return
+        if not self.buffered:
+            self.error("INVALID_ARGUMENT", "empty turn: no audio since the last commit", "commit")
+            return
+        audio = np.concatenate(self.buffer)
+        self.buffer, self.buffered = [], 0
+        await self.start_turn(audio)
+
+    async def on_clear(self, event: pb.ClientEvent) -> None:
+        self.buffer, self.buffered = [], 0
+        if self.detector is not None:
+            self.detector.reset()
+
+    async def on_cancel(self, event: pb.ClientEvent) -> None:
+        if self.response is None or not self.response.running():
+            self.error("FAILED_PRECONDITION", "no response is in progress to cancel", "cancel")
+            return
+        await self.interrupt(barge_in=False)
+
+    async def on_playback(self, event: pb.ClientEvent) -> None:
+        ack = event.playback
+        if self.response is None or ack.response_id != self.response.response_id:
+            self.error("INVALID_ARGUMENT", f"playback ack for {ack.response_id!r}, which is not the current "
+                                           "response", "playback")
+            return
+        self.response.played_ms = max(self.response.played_ms or 0, int(ack.played_ms))
+
+    async def on_function_call_output(self, event: pb.ClientEvent) -> None:
+        out = event.function_call_output
+        if not out.call_id:
+            self.error("INVALID_ARGUMENT", "function_call_output needs the call_id of the FunctionCall",
+                       "function_call_output")
+            return
+        try:
+            await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(role="tool",
+                                                                                            text=out.output)]))
+        except ApiError as exc:
+            self.error(exc.code, exc.message, "function_call_output")
+
+    async def on_unknown(self, event: pb.ClientEvent) -> None:
+        """An empty event, or a kind this server does not know (a newer client)."""
+        kind = event.WhichOneof("event")
+        self.error("INVALID_ARGUMENT", f"unknown or empty client event {kind!r}", kind or "")
+
+    HANDLERS = {"session": on_session, "audio": on_audio, "commit": on_commit, "clear": on_clear,
+                "cancel": on_cancel, "playback": on_playback, "function_call_output": on_function_call_output}
+
+    # ---- turns ----
+
+    def buffer_audio(self, samples: np.ndarray) -> None:
+        """Manual turns: keep the caller's audio until the commit."""
+        max_turn_s = self.settings.max_turn_s
+        if self.buffered + len(samples) > max_turn_s * SAMPLE_RATE:
+            self.error("INVALID_ARGUMENT", f"the turn is over the {max_turn_s:g} s limit; commit earlier (chunk "
+                                           "dropped)", "audio")
+            return
+        self.buffer.append(samples)
+        self.buffered += len(samples)
+
+    async def on_vad(self, ev) -> None:
+        if isinstance(ev, SpeechStarted):
+            await self.outbox.put(pb.ServerEvent(speech_started=pb.SpeechStarted(
+                audio_start_ms=int(ev.audio_start_ms))))
+            if self.response is not None and self.response.playing():
+                await self.interrupt(barge_in=True)
+        elif isinstance(ev, SpeechStopped):
+            await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ev.audio_end_ms))))
+            await self.start_turn(np.asarray(ev.audio, dtype=np.float32))
+
+    async def interrupt(self, barge_in: bool) -> None:
+        """Stop the reply: cancel generation, drop unsent audio, cut the history at what was heard."""
+        r = self.response
+        if r is None:
+            return
+        r.interrupted = barge_in
+        if r.running():
+            r.cancel.set()
+            self.outbox.drop_audio(r.response_id)
+            await asyncio.gather(r.task, return_exceptions=True)  # the exchange stores the cut turn
+            self.outbox.drop_audio(r.response_id)
+        elif r.outcome is not None and r.heard_ms() < r.audio_ms:
+            await self.cut_played_reply(r)
+        self.response = None
+
+    async def cut_played_reply(self, r: Response) -> None:
+        """A reply generated in full but still playing: cut its stored assistant turn at what was heard."""
+        heard = r.heard_ms()
+        self.outbox.drop_audio(r.response_id)
+        kept = r.outcome.text_heard(self.service.info.tokenizer, heard)
+        try:
+            await store_call(self.service.store.update_turn(
+                self.session_id, -1, HistoryTurn(role="assistant", text=kept, truncated=True,
+                                                 response_id=r.response_id)))
+        except ApiError as exc:
+            self.error(exc.code, exc.message, "playback")
+        await self.outbox.put(pb.ServerEvent(interrupted=pb.ResponseInterrupted(
+            response_id=r.response_id, audio_end_ms=heard, kept_text=kept)))
+        r.audio_ms = heard
+
+    async def start_turn(self, audio: np.ndarray) -> None:
+        if self.response is not None and self.response.running():
+            await self.interrupt(barge_in=True)
+        t_end = time.perf_counter()
+        response = Response.new()
+        self.response = response
+        await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
+            item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
+        await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
+        response.task = asyncio.create_task(
+            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end).run())
+
+    async def finish(self) -> None:
+        """The caller ended the call: answer speech still in the detector, wait for the reply."""
+        if self.detector is not None:
+            for ev in self.detector.flush():
+                if isinstance(ev, SpeechStopped):
+                    await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(
+                        audio_end_ms=int(ev.audio_end_ms))))
+                    await self.start_turn(np.asarray(ev.audio, dtype=np.float32))
+        if self.response is not None and self.response.task is not None:
+            await asyncio.gather(self.response.task, return_exceptions=True)
+
+    async def close(self) -> None:
+        """The RPC is over (ended, failed or cancelled): stop a reply still generating."""
+        if self.response is not None and self.response.running():
+            self.response.cancel.set()
+            await asyncio.gather(self.response.task, return_exceptions=True)

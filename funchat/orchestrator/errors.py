@@ -1,0 +1,44 @@
+"""How the API refuses a request: a gRPC status name and a message saying what to fix.
+
+An `ApiError` that ends an RPC becomes an `error` event and the RPC's status (`set_status`); one
+that fails a single event of a call is sent as an `error` event and the call goes on.
+"""
+
+from __future__ import annotations
+
+from funchat.api import pb
+from funchat.orchestrator.sessions import ExpiredResumeToken, InvalidResumeToken, SessionNotFound, StoreUnavailable
+
+
+class ApiError(Exception):
+    """A request the API refuses: gRPC status name and a message saying what to fix."""
+
+    def __init__(self, code: str, message: str, event: str = ""):
+        super().__init__(message)
+        self.code, self.message, self.event = code, message, event
+
+    def event_message(self) -> pb.ServerEvent:
+        return pb.ServerEvent(error=pb.Error(code=self.code, message=self.message, event=self.event))
+
+
+def set_status(ctx, code: str, message: str) -> None:
+    """End the RPC with this status (ctx: Ray Serve's or grpc.aio's servicer context; None in tests)."""
+    if ctx is None:
+        return
+    import grpc
+    ctx.set_code(getattr(grpc.StatusCode, code))
+    ctx.set_details(message)
+
+
+async def store_call(coro):
+    """Await a session-store operation; its failures become the statuses the API answers with."""
+    try:
+        return await coro
+    except SessionNotFound as exc:
+        raise ApiError("NOT_FOUND", f"{exc}") from None
+    except ExpiredResumeToken as exc:
+        raise ApiError("NOT_FOUND", f"{exc}; start a new session", "session") from None
+    except InvalidResumeToken as exc:
+        raise ApiError("INVALID_ARGUMENT", f"{exc}", "session") from None
+    except StoreUnavailable as exc:
+        raise ApiError("UNAVAILABLE", f"session store unavailable: {exc}") from None

@@ -1,0 +1,128 @@
+"""`funchat[client]` alone: a fresh venv with only `pip install '.[client]'` has no torch, and its
+`funchat chat` talks to a running stack (redis-server, the four tritonservers, the orchestrator)
+without importing torch or any model code.
+
+The venv is made with the machine's pip configuration (and pip's cache), from a copy of the
+sources: pip builds in the source folder, and the checkout is not ours to write into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from funchat.dev.redis_server import start_redis
+from funchat.dev.stack import start_orchestrator
+from funchat.dev.tritonserver import free_port, start_servers
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_NEW = 24
+# Modules a client must never load: torch, the model code (model, oracle, vocoder, engines and
+# what builds their inputs) and the server side.
+FORBIDDEN = ("torch", "funchat.model", "funchat.oracle", "funchat.vocoder", "funchat.engines",
+             "funchat.turn", "funchat.text", "funchat.orchestrator", "funchat.dev", "tritonclient", "ray")
+
+
+
+
+def venv_env(venv: Path) -> dict[str, str]:
+    """This environment without the test venv: its bin off PATH, no PYTHON* or VIRTUAL_ENV."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    test_bin = str(Path(sys.executable).parent)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != test_bin]
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
+    return env
+
+
+def run_in(venv: Path, cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    # cwd is never the checkout: `python -c` puts cwd first on sys.path, where ./funchat would shadow
+    # the installed package.
+    return subprocess.run(cmd, capture_output=True, text=True, env=venv_env(venv), cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory, copy_sources) -> Path:
+    tmp = tmp_path_factory.mktemp("client-install")
+    src = copy_sources(tmp / "src")
+    venv = tmp / "venv"
+    # Without a pip of its own (ensurepip takes ~10 s): this venv's pip installs into it (--python).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    t0 = time.monotonic()
+    # A regular build, with build isolation: [build-system].requires alone must be enough.
+    proc = run_in(venv, [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                         f"{src}[client]"], cwd=tmp)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, f"pip install '.[client]' failed:\n{proc.stdout}\n{proc.stderr}"
+    print(f"pip install '.[client]' into a fresh venv: {took:.1f} s")
+    return venv
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("client-install-stack")
+    redis_server = start_redis(run_dir)
+    cluster = orch = None
+    try:
+        cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"}},
+                                run_dir=run_dir / "triton", timeout=180)
+        env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
+               "FUNCHAT_RESUME_SECRET": "test-secret-" + "0" * 20,
+               "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints)}
+        orch = start_orchestrator(run_dir, env, free_port(), timeout=180)
+        yield orch
+    finally:
+        if orch is not None:
+            orch.stop()
+        if cluster is not None:
+            cluster.stop()
+        redis_server.stop()
+
+
+def test_client_venv_has_no_torch(client_venv, tmp_path):
+    proc = run_in(client_venv, [str(client_venv / "bin" / "python"), "-c", "import torch"], cwd=tmp_path)
+    assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr, proc.stderr
+
+
+def test_funchat_help_runs(client_venv, tmp_path):
+    proc = run_in(client_venv, [str(client_venv / "bin" / "funchat"), "--help"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "chat" in proc.stdout and "call" in proc.stdout
+
+
+def test_funchat_chat_writes_the_spoken_reply(client_venv, stack, example_wav, tmp_path):
+    out = tmp_path / "reply.wav"
+    proc = run_in(client_venv, [str(client_venv / "bin" / "funchat"), "chat", "--server", stack.target,
+                                "--input", str(example_wav), "--output", str(out), "--greedy", "--seed", "0",
+                                "--max-new-tokens", str(MAX_NEW)], cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\norchestrator log {stack.log}"
+    info = sf.info(str(out))
+    assert info.samplerate == 24000 and info.frames > 0, proc.stdout
+
+
+CHAT_AND_LIST_MODULES = """
+import json, sys
+from funchat.cli import main
+rc = main(sys.argv[1:])
+forbidden = {forbidden!r}
+loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in forbidden))
+print(json.dumps({{"rc": rc, "loaded": loaded, "funchat": sys.modules["funchat"].__file__}}))
+"""
+
+
+def test_chat_imports_neither_torch_nor_model_code(client_venv, stack, example_wav, tmp_path):
+    code = CHAT_AND_LIST_MODULES.format(forbidden=FORBIDDEN)
+    proc = run_in(client_venv, [str(client_venv / "bin" / "python"), "-c", code, "chat", "--server", stack.target,
+                                "--input", str(example_wav), "--output", str(tmp_path / "reply.wav"), "--greedy",
+                                "--seed", "0", "--max-new-tokens", str(MAX_NEW)], cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 0, proc.stdout
+    assert result["funchat"].startswith(str(client_venv)), result  # the installed package, not the checkout
+    assert result["loaded"] == [], result

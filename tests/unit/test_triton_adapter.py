@@ -1,0 +1,202 @@
+"""The Triton adapters' shared helper without Triton: parameters (one default each, relative paths
+from the working directory), inputs (sampling settings checked and named), errors with their
+status, batching, metrics. A fake `pb_utils` stands in for triton_python_backend_utils."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from funchat.engines.slot_pool import DEFAULT_MAX_SEQUENCES, SequenceError
+from funchat.engines.triton_adapter import InputError, ServiceMetrics, ServiceParams, TritonIO
+from funchat.errors import AudioInputError
+from funchat.turn.sampling import GREEDY, SamplingParams
+
+
+class FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakeError:
+    INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL = "INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "INTERNAL"
+
+    def __init__(self, message, code=None):
+        self.message, self.code = message, code
+
+
+class FakeMetric:
+    def __init__(self, **kwargs):
+        self.observed, self.value = [], None
+
+    def observe(self, value):
+        self.observed.append(value)
+
+    def set(self, value):
+        self.value = value
+
+
+class FakeFamily:
+    HISTOGRAM, GAUGE = "histogram", "gauge"
+
+    def __init__(self, name, description, kind):
+        self.name = name
+
+    def Metric(self, **kwargs):
+        return FakeMetric(**kwargs)
+
+
+class FakeRequest:
+    def __init__(self, inputs=None, outputs=()):
+        self.inputs = {k: FakeTensor(k, v) for k, v in (inputs or {}).items()}
+        self.outputs = list(outputs)
+
+    def requested_output_names(self):
+        return self.outputs
+
+
+def fake_pb_utils(logged: list):
+    return SimpleNamespace(
+        Tensor=FakeTensor, TritonError=FakeError, MetricFamily=FakeFamily,
+        InferenceResponse=lambda output_tensors=(), error=None: SimpleNamespace(
+            outputs={t.name: t.array for t in output_tensors}, error=error),
+        get_input_tensor_by_name=lambda request, name: request.inputs.get(name),
+        Logger=SimpleNamespace(log_error=logged.append))
+
+
+def triton_args(params: dict[str, str], **extra) -> dict:
+    config = {"max_batch_size": 8, "parameters": {k: {"string_value": v} for k, v in params.items()}}
+    return {"model_config": json.dumps(config), "model_repository": "/somewhere/else/services/llm", **extra}
+
+
+# ---- parameters ----
+
+def test_parameters_take_one_default_and_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = ServiceParams.from_args(triton_args({"dtype": "", "max_sequences": "8"}), "llm")
+    assert params.checkpoint == tmp_path / "checkpoints" / "tiny"  # not next to the model repository
+    assert params.path("tensorrt_plans", "build/llm_trt") == tmp_path / "build" / "llm_trt"
+    assert ServiceParams.from_args(triton_args({"checkpoint": "/abs/ckpt"}), "llm").checkpoint.as_posix() == "/abs/ckpt"
+    assert (params.device, params.dtype, params.max_batch_size) == ("cpu", "float32", 8)
+    assert params.integer("max_sequences", DEFAULT_MAX_SEQUENCES) == 8
+    assert ServiceParams.from_args(triton_args({}), "llm").integer("max_sequences", DEFAULT_MAX_SEQUENCES) == 64
+
+
+def test_parameters_are_validated_and_named():
+    params = ServiceParams.from_args(triton_args({"max_sequences": "many", "idle_timeout_s": "-1"}), "refined_head")
+    with pytest.raises(ValueError, match=r"refined_head parameter max_sequences='many' is not accepted: "
+                                         r"use an integer >= 1"):
+        params.integer("max_sequences", 64, minimum=1)
+    with pytest.raises(ValueError, match=r"idle_timeout_s='-1' is not accepted: use a positive number"):
+        params.number("idle_timeout_s", 60.0)
+
+
+def test_cuda_on_a_gpu_instance_is_that_instance_s_gpu():
+    args = triton_args({"device": "cuda"}, model_instance_kind="GPU", model_instance_device_id="2")
+    assert ServiceParams.from_args(args, "llm").device == "cuda:2"
+    assert ServiceParams.from_args(triton_args({"device": "cuda"}), "llm").device == "cuda"
+
+
+# ---- inputs ----
+
+def test_sampling_inputs_at_start():
+    io = TritonIO(fake_pb_utils([]), "llm")
+    assert io.sampling(FakeRequest({})) == (GREEDY, 0)
+    assert io.sampling(FakeRequest({"GREEDY": [[True]], "TEMPERATURE": [[0.0]], "SEED": [[9]]})) == (GREEDY, 9)
+    sampled = FakeRequest({"GREEDY": [[False]], "TEMPERATURE": np.array([[0.5]], np.float32), "TOP_K": [[20]],
+                           "SEED": [[4]]})
+    assert io.sampling(sampled) == (SamplingParams(temperature=0.5, top_k=20), 4)  # the rest: SamplingParams'
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("TEMPERATURE", 0.0, "TEMPERATURE: temperature must be > 0 (got 0.0)"),
+    ("TOP_P", 1.5, "TOP_P: top_p must be in (0, 1] (got 1.5)"),
+    ("TOP_K", -2, "TOP_K: top_k must be >= 0 (got -2)"),
+    ("REPETITION_PENALTY", 0.0, "REPETITION_PENALTY: repetition_penalty must be > 0"),
+    ("TEMPERATURE", math.nan, "TEMPERATURE is nan: send a finite number"),
+    ("REPETITION_PENALTY", math.inf, "REPETITION_PENALTY is inf: send a finite number"),
+])
+def test_a_bad_sampling_value_is_named(name, value, words):
+    io = TritonIO(fake_pb_utils([]), "llm")
+    with pytest.raises(InputError) as info:
+        io.sampling(FakeRequest({"GREEDY": [[False]], name: [[value]]}))
+    assert words in str(info.value)
+
+
+def test_scalars_text_and_bytes():
+    io = TritonIO(fake_pb_utils([]), "vocoder")
+    request = FakeRequest({"FINAL": [True, False], "SPEAKER": np.array([b"speaker1"], object),
+                           "MODE": np.array([b"\xff"], object), "STATE": np.array([b""], object)})
+    with pytest.raises(InputError, match="FINAL must hold one value, got 2"):
+        io.scalar(request, "FINAL")
+    assert io.text(request, "SPEAKER") == "speaker1" and io.text(request, "MISSING") is None
+    assert io.raw_bytes(request, "STATE") == b"" and io.text(request, "STATE") is None
+    with pytest.raises(InputError, match="MODE is not utf-8 text"):
+        io.text(request, "MODE")
+    with pytest.raises(InputError, match="input TOKENS is missing"):
+        io.required(request, "TOKENS")
+    assert io.sequence(FakeRequest({"CORRID": [7], "START": [1]})) == (7, True, False)
+    assert io.requested(FakeRequest(outputs=["TEXT_TOKEN"])) == {"TEXT_TOKEN"} and io.requested(FakeRequest()) is None
+
+
+# ---- errors, batching, metrics ----
+
+def test_answer_batch_answers_each_request_with_its_status():
+    logged: list = []
+    pb = fake_pb_utils(logged)
+    io = TritonIO(pb, "llm")
+    metrics = ServiceMetrics(pb, "llm")
+    requests = [FakeRequest({"X": [1]}), FakeRequest({}), FakeRequest({"X": [2]}), FakeRequest({"X": [3]})]
+
+    def run(items):
+        return [SequenceError("unknown or ended sequence 2", status="NOT_FOUND") if x == 2 else
+                SequenceError("all 4 sequence slots are busy", status="UNAVAILABLE") if x == 3 else x * 10
+                for x in items]
+
+    responses = io.answer_batch(requests, parse=lambda r: int(io.required(r, "X")[0]), run=run,
+                                outputs=lambda request, value: {"Y": np.array([value])}, metrics=metrics,
+                                kind=lambda items: "step")
+    assert responses[0].error is None and responses[0].outputs["Y"].tolist() == [10]
+    assert (responses[1].error.code, responses[1].error.message) == ("INVALID_ARG", "input X is missing")
+    assert (responses[2].error.code, responses[2].error.message) == ("NOT_FOUND", "unknown or ended sequence 2")
+    assert responses[3].error.code == "UNAVAILABLE"
+    assert metrics.latency["step"].observed and metrics.batch.observed == [3]  # the parsed requests
+    metrics.set_live(5)
+    assert metrics.live.value == 5
+
+    def broken(items):
+        raise RuntimeError("CUDA error: out of memory")
+
+    failed = io.answer_batch(requests[:2], parse=lambda r: int(io.required(r, "X")[0]), run=broken,
+                             outputs=lambda request, value: {}, metrics=metrics, kind=lambda items: "prefill")
+    assert failed[0].error.code == "INTERNAL"
+    assert "llm failed: RuntimeError: CUDA error: out of memory" in failed[0].error.message
+    assert failed[1].error.code == "INVALID_ARG"  # its own problem, not the batch's
+    assert logged and "out of memory" in logged[0]
+
+
+def test_answer_each_keeps_serving_after_a_failure():
+    logged: list = []
+    pb = fake_pb_utils(logged)
+    io = TritonIO(pb, "vocoder")
+    metrics = ServiceMetrics(pb, "vocoder", kinds=("chunk",), stateful=False)
+
+    def handle(request):
+        value = int(io.required(request, "X")[0])
+        if value == 1:
+            raise AudioInputError("bad tokens")
+        if value == 2:
+            raise KeyError("bug")
+        return {"Y": np.array([value])}
+
+    responses = io.answer_each([FakeRequest({"X": [v]}) for v in (1, 2, 3)], handle, metrics, "chunk")
+    assert [r.error.code if r.error else None for r in responses] == ["INVALID_ARG", "INTERNAL", None]
+    assert responses[0].error.message == "bad tokens" and responses[2].outputs["Y"].tolist() == [3]
+    assert metrics.live is None and metrics.batch.observed == [3]
