@@ -31,13 +31,13 @@ import numpy as np
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.errors import AudioInputError, ContextOverflowError
+from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
+                                                VocoderClient)
 from funchat.orchestrator.sessions import HistoryTurn
+from funchat.text.tokenizer import TextTokenizer
 from funchat.turn.prompt import Prompt, PromptBuilder
 from funchat.turn.sampling import GREEDY, SamplingParams, speech_seed, text_seed
 from funchat.turn.schedule import Mode, TurnSchedule
-from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
-                                     VocoderClient)
-from funchat.text.tokenizer import TextTokenizer
 
 OUTPUT_SAMPLE_RATE = 24000
 MS_PER_SPEECH_TOKEN = 40  # 25 Hz speech tokens
