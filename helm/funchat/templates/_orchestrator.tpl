@@ -1,0 +1,91 @@
+{{/* env + envFrom of the orchestrator containers (Deployment and Ray pods). */}}
+{{- define "funchat.orchestratorEnv" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "funchat.fullname" . }}-orchestrator
+env:
+  {{- include "funchat.redisPasswordEnv" . | nindent 2 }}
+  - name: FUNCHAT_REDIS_URL
+    value: {{ include "funchat.redisUrl" . | quote }}
+  - name: FUNCHAT_RESUME_SECRET_FILE
+    value: /etc/funchat/resume/{{ .Values.secrets.resume.key }}
+{{- end -}}
+
+{{- define "funchat.orchestratorMounts" -}}
+{{ include "funchat.checkpointMount" . }}
+- name: resume-secret
+  mountPath: /etc/funchat/resume
+  readOnly: true
+- name: shm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "funchat.orchestratorVolumes" -}}
+{{ include "funchat.checkpointVolume" . }}
+- name: resume-secret
+  secret:
+    secretName: {{ include "funchat.resumeSecretName" . }}
+    defaultMode: 0400
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.orchestrator.shmSizeLimit }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.orchestrator.tmpSizeLimit }}
+{{- end -}}
+
+{{/* Pod spec of a Ray head or worker of the RayService; dict "ctx" . "head" bool. */}}
+{{- define "funchat.rayPodSpec" -}}
+{{- $ctx := .ctx -}}
+{{- $o := $ctx.Values.orchestrator -}}
+serviceAccountName: {{ include "funchat.fullname" $ctx }}-orchestrator
+automountServiceAccountToken: false
+securityContext:
+  {{- include "funchat.podSecurityContext" $ctx | nindent 2 }}
+terminationGracePeriodSeconds: {{ $o.drain.terminationGracePeriodSeconds }}
+{{- with $o.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $o.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if eq $ctx.Values.modelStorage.mode "download" }}
+initContainers:
+  {{- include "funchat.fetchInitContainer" $ctx | nindent 2 }}
+{{- end }}
+containers:
+  - name: {{ ternary "ray-head" "ray-worker" .head }}
+    image: {{ include "funchat.image" (dict "ctx" $ctx "image" $o.image) }}
+    imagePullPolicy: {{ $o.image.pullPolicy }}
+    {{- include "funchat.orchestratorEnv" $ctx | nindent 4 }}
+    ports:
+      {{- if .head }}
+      - name: gcs
+        containerPort: 6379
+      - name: dashboard
+        containerPort: 8265
+      - name: client
+        containerPort: 10001
+      {{- end }}
+      - name: serve
+        containerPort: 8000
+      - name: serve-grpc
+        containerPort: {{ $o.grpcPort }}
+    lifecycle:
+      preStop:
+        sleep:
+          seconds: {{ $o.drain.preStopSleepSeconds }}
+    resources:
+      {{- toYaml $o.rayService.resources | nindent 6 }}
+    securityContext:
+      {{- include "funchat.containerSecurityContext" $ctx | nindent 6 }}
+    volumeMounts:
+      {{- include "funchat.orchestratorMounts" $ctx | nindent 6 }}
+volumes:
+  {{- include "funchat.orchestratorVolumes" $ctx | nindent 2 }}
+{{- end -}}
