@@ -14,7 +14,7 @@ APT_PACKAGES ?= redis-server
 
 GRPC_PORT ?= 50051
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help images base-image
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
@@ -27,6 +27,8 @@ help:
 	@echo "make bench-e2e    first audio and real-time factor through the public API at 1/2/4/8 calls vs the oracle"
 	@echo "make triton-up    start one tritonserver per model service on 127.0.0.1 (.run/endpoints.json)"
 	@echo "make triton-down  stop them"
+	@echo "make images       build the orchestrator and model-services images (podman or docker; services/README.md)"
+	@echo "make base-image   a local Debian 12 base image (debootstrap + podman import) where no registry is reachable"
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -100,3 +102,25 @@ triton-down: setup
 
 clean:
 	rm -rf $(RUN_DIR) checkpoints bench-results .pytest_cache
+
+# Images (services/README.md, "Images"): podman where present, else docker (TORCH_INDEX_URL, IMAGE_PREFIX,
+# IMAGE_TAG: services/build-images.sh). BASE_IMAGE / ORCH_BASE_IMAGE
+# empty: each Dockerfile's default (NVIDIA's Triton image, Ray's image). Where no registry is reachable:
+#   make base-image && make images BASE_IMAGE=localhost/debian-base:bookworm ORCH_BASE_IMAGE=localhost/debian-base:bookworm
+CONTAINER_APT_PACKAGES ?= podman runc netavark aardvark-dns debootstrap
+BASE_IMAGE ?=
+ORCH_BASE_IMAGE ?=
+LOCAL_BASE_IMAGE ?= localhost/debian-base:bookworm
+IMAGES ?= orchestrator model-services
+# the project-local podman configuration (only these two targets use it)
+IMAGES_CONTAINERS_CONF ?= $(abspath services/containers.conf)
+
+images:
+	@# podman where present; docker where its daemon answers; else podman from apt
+	@if ! command -v podman >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory apt APT_PACKAGES="$(CONTAINER_APT_PACKAGES)"; fi
+	CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" BASE_IMAGE="$(BASE_IMAGE)" ORCH_BASE_IMAGE="$(ORCH_BASE_IMAGE)" services/build-images.sh $(IMAGES)
+
+base-image:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(CONTAINER_APT_PACKAGES)"
+	CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" services/build-local-base.sh $(LOCAL_BASE_IMAGE)
