@@ -51,7 +51,6 @@ from funchat.dev.tritonserver import PROJECT_ROOT
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
 CHUNK_MS = 100
-MODELS = ("audio_tokenizer", "llm", "refined_head", "vocoder")
 DEFAULT_INPUT = PROJECT_ROOT.parent / "shared" / "data" / "fun-audio-chat-example-16k-f32.wav"
 
 
@@ -245,7 +244,7 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
     part does not start. Whatever was started is stopped again on failure."""
     from funchat.dev.redis_server import start_redis
     from funchat.dev.stack import start_orchestrator
-    from funchat.dev.tritonserver import free_port, start_servers
+    from funchat.dev.tritonserver import MODELS, free_port, start_servers
 
     run_dir = Path(tempfile.mkdtemp(prefix="funchat-bench-e2e-"))
     stack = Stack(target="", run_dir=run_dir)

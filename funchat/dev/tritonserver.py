@@ -28,7 +28,6 @@ to `<run_dir>/triton/pids.json`, which `down` reads):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -36,7 +35,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -44,50 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+# The wheel's tritonserver and a model folder configured for one server (re-exported: the launcher's API).
+from funchat.engines.triton_server import (MODELS, PATH_PARAMS, TritonInstall, TritonServerError,  # noqa: F401
+                                           available_models, find_triton, prepare_model_repo)
+from funchat.engines.triton_server import server_env as triton_server_env
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPO = PROJECT_ROOT / "services"  # the four model folders (config.pbtxt + 1/model.py)
 DEFAULT_RUN_DIR = PROJECT_ROOT / ".run"
-MODELS = ("audio_tokenizer", "llm", "refined_head", "vocoder")
 HOST = "127.0.0.1"
 ENDPOINTS_FILE = "endpoints.json"  # in run_dir: {model: "127.0.0.1:GRPC_PORT"}
 SERVERS_FILE = "servers.json"  # in run_dir/triton: {model: {grpc_port, http_port, metrics_port, pid, log}}
 PIDS_FILE = "pids.json"  # in run_dir/triton: {model: pid} of servers left running by `up`
-PATH_PARAMS = ("checkpoint", "tensorrt_plans")  # parameters holding a path; relative ones are resolved against the project root
-
-
-class TritonServerError(RuntimeError):
-    """tritonserver could not be found, started, or a model did not become ready (message says why)."""
-
-
-# ---- the installation inside the pytriton wheel ----
-
-@dataclass(frozen=True)
-class TritonInstall:
-    binary: Path
-    backend_files: tuple[Path, ...]  # libtriton_python.so, triton_python_backend_utils.py, the stub
-    lib_dirs: tuple[Path, ...]  # LD_LIBRARY_PATH entries
-
-
-def find_triton() -> TritonInstall:
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError("the nvidia-pytriton package (which ships tritonserver) is not installed in "
-                                f"{sys.prefix}; run `make setup`")
-    pkg = Path(list(spec.submodule_search_locations)[0])
-    root = pkg / "tritonserver"
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    binary = root / "bin" / "tritonserver"
-    backend = root / "backends" / "python"
-    files = (backend / "libtriton_python.so", backend / "triton_python_backend_utils.py",
-             root / "python_backend_stubs" / py / "triton_python_backend_stub")
-    missing = [str(p) for p in (binary, *files) if not p.exists()]
-    if missing:
-        raise TritonServerError("the pytriton wheel lacks tritonserver files (for Python " + py + "): "
-                                + ", ".join(missing))
-    libdir = sysconfig.get_config_var("LIBDIR")  # libpython3.x.so, which the backend stub links against
-    lib_dirs = tuple(p for p in (Path(libdir) if libdir else None, pkg.parent / "nvidia_pytriton.libs")
-                     if p is not None and p.is_dir())
-    return TritonInstall(binary, files, lib_dirs)
 
 
 def prepare_backend_dir(install: TritonInstall, run_dir: Path) -> Path:
@@ -107,61 +73,13 @@ def prepare_backend_dir(install: TritonInstall, run_dir: Path) -> Path:
 
 
 def server_env(install: TritonInstall) -> dict[str, str]:
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(p) for p in install.lib_dirs]
-                                             + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
-    # The backend stub finds its packages through the first python3 on PATH: the venv's.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    """The server's environment, with the checkout first on PYTHONPATH (its model.py files import funchat)."""
+    env = triton_server_env(install)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
 # ---- per-server model repository ----
-
-def _set_parameters(config_text: str, params: Mapping[str, str], root: Path) -> str:
-    """config.pbtxt with `parameters` set (added or replaced) and relative path parameters made absolute."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse(config_text, config)
-    for key, value in params.items():
-        config.parameters[key].string_value = str(value)
-    for key in PATH_PARAMS:
-        if key in config.parameters:
-            value = config.parameters[key].string_value
-            if value and not Path(value).is_absolute():
-                config.parameters[key].string_value = str((root / value).resolve())
-    return text_format.MessageToString(config)
-
-
-def prepare_model_repo(model: str, repo: Path, run_dir: Path, params: Mapping[str, str] | None = None,
-                       tag: str | None = None, config_name: str | None = None) -> Path:
-    """`<run_dir>/triton/repos/<tag>/` holding a copy of `repo/<model>` with its parameters set; returns it.
-    config_name: use `repo/<model>/configs/<name>.pbtxt` (e.g. "gpu") instead of config.pbtxt, where it exists."""
-    src = Path(repo) / model
-    if not (src / "config.pbtxt").is_file():
-        raise TritonServerError(f"{src}: no config.pbtxt (models in {repo}: {', '.join(available_models(repo)) or 'none'})")
-    out = Path(run_dir) / "triton" / "repos" / (tag or model)
-    if out.exists():
-        shutil.rmtree(out)
-    dst = out / model
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    try:
-        variant = src / "configs" / f"{config_name}.pbtxt" if config_name else None
-        config_file = variant if variant is not None and variant.is_file() else src / "config.pbtxt"
-        text = _set_parameters(config_file.read_text(), params or {}, Path(repo).resolve().parent)
-    except Exception as exc:  # text_format.ParseError and friends
-        raise TritonServerError(f"{src / 'config.pbtxt'}: cannot be read as a model config ({exc})") from None
-    (dst / "config.pbtxt").write_text(text)
-    return out
-
-
-def available_models(repo: Path = DEFAULT_REPO) -> list[str]:
-    repo = Path(repo)
-    return sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()) if repo.is_dir() else []
-
 
 # ---- processes ----
 

@@ -12,6 +12,8 @@ config parameters:
 - `slot_pool`: the per-call KV-cache rows of the two stateful services (cap, idle timeout).
 - `triton_adapter`: what the Triton adapters share (parameters, reading inputs, errors with their
   status, metrics, batching), free of Triton imports: the adapters pass in `pb_utils`.
+- `triton_server`: the nvidia-pytriton wheel's tritonserver and its environment, and a model folder
+  copied with its parameters set for one server (the image's entry point and the local launcher).
 
 The services are `services/<model>/config.pbtxt` (inputs, outputs and parameters documented there)
 plus a thin `services/<model>/1/model.py` (parse the requests through `triton_adapter`, run the

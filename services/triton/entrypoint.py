@@ -34,7 +34,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from funchat.dev.tritonserver import MODELS, TritonServerError, find_triton, prepare_model_repo
+from funchat.engines.triton_server import MODELS, TritonServerError, find_triton, prepare_model_repo, server_env
 
 IMAGE_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 BACKENDS = Path("/opt/triton-backends")
@@ -44,15 +44,9 @@ def server_binary_env() -> tuple[str, dict[str, str]]:
     """The tritonserver binary to run and its environment (libraries, PATH for the backend stub)."""
     install = find_triton()
     binary = os.environ.get("TRITONSERVER") or (str(IMAGE_TRITON) if IMAGE_TRITON.is_file() else str(install.binary))
-    env = dict(os.environ)
-    lib_dirs = [str(p) for p in install.lib_dirs]  # this Python's LIBDIR (libpython3.11), the wheel's libs
-    if binary == str(IMAGE_TRITON) and Path("/opt/tritonserver/lib").is_dir():
-        lib_dirs.append("/opt/tritonserver/lib")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
-    # The backend stub finds its packages through the first python3 on PATH: this venv's.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return binary, env
+    image_libs = [Path("/opt/tritonserver/lib")] if binary == str(IMAGE_TRITON) and Path("/opt/tritonserver/lib").is_dir() \
+        else []
+    return binary, server_env(install, image_libs)
 
 
 def exec_tritonserver(argv: list[str]) -> int:
