@@ -128,6 +128,9 @@ SCENARIOS = {
     "launch-tritonserver": {"modelServiceDefaults": {"launch": "tritonserver", "parameters": {"threads": "2"}},
                             "modelServices": {"llm": {"configName": "gpu"}},
                             "modelStorage": {"mode": "download"}},
+    "addresses-hostport": {"orchestrator": {
+        "hostPort": {"enabled": True, "hostIP": "127.0.0.1", "port": 50061},
+        "addresses": {"llm": "llm-host.example:9001", "redis": "fc-funchat-redis-pod-0:6379"}}},
     "everything-off": {"networkPolicy": {"enabled": False},
                        "modelServiceDefaults": {"podDisruptionBudget": {"enabled": False}},
                        "orchestrator": {"podDisruptionBudget": {"enabled": False}},
@@ -227,6 +230,8 @@ def test_schema_closes_every_object():
     ({"modelStorage": {"download": {"files": [{"path": "../etc/passwd", "url": "https://x/a", "sha256": SHA_A}]}}},
      "/modelStorage/download/files/0/path", ""),
     ({"orchestrator": {"settings": {"redis_url": "redis://x"}}}, "/orchestrator/settings", ""),
+    ({"orchestrator": {"addresses": {"llm": "llm"}}}, "/orchestrator/addresses/llm", "pattern"),
+    ({"orchestrator": {"addresses": {"tts": "tts:8001"}}}, "/orchestrator/addresses", "'tts' not allowed"),
     ({"modelServiceDefaults": {"resources": {"limits": {"memory": "lots"}}}},
      "/modelServiceDefaults/resources/limits/memory", ""),
 ])
@@ -530,6 +535,17 @@ def test_orchestrator_deployment():
                                      "appProtocol": "kubernetes.io/h2c"}]
     assert one(objs, "PodDisruptionBudget", name)
     assert not find(objs, "RayService")
+
+
+def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
+    objs = objects(SCENARIOS["addresses-hostport"])
+    name = f"{PREFIX}-orchestrator"
+    endpoints = json.loads(one(objs, "ConfigMap", name)["data"]["FUNCHAT_ENDPOINTS"])
+    assert endpoints == {**{s: f"{model_name(s)}:8001" for s in MODELS}, "llm": "llm-host.example:9001"}
+    orch = container(one(objs, "Deployment", name)["spec"]["template"]["spec"], "orchestrator")
+    assert env_of(orch)["FUNCHAT_REDIS_URL"] == "redis://:$(REDIS_PASSWORD)@fc-funchat-redis-pod-0:6379/0"
+    assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP",
+                              "hostIP": "127.0.0.1", "hostPort": 50061}]
 
 
 def test_orchestrator_settings_accept_the_rendered_environment(tmp_path, monkeypatch, no_funchat_env):

@@ -122,7 +122,8 @@ seccompProfile:
 {{/* FUNCHAT_REDIS_URL with $(REDIS_PASSWORD) expanded by the kubelet (must follow REDIS_PASSWORD in env). */}}
 {{- define "funchat.redisUrl" -}}
 {{- if eq .Values.redis.mode "internal" -}}
-{{- printf "redis://:$(REDIS_PASSWORD)@%s-redis:6379/0" (include "funchat.fullname" .) -}}
+{{- $address := default (printf "%s-redis:6379" (include "funchat.fullname" .)) .Values.orchestrator.addresses.redis -}}
+{{- printf "redis://:$(REDIS_PASSWORD)@%s/0" $address -}}
 {{- else -}}
 {{- $parts := splitn "://" 2 .Values.redis.external.url -}}
 {{- if .Values.redis.external.existingSecret -}}
@@ -133,11 +134,13 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 
-{{/* FUNCHAT_ENDPOINTS JSON: each model service's Service, grpc port. */}}
+{{/* FUNCHAT_ENDPOINTS JSON: each model service's Service, grpc port, unless
+orchestrator.addresses names another address. */}}
 {{- define "funchat.endpoints" -}}
 {{- $out := dict -}}
 {{- range $name := list "audio_tokenizer" "llm" "refined_head" "vocoder" -}}
-{{- $_ := set $out $name (printf "%s:8001" (include "funchat.modelServiceName" (dict "ctx" $ "name" $name))) -}}
+{{- $derived := printf "%s:8001" (include "funchat.modelServiceName" (dict "ctx" $ "name" $name)) -}}
+{{- $_ := set $out $name (default $derived (index $.Values.orchestrator.addresses $name)) -}}
 {{- end -}}
 {{- toJson $out -}}
 {{- end -}}
