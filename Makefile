@@ -14,7 +14,7 @@ APT_PACKAGES ?= redis-server
 
 GRPC_PORT ?= 50051
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help images base-image
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help images base-image k8s
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
@@ -29,6 +29,7 @@ help:
 	@echo "make triton-down  stop them"
 	@echo "make images       build the orchestrator and model-services images (podman or docker; services/README.md)"
 	@echo "make base-image   a local Debian 12 base image (debootstrap + podman import) where no registry is reachable"
+	@echo "make k8s          k8s/: plain manifests and kustomize overlays rendered from helm/funchat (never edit them by hand)"
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -99,6 +100,11 @@ triton-up: setup $(CHECKPOINT)/vocoder/model.safetensors
 
 triton-down: setup
 	$(PY) -m funchat.dev.tritonserver down
+
+# k8s/base and k8s/overlays/*: the chart rendered for users without Helm (funchat/dev/render_k8s.py;
+# tests/unit/test_k8s_manifests.py fails when they are stale).
+k8s: setup
+	$(PY) -m funchat.dev.render_k8s
 
 clean:
 	rm -rf $(RUN_DIR) checkpoints bench-results .pytest_cache

@@ -34,12 +34,25 @@ KUBE = "1.33"
 MODELS = ["audio_tokenizer", "llm", "refined_head", "vocoder"]
 NAME, NAMESPACE = "fc", "funchat"
 PREFIX = "fc-funchat"
+# Custom kinds: JSON schemas converted from the operators' CRDs (tests/unit/schemas/README.md).
 CUSTOM = {
     ("ray.io/v1", "RayService"): "rayservice_ray.io_v1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor_monitoring.coreos.com_v1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor_monitoring.coreos.com_v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule_monitoring.coreos.com_v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject_keda.sh_v1alpha1.json",
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime_serving.kserve.io_v1alpha1.json",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice_serving.kserve.io_v1beta1.json",
 }
 SHA_A = "a" * 64
+# Triton's counters (triton-inference-server/core src/metrics.cc): the names every query and alert
+# of the chart may use
+TRITON_METRICS = {
+    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
+}
 
 
 def profile(name: str) -> dict:
@@ -106,6 +119,26 @@ def env_of(c: dict) -> dict:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
+@functools.lru_cache(maxsize=None)
+def custom_validator(schema_file: str):
+    """A validator of a vendored CRD schema (checked once; the KServe ones are large)."""
+    schema = json.loads((SCHEMAS / schema_file).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def render_error(values: dict) -> str:
+    """The message of a render the chart refuses (schema or `fail`)."""
+    with pytest.raises(helm_python.HelmError) as err:
+        with helm_python.Chart.load(str(CHART)) as chart:
+            chart.render(values, name=NAME, namespace=NAMESPACE)
+    return str(err.value)
+
+
+KSERVE_MONITORING = {"monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+
+
 SCENARIOS = {
     "defaults": {},
     "profile-dev-cpu": profile("dev-cpu"),
@@ -131,6 +164,24 @@ SCENARIOS = {
     "addresses-hostport": {"orchestrator": {
         "hostPort": {"enabled": True, "hostIP": "127.0.0.1", "port": 50061},
         "addresses": {"llm": "llm-host.example:9001", "redis": "fc-funchat-redis-pod-0:6379"}}},
+    "kserve-raw": deep_merge(KSERVE_MONITORING, {
+        "kserve": {"enabled": True},
+        "modelServices": {"llm": {"autoscaling": {"mode": "hpa"}}, "vocoder": {"autoscaling": {"mode": "keda"}},
+                          "refined_head": {"extraArgs": ["--log-verbose=1"], "parameters": {"threads": "2"}}},
+        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}]}}),
+    "kserve-serverless": deep_merge(KSERVE_MONITORING, {
+        "kserve": {"enabled": True, "deploymentMode": "Serverless"},
+        "modelServices": {"audio_tokenizer": {"autoscaling": {"mode": "hpa", "maxReplicas": 3}}}}),
+    "kserve-gpu": deep_merge(profile("gpu"), {
+        "kserve": {"enabled": True}, "modelStorage": {"subPath": "fun-audio-chat-8b"},
+        "monitoring": {"serviceMonitor": {"enabled": False}, "podMonitor": {"enabled": True}}}),
+    "pod-monitor": {"monitoring": {"podMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "prom"}}}},
+    "prometheus-rule": {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {
+        "enabled": True, "labels": {"release": "prom"},
+        "modelServiceDown": {"for": "3m"}, "queueTime": {"thresholdUs": 123456, "for": "7m"},
+        "failureRatio": {"threshold": 0.2, "for": "9m"}, "orchestratorUnavailable": {"for": "11m"},
+        "extraRules": [{"record": "funchat:orchestrator_calls:rate5m", "expr": "sum(rate(funchat_calls_total[5m]))"}]}}},
     "everything-off": {"networkPolicy": {"enabled": False},
                        "modelServiceDefaults": {"podDisruptionBudget": {"enabled": False}},
                        "orchestrator": {"podDisruptionBudget": {"enabled": False}},
@@ -141,7 +192,7 @@ SCENARIOS = {
 
 # -- lint and validation ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu", "rayservice"])
+@pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu", "rayservice", "kserve-raw"])
 def test_lint_is_clean(scenario):
     result = helm_python.lint(str(CHART), SCENARIOS[scenario], strict=True, kube_version=f"v{KUBE}.0")
     assert not result["errors"], result
@@ -157,8 +208,7 @@ def test_every_rendered_object_validates(scenario):
     for obj in objs:
         key = (obj["apiVersion"], obj["kind"])
         if key in CUSTOM:
-            schema = json.loads((SCHEMAS / CUSTOM[key]).read_text())
-            jsonschema.validate(obj, schema)
+            custom_validator(CUSTOM[key]).validate(obj)
         else:
             kubernetes_validate.validate(obj, KUBE, strict=True)
         ident = (obj["kind"], obj["metadata"]["name"])
@@ -170,7 +220,11 @@ def test_every_rendered_object_validates(scenario):
 def test_notes_render():
     notes = render()["funchat/templates/NOTES.txt"]
     assert f"{PREFIX}-orchestrator:50051" in notes and "funchat chat --server" in notes
+    assert "Model services: Deployments" in notes and f"llm: {PREFIX}-llm:8001" in notes
     assert "WARNING" in render({"modelStorage": {"mode": "download"}})["funchat/templates/NOTES.txt"]
+    notes = render(SCENARIOS["kserve-serverless"])["funchat/templates/NOTES.txt"]
+    assert "KServe mode (Serverless)" in notes and f"ServingRuntime {PREFIX}-triton" in notes
+    assert f"llm: {PREFIX}-llm-predictor.{NAMESPACE}.svc:80" in notes
 
 
 # -- values and schema -----------------------------------------------------------------------
@@ -234,6 +288,29 @@ def test_schema_closes_every_object():
     ({"orchestrator": {"addresses": {"tts": "tts:8001"}}}, "/orchestrator/addresses", "'tts' not allowed"),
     ({"modelServiceDefaults": {"resources": {"limits": {"memory": "lots"}}}},
      "/modelServiceDefaults/resources/limits/memory", ""),
+    ({"kserve": {"enabled": "yes"}}, "/kserve/enabled", "want boolean"),
+    ({"kserve": {"deploymentMode": "Knative"}}, "/kserve/deploymentMode", "must be one of"),
+    ({"kserve": {"runtime": "triton"}}, "/kserve", "'runtime' not allowed"),
+    ({"kserve": {"modelFormat": {"name": "Triton Server"}}}, "/kserve/modelFormat/name", "pattern"),
+    ({"kserve": {"serverless": {"scaleMetric": "cpu"}}}, "/kserve/serverless/scaleMetric", "must be one of"),
+    ({"kserve": {"serverless": {"scaleTarget": 0}}}, "/kserve/serverless/scaleTarget", "minimum"),
+    ({"kserve": {"serverless": {"dataPlaneFrom": {"namespaceSelector": {}}}}}, "/kserve/serverless/dataPlaneFrom",
+     "want array"),
+    ({"monitoring": {"podMonitor": {"enabled": 1}}}, "/monitoring/podMonitor/enabled", "want boolean"),
+    ({"monitoring": {"podMonitor": {"interval": "soon"}}}, "/monitoring/podMonitor/interval", "pattern"),
+    ({"monitoring": {"podMonitor": {"port": "metrics"}}}, "/monitoring/podMonitor", "'port' not allowed"),
+    ({"monitoring": {"prometheusRule": {"enabled": "true"}}}, "/monitoring/prometheusRule/enabled", "want boolean"),
+    ({"monitoring": {"prometheusRule": {"queueTime": {"thresholdUs": "high"}}}},
+     "/monitoring/prometheusRule/queueTime/thresholdUs", "want integer"),
+    ({"monitoring": {"prometheusRule": {"failureRatio": {"threshold": 2}}}},
+     "/monitoring/prometheusRule/failureRatio/threshold", "maximum"),
+    ({"monitoring": {"prometheusRule": {"modelServiceDown": {"for": "5 minutes"}}}},
+     "/monitoring/prometheusRule/modelServiceDown/for", "pattern"),
+    ({"monitoring": {"prometheusRule": {"latencySlo": {}}}}, "/monitoring/prometheusRule", "'latencySlo' not allowed"),
+    ({"monitoring": {"prometheusRule": {"extraRules": [{"alert": "X"}]}}},
+     "/monitoring/prometheusRule/extraRules/0", "missing property 'expr'"),
+    ({"monitoring": {"prometheusRule": {"extraRules": [{"alert": "X", "expr": "up", "severity": "page"}]}}},
+     "/monitoring/prometheusRule/extraRules/0", "'severity' not allowed"),
 ])
 def test_schema_rejects_bad_values_naming_the_key(values, where, what):
     with pytest.raises(helm_python.HelmValuesError) as err:
@@ -383,6 +460,8 @@ def test_autoscaling_hpa_on_queue_time_with_cpu_fallback():
         assert cpu["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}
     ext = one(objects(SCENARIOS["hpa-external"]), "HorizontalPodAutoscaler", model_name("llm"))
     assert ext["spec"]["metrics"][0]["type"] == "External"
+    # a mean per request, compared as it is (AverageValue would divide it by the replicas)
+    assert ext["spec"]["metrics"][0]["external"]["target"] == {"type": "Value", "value": "50000"}
     assert ext["spec"]["metrics"][0]["external"]["metric"]["selector"]["matchLabels"] == {"service": model_name("llm")}
     big = objects({"modelServices": {"llm": {"autoscaling": {"mode": "hpa", "queueTimeTargetUs": 2000000,
                                                              "cpuUtilization": 0}}}})
@@ -399,6 +478,7 @@ def test_autoscaling_keda_prometheus_trigger():
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (1, 4)
     prom, cpu = so["spec"]["triggers"]
     assert prom["type"] == "prometheus" and prom["metadata"]["threshold"] == "50000"
+    assert prom["metricType"] == "Value"  # a mean per request: not divided by the replicas
     assert 'nv_inference_queue_duration_us{model="llm"' in prom["metadata"]["query"]
     assert cpu == {"type": "cpu", "metricType": "Utilization", "metadata": {"value": "80"}}
 
@@ -692,3 +772,433 @@ def test_entrypoint_environment_configures_each_real_model(tmp_path, scenario):
         if scenario == "profile-gpu" and service != "vocoder":
             assert config.parameters["device"].string_value == "cuda"
             assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+# -- KServe mode -----------------------------------------------------------------------------
+
+def kserve_objects(scenario: str) -> tuple[list[dict], dict, dict]:
+    """The objects of a KServe scenario, its ServingRuntime and its InferenceServices by model service."""
+    objs = objects(SCENARIOS[scenario])
+    runtime = one(objs, "ServingRuntime", f"{PREFIX}-triton")
+    return objs, runtime, {s: one(objs, "InferenceService", model_name(s)) for s in MODELS}
+
+
+@pytest.mark.parametrize("scenario", ["kserve-raw", "kserve-serverless", "kserve-gpu"])
+def test_kserve_replaces_the_model_service_workloads(scenario):
+    objs, _, _ = kserve_objects(scenario)
+    assert len(find(objs, "ServingRuntime")) == 1 and len(find(objs, "InferenceService")) == 4
+    for service in MODELS:
+        name = model_name(service)
+        for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject"):
+            assert not find(objs, kind, name), (kind, name)
+        assert one(objs, "ServiceAccount", name)["automountServiceAccountToken"] is False
+    assert one(objs, "Deployment", f"{PREFIX}-orchestrator")
+    assert not find(objs, "ServiceMonitor") and not find(objs, "HorizontalPodAutoscaler")
+    assert not find(objects(), "ServingRuntime") and not find(objects(), "InferenceService")
+
+
+def test_kserve_serving_runtime():
+    _, runtime, _ = kserve_objects("kserve-raw")
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["grpc-v2", "v2"]
+    assert spec["supportedModelFormats"] == [{"name": "triton", "version": "2", "autoSelect": False}]
+    [c] = spec["containers"]
+    assert c["name"] == "kserve-container" and c["image"] == "localhost/funchat-model-services:0.1.0"
+    assert c["args"] == ["--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"]
+    # gRPC first: KServe's raw Service gives the first port Service port 80 (the orchestrator's address)
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("h2c", 8001), ("http", 8000), ("metrics", 8002)]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+    assert c["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert c["resources"] == {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    assert {m["mountPath"]: m["name"] for m in c["volumeMounts"]} == {"/dev/shm": "shm", "/tmp": "tmp"}
+    assert {v["name"]: v["emptyDir"] for v in spec["volumes"]} == {
+        "shm": {"medium": "Memory", "sizeLimit": "1Gi"}, "tmp": {"sizeLimit": "1Gi"}}
+    # the runtime never requests a GPU: KServe merges resource maps, a CPU-only service could not drop it
+    _, gpu_runtime, _ = kserve_objects("kserve-gpu")
+    assert "nvidia.com/gpu" not in json.dumps(gpu_runtime)
+    assert gpu_runtime["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "4", "memory": "32Gi"}
+
+
+@pytest.mark.parametrize("service", MODELS)
+def test_kserve_inference_service(service):
+    _, runtime, isvcs = kserve_objects("kserve-raw")
+    isvc = isvcs[service]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert "networking.kserve.io/visibility" not in isvc["metadata"]["labels"]
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"] == {"name": "triton", "version": "2"}
+    assert model["protocolVersion"] == "grpc-v2"
+    assert model["storageUri"] == "pvc://funchat-checkpoint"
+    params = "threads='2'" if service == "refined_head" else ""
+    assert env_of(model) == {"FUNCHAT_MODEL": service, "FUNCHAT_CHECKPOINT": "/mnt/models", "FUNCHAT_CONFIG": "",
+                             "FUNCHAT_PARAMS": params, "FUNCHAT_RUN_DIR": "/tmp/funchat"}
+    # KServe appends the InferenceService's args to the runtime's: only the service's extra ones
+    assert model.get("args", []) == (["--log-verbose=1"] if service == "refined_head" else [])
+    assert model["resources"] == {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    assert model["startupProbe"]["failureThreshold"] == 60
+    assert predictor["serviceAccountName"] == model_name(service)
+    assert predictor["automountServiceAccountToken"] is False
+    assert predictor["securityContext"]["runAsUser"] == 10001 and predictor["securityContext"]["runAsNonRoot"]
+    assert predictor["terminationGracePeriodSeconds"] == 60
+    assert predictor["labels"] == {"app.kubernetes.io/name": "funchat", "app.kubernetes.io/instance": NAME,
+                                   "app.kubernetes.io/component": service.replace("_", "-"),
+                                   "funchat.io/tier": "model"}
+    assert {v["name"] for v in predictor["volumes"]} == {"shm", "tmp"}
+    for key in ("nodeSelector", "tolerations", "runtimeClassName", "affinity"):
+        assert key not in predictor
+
+
+def test_kserve_takes_each_service_settings_from_its_values():
+    _, _, isvcs = kserve_objects("kserve-gpu")
+    for service in ("audio_tokenizer", "llm", "refined_head"):
+        predictor = isvcs[service]["spec"]["predictor"]
+        model = predictor["model"]
+        assert model["resources"]["requests"]["nvidia.com/gpu"] == 1 and model["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert predictor["runtimeClassName"] == "nvidia" and predictor["nodeSelector"] == {"funchat.io/pool": "gpu"}
+        assert predictor["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert env_of(model)["FUNCHAT_CONFIG"] == "gpu"
+        assert model["startupProbe"]["failureThreshold"] == 90
+        assert model["storageUri"] == "pvc://funchat-checkpoint-8b/fun-audio-chat-8b"
+    llm = isvcs["llm"]["spec"]["predictor"]
+    assert llm["model"]["resources"]["requests"]["memory"] == "64Gi"
+    assert {v["name"]: v["emptyDir"].get("sizeLimit") for v in llm["volumes"]}["shm"] == "16Gi"
+    # autoscaling hpa in the profile: KServe's own HPA on CPU, bounds from the service's values
+    assert (llm["minReplicas"], llm["maxReplicas"], llm["scaleMetric"], llm["scaleTarget"]) == (1, 8, "cpu", 80)
+    vocoder = isvcs["vocoder"]["spec"]["predictor"]
+    assert "nvidia.com/gpu" not in json.dumps(vocoder)
+    assert vocoder["nodeSelector"] == {"funchat.io/pool": "cpu"}
+    assert "runtimeClassName" not in vocoder and "tolerations" not in vocoder
+    assert env_of(vocoder["model"])["FUNCHAT_CONFIG"] == ""
+
+
+def test_kserve_autoscaling_maps_each_mode():
+    objs = objects({"kserve": {"enabled": True}, "modelServices": {"audio_tokenizer": {"replicas": 3}}})
+    fixed = one(objs, "InferenceService", model_name("audio_tokenizer"))["spec"]["predictor"]
+    assert (fixed["minReplicas"], fixed["maxReplicas"]) == (3, 3)  # mode none: replicas, both bounds
+    assert not {"scaleMetric", "scaleTarget", "autoScaling"} & fixed.keys()
+    _, _, isvcs = kserve_objects("kserve-raw")
+    keda = isvcs["vocoder"]
+    assert keda["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
+    predictor = keda["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 4) and "scaleMetric" not in predictor
+    queue, cpu = predictor["autoScaling"]["metrics"]
+    assert queue["type"] == "External" and queue["external"]["target"] == {"type": "Value", "value": "50000"}
+    metric = queue["external"]["metric"]
+    assert metric["backend"] == "prometheus" and metric["serverAddress"] == "http://prometheus-operated.monitoring.svc:9090"
+    assert f'nv_inference_queue_duration_us{{model="vocoder",service="{model_name("vocoder")}"}}' in metric["query"]
+    assert cpu == {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization",
+                                                                              "averageUtilization": 80}}}
+    assert "serving.kserve.io/autoscalerClass" not in isvcs["llm"]["metadata"]["annotations"]
+    _, _, serverless = kserve_objects("kserve-serverless")
+    knative = serverless["audio_tokenizer"]["spec"]["predictor"]
+    assert (knative["minReplicas"], knative["maxReplicas"]) == (1, 3)
+    assert (knative["scaleMetric"], knative["scaleTarget"]) == ("concurrency", 16)
+    tuned = objects({"kserve": {"enabled": True, "deploymentMode": "Serverless",
+                                "serverless": {"scaleMetric": "rps", "scaleTarget": 40}},
+                     "modelServiceDefaults": {"autoscaling": {"mode": "hpa"}}})
+    predictor = one(tuned, "InferenceService", model_name("llm"))["spec"]["predictor"]
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("rps", 40)
+
+
+def test_kserve_serverless_fits_knative():
+    objs, runtime, isvcs = kserve_objects("kserve-serverless")
+    [c] = runtime["spec"]["containers"]
+    # Knative: one container port (h2c), probes on it only, no gRPC probes
+    assert c["ports"] == [{"name": "h2c", "containerPort": 8001, "protocol": "TCP"}]
+    assert c["readinessProbe"]["tcpSocket"] == {"port": 8001}
+    assert "startupProbe" not in c and "livenessProbe" not in c
+    for service, isvc in isvcs.items():
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+        assert isvc["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+        predictor = isvc["spec"]["predictor"]
+        assert predictor["model"]["readinessProbe"] == {"tcpSocket": {"port": 8001}, "periodSeconds": 5,
+                                                        "failureThreshold": 3}
+        assert "startupProbe" not in predictor["model"] and "terminationGracePeriodSeconds" not in predictor
+        # the startupProbe's budget (10 s x 60) as Knative's progress deadline
+        assert predictor["annotations"] == {"serving.knative.dev/progress-deadline": "600s"}
+    assert not find(objs, "ScaledObject")
+
+
+def test_kserve_orchestrator_dials_the_predictors_unless_told_otherwise():
+    for scenario in ("kserve-raw", "kserve-serverless"):
+        cm = one(objects(SCENARIOS[scenario]), "ConfigMap", f"{PREFIX}-orchestrator")["data"]
+        # KServe's <isvc>-predictor Service, port 80 (gRPC, h2c), namespaced for Knative's local gateway
+        assert json.loads(cm["FUNCHAT_ENDPOINTS"]) == {
+            s: f"{model_name(s)}-predictor.{NAMESPACE}.svc:80" for s in MODELS}
+    objs = objects(deep_merge(SCENARIOS["kserve-raw"], SCENARIOS["addresses-hostport"]))
+    endpoints = json.loads(one(objs, "ConfigMap", f"{PREFIX}-orchestrator")["data"]["FUNCHAT_ENDPOINTS"])
+    assert endpoints["llm"] == "llm-host.example:9001"  # orchestrator.addresses still wins
+    assert endpoints["vocoder"] == f"{model_name('vocoder')}-predictor.{NAMESPACE}.svc:80"
+
+
+def test_kserve_network_policy_admits_only_the_orchestrator_to_the_predictors():
+    objs, _, isvcs = kserve_objects("kserve-raw")
+    orch_labels = one(objs, "Deployment", f"{PREFIX}-orchestrator")["spec"]["selector"]["matchLabels"]
+    policy = one(objs, "NetworkPolicy", f"{PREFIX}-model-services")["spec"]
+    for isvc in isvcs.values():  # the predictor pods carry the selected labels
+        assert policy["podSelector"]["matchLabels"].items() <= isvc["spec"]["predictor"]["labels"].items()
+    # port numbers: KServe's pods name the gRPC port h2c
+    assert policy["ingress"][0] == {"from": [{"podSelector": {"matchLabels": orch_labels}}],
+                                    "ports": [{"port": 8001, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}
+    assert policy["ingress"][1]["ports"] == [{"port": 8002, "protocol": "TCP"}]  # networkPolicy.metricsFrom
+    assert len(policy["ingress"]) == 2
+    serverless = one(objects(SCENARIOS["kserve-serverless"]), "NetworkPolicy", f"{PREFIX}-model-services")["spec"]
+    assert serverless["ingress"][0]["from"] == [{"podSelector": {"matchLabels": orch_labels}}]
+    # Knative's data plane delivers the requests in Serverless mode
+    assert serverless["ingress"][1] == {"from": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}}}]}
+    closed = objects(deep_merge(SCENARIOS["kserve-serverless"], {"kserve": {"serverless": {"dataPlaneFrom": []}}}))
+    ingress = one(closed, "NetworkPolicy", f"{PREFIX}-model-services")["spec"]["ingress"]
+    assert all(rule.get("from") for rule in ingress)  # never a rule open to every peer
+
+
+@pytest.mark.parametrize("scenario", ["kserve-raw", "kserve-serverless", "kserve-gpu"])
+def test_kserve_pods_are_locked_down(scenario):
+    _, runtime, isvcs = kserve_objects(scenario)
+    sc = runtime["spec"]["containers"][0]["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    for isvc in isvcs.values():
+        predictor = isvc["spec"]["predictor"]
+        assert predictor["securityContext"]["runAsNonRoot"] is True
+        assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert predictor["automountServiceAccountToken"] is False
+        assert "limits" in predictor["model"]["resources"] and "requests" in predictor["model"]["resources"]
+        assert "securityContext" not in predictor["model"]  # the runtime's applies (KServe merges it)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"modelStorage": {"mode": "download"}}, "kserve.enabled: modelStorage.mode must be existingClaim"),
+    ({"monitoring": {"serviceMonitor": {"enabled": True}}}, "kserve.enabled: monitoring.serviceMonitor has no"),
+    ({"modelServices": {"llm": {"launch": "tritonserver"}}}, "modelServices.llm.launch"),
+    ({"kserve": {"deploymentMode": "Serverless"}, "modelServiceDefaults": {"autoscaling": {"mode": "keda"}}},
+     "modelServices.audio_tokenizer.autoscaling.mode (or modelServiceDefaults.autoscaling.mode) keda needs "
+     "kserve.deploymentMode RawDeployment"),
+])
+def test_kserve_refuses_what_it_cannot_run(values, message):
+    assert message in render_error(deep_merge({"kserve": {"enabled": True}}, values))
+
+
+# -- monitoring: PodMonitor, PrometheusRule, prometheus-adapter ------------------------------
+
+def test_pod_monitor_only_when_enabled():
+    assert not find(objects(), "PodMonitor")
+    pm = one(objects(SCENARIOS["pod-monitor"]), "PodMonitor", f"{PREFIX}-model-services")
+    assert pm["metadata"]["labels"]["release"] == "prom"
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/instance": NAME, "funchat.io/tier": "model"}
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", "30s")
+    # the targets get service=<fullname>-<component>, like the ServiceMonitor's (the alerts select on it)
+    assert endpoint["relabelings"] == [{
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+        "targetLabel": "service", "replacement": f"{PREFIX}-${{1}}"}]
+    for service in MODELS:  # the Deployments' pods: a named metrics port and the labels selected
+        template = one(objects(), "Deployment", model_name(service))["spec"]["template"]
+        assert pm["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        assert "metrics" in [p["name"] for p in template["spec"]["containers"][0]["ports"]]
+    raw = one(objects(SCENARIOS["kserve-raw"]), "PodMonitor", f"{PREFIX}-model-services")
+    assert raw["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"  # the runtime declares it
+    serverless = one(objects(SCENARIOS["kserve-serverless"]), "PodMonitor", f"{PREFIX}-model-services")
+    [endpoint] = serverless["spec"]["podMetricsEndpoints"]
+    # Knative pods declare h2c only: that target, moved to Triton's metrics port
+    assert endpoint["port"] == "h2c"
+    assert endpoint["relabelings"][1] == {"sourceLabels": ["__address__"], "regex": "(.+):[0-9]+",
+                                          "targetLabel": "__address__", "replacement": "${1}:8002"}
+    for address in ("10.0.0.7:8001", "[fd00::7]:8001"):  # Prometheus anchors the regex
+        moved = re.fullmatch(endpoint["relabelings"][1]["regex"], address).expand(r"\1:8002")
+        assert moved == address.replace(":8001", ":8002")
+
+
+def _rules(values: dict) -> dict[str, list[dict]]:
+    rule = one(objects(values), "PrometheusRule", PREFIX)
+    [group] = rule["spec"]["groups"]
+    out: dict[str, list[dict]] = {}
+    for r in group["rules"]:
+        out.setdefault(r.get("alert") or r["record"], []).append(r)
+    return out
+
+
+def test_prometheus_rule_only_when_enabled_with_thresholds_from_values():
+    assert not find(objects(), "PrometheusRule") and not find(objects(SCENARIOS["monitoring"]), "PrometheusRule")
+    rule = one(objects(SCENARIOS["prometheus-rule"]), "PrometheusRule", PREFIX)
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    rules = _rules(SCENARIOS["prometheus-rule"])
+    down = rules["FunchatModelServiceDown"]
+    assert [r["labels"]["service"] for r in down] == [model_name(s) for s in MODELS]
+    for r in down:
+        assert r["expr"] == f'(sum(up{{namespace="{NAMESPACE}",service="{r["labels"]["service"]}"}}) or vector(0)) == 0'
+        assert r["for"] == "3m" and r["labels"]["severity"] == "critical"
+    services = "|".join(model_name(s) for s in MODELS)
+    sel = f'namespace="{NAMESPACE}",service=~"{services}"'
+    [queue] = rules["FunchatTritonQueueTimeHigh"]
+    assert queue["for"] == "7m" and queue["expr"].endswith("> 0) > 123456")
+    assert f"rate(nv_inference_queue_duration_us{{{sel}}}[5m])" in queue["expr"]
+    assert f"rate(nv_inference_request_success{{{sel}}}[5m])" in queue["expr"]
+    [failures] = rules["FunchatTritonFailureRatioHigh"]
+    assert failures["for"] == "9m" and failures["expr"].endswith("> 0) > 0.2")
+    assert failures["expr"].count(f"rate(nv_inference_request_failure{{{sel}}}[5m])") == 2
+    [orch] = rules["FunchatOrchestratorUnavailable"]  # kube-state-metrics' series
+    assert orch["for"] == "11m"
+    assert orch["expr"] == (f'kube_deployment_status_replicas_unavailable{{namespace="{NAMESPACE}",'
+                            f'deployment="{PREFIX}-orchestrator"}} > 0')
+    # the hook for later rules (the orchestrator's latency SLO)
+    assert rules["funchat:orchestrator_calls:rate5m"] == [
+        {"record": "funchat:orchestrator_calls:rate5m", "expr": "sum(rate(funchat_calls_total[5m]))"}]
+    defaults = _rules({"monitoring": {"prometheusRule": {"enabled": True}}})
+    assert defaults["FunchatTritonQueueTimeHigh"][0]["expr"].endswith("> 250000")
+    assert defaults["FunchatTritonQueueTimeHigh"][0]["for"] == "10m"
+    assert defaults["FunchatTritonFailureRatioHigh"][0]["expr"].endswith("> 0.05")
+    # no Deployment to watch in rayservice mode; off when there is no kube-state-metrics
+    assert "FunchatOrchestratorUnavailable" not in _rules(
+        {"orchestrator": {"mode": "rayservice"}, "monitoring": {"prometheusRule": {"enabled": True}}})
+    assert "FunchatOrchestratorUnavailable" not in _rules(
+        {"monitoring": {"prometheusRule": {"enabled": True, "orchestratorUnavailable": {"enabled": False}}}})
+    # the same alerts select the PodMonitor's targets in KServe mode
+    assert _rules(SCENARIOS["kserve-raw"])["FunchatModelServiceDown"][1]["labels"]["service"] == model_name("llm")
+
+
+def _adapter_rules() -> dict:
+    return yaml.safe_load((CHART / "files" / "prometheus-adapter-rules.yaml").read_text())["rules"]
+
+
+@pytest.mark.parametrize("scenario, kind", [("hpa-pods", "custom"), ("hpa-external", "external")])
+def test_prometheus_adapter_rules_serve_the_metric_the_hpa_asks_for(scenario, kind):
+    objs = objects(SCENARIOS[scenario])
+    asked = set()
+    for hpa in find(objs, "HorizontalPodAutoscaler"):
+        metric = hpa["spec"]["metrics"][0]
+        asked.add((metric["type"], metric[metric["type"].lower()]["metric"]["name"]))
+    [rule] = _adapter_rules()[kind]
+    assert asked == {("Pods" if kind == "custom" else "External", rule["name"]["as"])}
+    assert rule["name"]["matches"] == "^nv_inference_queue_duration_us$"
+    assert rule["seriesQuery"].startswith("nv_inference_queue_duration_us{")
+    # Pods: per pod (custom metrics API); External: per model service, by the HPA's service selector
+    overrides = rule["resources"]["overrides"]
+    assert set(overrides) == ({"namespace", "pod"} if kind == "custom" else {"namespace"})
+    if kind == "external":
+        selector = find(objs, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["external"]["metric"]["selector"]
+        assert set(selector["matchLabels"]) == {"service"} and 'service!=""' in rule["seriesQuery"]
+    query = rule["metricsQuery"]
+    assert query.count("{<<.LabelMatchers>>}") == 2 and query.count("sum by (<<.GroupBy>>)") == 2
+    assert "rate(nv_inference_queue_duration_us{" in query and "rate(nv_inference_request_success{" in query
+
+
+def test_every_query_uses_real_triton_metrics():
+    queries = [r["metricsQuery"] + r["seriesQuery"] for kind in ("custom", "external") for r in _adapter_rules()[kind]]
+    queries += [so["spec"]["triggers"][0]["metadata"]["query"] for so in find(objects(SCENARIOS["keda"]), "ScaledObject")]
+    queries += [m["external"]["metric"]["query"] for isvc in find(objects(SCENARIOS["kserve-raw"]), "InferenceService")
+                for m in isvc["spec"]["predictor"].get("autoScaling", {}).get("metrics", []) if m["type"] == "External"]
+    queries += [r["expr"] for rules in _rules(SCENARIOS["prometheus-rule"]).values() for r in rules
+                if "nv_" in r["expr"]]
+    used = {name for q in queries for name in re.findall(r"\bnv_[a-z_]+", q)}
+    assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success", "nv_inference_request_failure"}
+    assert used <= TRITON_METRICS
+
+
+# -- vendored CRD schemas --------------------------------------------------------------------
+
+# (scenario, kind, path to a nested object of the kind) per vendored schema
+CLOSED_PATHS = {
+    "RayService": ("rayservice", ["spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0]),
+    "ServiceMonitor": ("monitoring", ["spec", "endpoints", 0]),
+    "PodMonitor": ("pod-monitor", ["spec", "podMetricsEndpoints", 0]),
+    "PrometheusRule": ("prometheus-rule", ["spec", "groups", 0, "rules", 0]),
+    "ScaledObject": ("keda", ["spec", "scaleTargetRef"]),
+    "ServingRuntime": ("kserve-raw", ["spec", "containers", 0]),
+    "InferenceService": ("kserve-raw", ["spec", "predictor", "model"]),
+}
+
+
+def test_every_custom_kind_has_a_closed_schema():
+    assert sorted(CLOSED_PATHS) == sorted(kind for _, kind in CUSTOM)
+    assert sorted(p.name for p in SCHEMAS.glob("*.json")) == sorted(CUSTOM.values())
+
+
+@pytest.mark.parametrize("kind", sorted(CLOSED_PATHS))
+def test_vendored_schemas_refuse_a_misspelled_field(kind):
+    """The CRDs leave unknown fields to the API server's pruning (dropped silently); the vendored
+    schemas are closed, so a misspelled field fails here, at any depth."""
+    scenario, path = CLOSED_PATHS[kind]
+    obj = next(o for o in objects(SCENARIOS[scenario]) if o["kind"] == kind)
+    validator = custom_validator(CUSTOM[(obj["apiVersion"], kind)])
+    validator.validate(obj)
+    for depth in (["spec"], path):
+        bad = json.loads(json.dumps(obj))
+        node = bad
+        for key in depth:
+            node = node[key]
+        node["imagePullPolice"] = "Always"
+        errors = list(validator.iter_errors(bad))
+        assert errors and "imagePullPolice" in str(errors[0].message), (kind, depth)
+    bad = json.loads(json.dumps(obj))
+    bad["status"] = {}  # the chart never renders a status
+    assert list(validator.iter_errors(bad))
+    bad = {**obj, "metadata": {**obj["metadata"], "finalizers": ["x"]}}  # metadata is checked loosely
+    validator.validate(bad)
+
+
+def _vendor_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vendor_crd_schemas", SCHEMAS / "vendor_crd_schemas.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_crd_conversion(tmp_path):
+    vendor = _vendor_module()
+    container = {"type": "object", "description": "a container", "required": ["name"], "properties": {
+        "name": {"type": "string", "description": "its name", "default": "main"},
+        "image": {"type": "string", "nullable": True},
+        "policy": {"type": "string", "pattern": "^(?i)(abort|warn)?$"},
+        "ports": {"type": "array", "x-kubernetes-list-type": "map", "items": {"type": "integer", "format": "int32"}},
+        "env": {"type": "object", "additionalProperties": {"type": "string"}},
+        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        "padding": {"type": "string", "enum": ["x" * 500]},
+    }}
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": "widgets.example.io"},
+           "spec": {"group": "example.io", "names": {"kind": "Widget"}, "versions": [
+               {"name": "v1alpha1", "served": True, "storage": False, "schema": {"openAPIV3Schema": {"type": "object"}}},
+               {"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                   "type": "object", "properties": {
+                       "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                       "spec": {"type": "object", "x-kubernetes-validations": [{"rule": "self.a == 1"}],
+                                "properties": {"main": container, "sidecar": container}},
+                       "status": {"type": "object"}}}}}]}}
+    path = tmp_path / "crd.yaml"
+    path.write_text(yaml.safe_dump(crd))
+    assert vendor.main([str(path), "--out", str(tmp_path / "widget.json")]) == 0
+    schema = json.loads((tmp_path / "widget.json").read_text())
+    text = json.dumps(schema)
+    assert "description" not in text and "x-kubernetes" not in text and '"default"' not in text
+    assert "status" not in schema["properties"] and schema["additionalProperties"] is False
+    assert schema["properties"]["apiVersion"] == {"const": "example.io/v1"}
+    assert schema["required"] == ["apiVersion", "kind", "metadata", "spec"]
+    # the repeated container moved to $defs once, referenced twice
+    spec = schema["properties"]["spec"]
+    assert spec["properties"]["main"] == spec["properties"]["sidecar"] == {"$ref": "#/$defs/main"}
+    shared = schema["$defs"]["main"]
+    assert shared["additionalProperties"] is False  # closed: properties, no preserve-unknown-fields
+    assert "additionalProperties" not in shared["properties"]["extra"]  # preserve-unknown-fields: open
+    assert shared["properties"]["env"]["additionalProperties"] == {"type": "string"}
+    assert shared["properties"]["image"]["type"] == ["string", "null"]
+    assert shared["properties"]["policy"]["pattern"] == "(?i)^(abort|warn)?$"
+    validator = jsonschema.Draft202012Validator(schema)
+    good = {"apiVersion": "example.io/v1", "kind": "Widget", "metadata": {"name": "w", "uid": "1"},
+            "spec": {"main": {"name": "a", "image": None, "policy": "WARN", "extra": {"b": 1}}}}
+    validator.validate(good)
+    assert not validator.is_valid({**good, "spec": {"main": {"name": "a", "imagee": "x"}}})
+    assert not validator.is_valid({**good, "spec": {"main": {"name": "a", "policy": "drop"}}})
+    assert not validator.is_valid({**good, "kind": "Gadget"})
+    v1alpha1 = vendor.crd_schema(crd, "v1alpha1")[0]
+    assert v1alpha1["properties"]["apiVersion"] == {"const": "example.io/v1alpha1"}

@@ -134,15 +134,35 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 
-{{/* FUNCHAT_ENDPOINTS JSON: each model service's Service, grpc port, unless
-orchestrator.addresses names another address. */}}
+{{/* FUNCHAT_ENDPOINTS JSON: each model service's Triton gRPC address, unless
+orchestrator.addresses names another. Deployments: the model service's Service, port 8001. KServe:
+the InferenceService's predictor Service, <isvc>-predictor (KServe's PredictorServiceName), port
+80: in RawDeployment KServe gives the runtime container's first port (h2c, Triton's gRPC) Service
+port 80; in Serverless Knative's route serves h2c on port 80. The namespace is in the name because
+Knative's cluster-local gateway routes <name>.<namespace>[.svc[.<cluster domain>]] hosts, not a
+bare name. */}}
 {{- define "funchat.endpoints" -}}
 {{- $out := dict -}}
 {{- range $name := list "audio_tokenizer" "llm" "refined_head" "vocoder" -}}
-{{- $derived := printf "%s:8001" (include "funchat.modelServiceName" (dict "ctx" $ "name" $name)) -}}
+{{- $service := include "funchat.modelServiceName" (dict "ctx" $ "name" $name) -}}
+{{- $derived := printf "%s:8001" $service -}}
+{{- if $.Values.kserve.enabled -}}
+{{- $derived = printf "%s-predictor.%s.svc:80" $service $.Release.Namespace -}}
+{{- end -}}
 {{- $_ := set $out $name (default $derived (index $.Values.orchestrator.addresses $name)) -}}
 {{- end -}}
 {{- toJson $out -}}
+{{- end -}}
+
+{{/* A model service's container resources; dict "v" settings "gpus" bool: with its nvidia.com/gpu
+requests and limits (when v.gpus > 0). */}}
+{{- define "funchat.modelResources" -}}
+{{- $res := deepCopy .v.resources -}}
+{{- if and .gpus (gt (int .v.gpus) 0) -}}
+{{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" (int .v.gpus)) ($res.requests | default dict)) -}}
+{{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int .v.gpus)) ($res.limits | default dict)) -}}
+{{- end -}}
+{{- toYaml $res -}}
 {{- end -}}
 
 {{/* Checkpoint volume (read-only in the main containers). */}}
@@ -203,4 +223,60 @@ orchestrator.addresses names another address. */}}
 {{- $items = append $items (printf "%s=%s" $k (squote $v)) -}}
 {{- end -}}
 {{- join " " $items -}}
+{{- end -}}
+
+{{/* Container fields of a KServe predictor (kserve-container): image, probes, resources, mounts;
+dict "ctx" . "v" settings "gpus" bool. The ServingRuntime has them from modelServiceDefaults
+(without GPUs: KServe merges resource maps, so a GPU there could not be taken away from a CPU-only
+service), each InferenceService from its own settings, which win. */}}
+{{- define "funchat.kserveContainer" -}}
+{{- $v := .v -}}
+image: {{ include "funchat.image" (dict "ctx" .ctx "image" $v.image) }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+{{- if eq .ctx.Values.kserve.deploymentMode "Serverless" }}
+# Knative probes only the serving port and has no gRPC probes: TCP on Triton's gRPC port, which
+# tritonserver opens once the model is loaded
+readinessProbe:
+  tcpSocket:
+    port: 8001
+  periodSeconds: {{ int $v.probes.readiness.periodSeconds }}
+  failureThreshold: {{ int $v.probes.readiness.failureThreshold }}
+{{- else }}
+startupProbe:
+  httpGet:
+    path: /v2/health/ready
+    port: http
+  periodSeconds: {{ int $v.probes.startup.periodSeconds }}
+  failureThreshold: {{ int $v.probes.startup.failureThreshold }}
+readinessProbe:
+  httpGet:
+    path: /v2/health/ready
+    port: http
+  periodSeconds: {{ int $v.probes.readiness.periodSeconds }}
+  failureThreshold: {{ int $v.probes.readiness.failureThreshold }}
+livenessProbe:
+  httpGet:
+    path: /v2/health/live
+    port: http
+  periodSeconds: {{ int $v.probes.liveness.periodSeconds }}
+  failureThreshold: {{ int $v.probes.liveness.failureThreshold }}
+{{- end }}
+resources:
+  {{- include "funchat.modelResources" (dict "v" $v "gpus" .gpus) | nindent 2 }}
+volumeMounts:
+  - name: shm
+    mountPath: /dev/shm
+  - name: tmp
+    mountPath: /tmp
+{{- end -}}
+
+{{/* /dev/shm and /tmp emptyDirs of a KServe predictor; the settings. */}}
+{{- define "funchat.kserveVolumes" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSizeLimit }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .tmpSizeLimit }}
 {{- end -}}

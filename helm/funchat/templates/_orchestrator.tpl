@@ -9,6 +9,9 @@ env:
     value: {{ include "funchat.redisUrl" . | quote }}
   - name: FUNCHAT_RESUME_SECRET_FILE
     value: /etc/funchat/resume/{{ .Values.secrets.resume.key }}
+  # Ray writes under $HOME (~/.ray: its auth token); the root file system is read-only, /tmp is not
+  - name: HOME
+    value: /tmp
 {{- end -}}
 
 {{- define "funchat.orchestratorMounts" -}}
@@ -28,6 +31,8 @@ env:
   secret:
     secretName: {{ include "funchat.resumeSecretName" . }}
     defaultMode: 0400
+    # explicit (the default): the pod waits for the key; also spares podman 4.3's kube play a crash
+    optional: false
 - name: shm
   emptyDir:
     medium: Memory
