@@ -14,7 +14,7 @@ APT_PACKAGES ?= redis-server
 
 GRPC_PORT ?= 50051
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help images base-image k8s
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help images base-image k8s deploy-images deploy-test
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
@@ -29,6 +29,8 @@ help:
 	@echo "make triton-down  stop them"
 	@echo "make images       build the orchestrator and model-services images (podman or docker; services/README.md)"
 	@echo "make base-image   a local Debian 12 base image (debootstrap + podman import) where no registry is reachable"
+	@echo "make deploy-images  the orchestrator, model-services and redis images on that local base"
+	@echo "make deploy-test  the Helm chart (dev-cpu) run with podman kube play: probes, a greedy turn equal to the oracle, teardown"
 	@echo "make k8s          k8s/: plain manifests and kustomize overlays rendered from helm/funchat (never edit them by hand)"
 
 apt:
@@ -73,8 +75,9 @@ up: setup $(CHECKPOINT)/vocoder/model.safetensors
 down: setup
 	$(PY) -m funchat.dev.stack down
 
-test: setup
-	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests
+# tests/deploy runs the chart in containers: it needs the images (deploy-images).
+test: setup deploy-images
+	FUNCHAT_SHARED=$(abspath $(SHARED)) CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" $(PY) -m pytest -q tests
 
 test-unit: setup
 	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests/unit
@@ -113,7 +116,8 @@ clean:
 # IMAGE_TAG: services/build-images.sh). BASE_IMAGE / ORCH_BASE_IMAGE
 # empty: each Dockerfile's default (NVIDIA's Triton image, Ray's image). Where no registry is reachable:
 #   make base-image && make images BASE_IMAGE=localhost/debian-base:bookworm ORCH_BASE_IMAGE=localhost/debian-base:bookworm
-CONTAINER_APT_PACKAGES ?= podman runc netavark aardvark-dns debootstrap
+# iptables: netavark sets up the podman networks' firewall rules with it
+CONTAINER_APT_PACKAGES ?= podman runc netavark aardvark-dns debootstrap iptables
 BASE_IMAGE ?=
 ORCH_BASE_IMAGE ?=
 LOCAL_BASE_IMAGE ?= localhost/debian-base:bookworm
@@ -130,3 +134,15 @@ images:
 base-image:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(CONTAINER_APT_PACKAGES)"
 	CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" services/build-local-base.sh $(LOCAL_BASE_IMAGE)
+
+# The three images the chart's dev-cpu profile runs, built here on the local Debian base (layers
+# cached: after a source change only the package layers are rebuilt, ~1 min).
+deploy-images: setup base-image
+	$(MAKE) --no-print-directory images BASE_IMAGE=$(LOCAL_BASE_IMAGE) ORCH_BASE_IMAGE=$(LOCAL_BASE_IMAGE) \
+	    IMAGES="orchestrator model-services redis"
+
+# The chart really run: rendered with values-dev-cpu.yaml, played with podman kube play, ready through
+# its own probes, one greedy turn through the public API equal to the oracle's, torn down
+# (tests/deploy; funchat/dev/podman_deploy.py). `make test` runs it too.
+deploy-test: deploy-images
+	FUNCHAT_SHARED=$(abspath $(SHARED)) CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" $(PY) -m pytest -q -s tests/deploy

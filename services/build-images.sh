@@ -9,7 +9,10 @@
 #   ORCH_BASE_IMAGE      base of the orchestrator image (default: the Dockerfile's, Ray's image)
 #   TORCH_INDEX_URL      extra package index for torch in the model-services image (e.g. a CUDA build's)
 #   IMAGE_PREFIX, IMAGE_TAG   image names: $IMAGE_PREFIX/funchat-orchestrator:$IMAGE_TAG, ...-model-services
-#                        (default localhost, latest)
+#                        (default localhost, latest); each image is also tagged with the chart's
+#                        appVersion (helm/funchat/Chart.yaml), the tag the chart uses by default
+#   redis (a target, not in the default set): Debian's redis-server as $IMAGE_PREFIX/funchat-redis,
+#                        for the chart's in-chart Redis where no registry is reachable
 #   BUILD_ARGS           more arguments for the engine's build command
 #
 # pip inside the build: with podman, this machine's pip configuration goes in read-only, never into
@@ -27,6 +30,7 @@ ENGINE=${ENGINE:-$(command -v podman >/dev/null 2>&1 && echo podman || echo dock
 command -v "$ENGINE" >/dev/null 2>&1 || { echo "neither podman nor docker is installed" >&2; exit 2; }
 PREFIX=${IMAGE_PREFIX:-localhost}
 TAG=${IMAGE_TAG:-latest}
+APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' helm/funchat/Chart.yaml)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(orchestrator model-services)
 
@@ -89,7 +93,10 @@ build() {  # name dockerfile base-arg-value extra-args...
   local t0=$SECONDS
   "$ENGINE" "${args[@]}" .
   echo "built $PREFIX/funchat-$name:$TAG in $((SECONDS - t0)) s"
-  "$ENGINE" image ls "$PREFIX/funchat-$name:$TAG"
+  if [ -n "$APP_VERSION" ] && [ "$APP_VERSION" != "$TAG" ]; then
+    "$ENGINE" tag "$PREFIX/funchat-$name:$TAG" "$PREFIX/funchat-$name:$APP_VERSION"
+  fi
+  "$ENGINE" image ls "$PREFIX/funchat-$name"
 }
 
 for t in "${TARGETS[@]}"; do
@@ -99,6 +106,7 @@ for t in "${TARGETS[@]}"; do
       extra=()
       [ -n "${TORCH_INDEX_URL:-}" ] && extra+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
       build model-services services/triton/Dockerfile "${BASE_IMAGE:-}" "${extra[@]}" ;;
-    *) echo "unknown image $t (orchestrator, model-services)" >&2; exit 2 ;;
+    redis) build redis services/redis/Dockerfile "${BASE_IMAGE:-}" ;;
+    *) echo "unknown image $t (orchestrator, model-services, redis)" >&2; exit 2 ;;
   esac
 done

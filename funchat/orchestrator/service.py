@@ -57,7 +57,8 @@ class FunchatService:
     def store(self) -> SessionStore:
         if self._store is None:
             self._store = SessionStore(self.settings.redis_url, secret=self.resume_secret.get_secret_value(),
-                                       ttl_s=self.settings.session_ttl_s)
+                                       ttl_s=self.settings.session_ttl_s,
+                                       password=self.settings.redis_password.get_secret_value())
         return self._store
 
     @property

@@ -161,9 +161,11 @@ class SessionStore:
     """Sessions in Redis (see the module docstring for the layout). One instance per event loop:
     redis.asyncio clients are bound to the loop they first run on."""
 
-    def __init__(self, redis_url: str, *, secret: str | bytes, ttl_s: int, prefix: str = "funchat:"):
+    def __init__(self, redis_url: str, *, secret: str | bytes, ttl_s: int, prefix: str = "funchat:",
+                 password: str = ""):
         """secret: the resume-token HMAC key, the same on every replica (the orchestrator's settings
-        hold it). An empty one is refused (tokens anyone could forge). ttl_s: sliding expiry."""
+        hold it). An empty one is refused (tokens anyone could forge). ttl_s: sliding expiry.
+        password: Redis AUTH, when the URL has none (one or the other, not both)."""
         key = secret.encode() if isinstance(secret, str) else bytes(secret)
         if not key:
             raise ValueError("the resume-token secret is empty: it must be the same non-empty key on every "
@@ -176,8 +178,10 @@ class SessionStore:
         self._secret = key
         # A few quick retries ride out a blip (a Redis restart takes well under a second); past them
         # the caller hears StoreUnavailable at once instead of a call hanging on the store.
+        if password and urlsplit(redis_url).password:
+            raise ValueError("the Redis password is both in the URL and given on its own: keep one")
         self.redis = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=2.0, socket_timeout=5.0,
+            redis_url, password=password or None, socket_connect_timeout=2.0, socket_timeout=5.0,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3))
 
     async def __aenter__(self) -> SessionStore:

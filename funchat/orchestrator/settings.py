@@ -1,10 +1,11 @@
 """The orchestrator's settings: environment variables `FUNCHAT_<FIELD>` (or keyword arguments).
 
 Built once by the process (`funchat.orchestrator.app`) and passed down. The Ray Serve deployment
-gets `deployment_args()`: every setting but the secret. Each replica rebuilds its settings from
+gets `deployment_args()`: every setting but the secrets. Each replica rebuilds its settings from
 those arguments plus its own environment, where it finds the resume-token key
 (`FUNCHAT_RESUME_SECRET`, or a file named by `FUNCHAT_RESUME_SECRET_FILE`, e.g. a mounted
-Kubernetes Secret): the key never travels as a deployment argument, which Ray records.
+Kubernetes Secret) and the Redis password (`FUNCHAT_REDIS_PASSWORD`): neither travels as a
+deployment argument, which Ray records.
 
 `services/orchestrator/README.md` lists every variable with its default.
 """
@@ -45,6 +46,9 @@ class OrchestratorSettings(BaseSettings):
         description='model services, JSON {"audio_tokenizer": "host:port", "llm": ..., "refined_head": ..., '
                     '"vocoder": ...} (or one variable each: FUNCHAT_ENDPOINTS__LLM=host:port)')
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the session store")
+    redis_password: SecretStr = Field(SecretStr(""), exclude=True,
+                                      description="Redis AUTH password, when it is not in the URL (e.g. from a "
+                                                  "Secret); never a deployment argument")
     # exclude=True: never in model_dump(), so never in the deployment arguments
     resume_secret: SecretStr = Field(SecretStr(""), exclude=True,
                                      description="HMAC key of resume tokens, the same on every replica")
@@ -80,7 +84,7 @@ class OrchestratorSettings(BaseSettings):
                                 "object)") from None
 
     def deployment_args(self) -> dict:
-        """What the Ray Serve deployment is bound with: every setting but the secret, JSON-able."""
+        """What the Ray Serve deployment is bound with: every setting but the secrets, JSON-able."""
         return self.model_dump(mode="json")
 
     def read_resume_secret(self) -> SecretStr:

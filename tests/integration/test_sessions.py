@@ -291,3 +291,21 @@ def test_redis_server_stop_ends_the_process(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     server.stop()  # a second stop does nothing
+
+
+def test_redis_auth_with_the_password_on_its_own(tmp_path):
+    """FUNCHAT_REDIS_PASSWORD: the URL without a password plus the password apart (the chart's way)."""
+    password = 'p"a\\ss word'
+    with start_redis(tmp_path) as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("requirepass", password)
+
+        async def create(store):
+            return await store.create(CONFIG)
+
+        assert run_with_store(server.url, create, password=password).session_id
+        with pytest.raises(StoreUnavailable):  # no password: refused, as an unavailable store
+            run_with_store(server.url, create)
+        with_password = server.url.replace("redis://", f"redis://:{password}@")
+        with pytest.raises(ValueError, match="keep one"):
+            SessionStore(with_password, secret=SECRET, ttl_s=TTL_S, password=password)

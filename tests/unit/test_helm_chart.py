@@ -11,21 +11,20 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-helm_python = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
-try:  # Triton's ModelConfig message (the orchestrator extra's tritonclient), to parse configs
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-except ImportError:  # pragma: no cover
-    model_config_pb2 = None
+import helm_python  # the test extra: helm-python-sdk, kubernetes-validate, jsonschema
+import jsonschema
+import kubernetes_validate
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2  # Triton's ModelConfig message, to parse configs
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "funchat"
@@ -591,9 +590,9 @@ def test_orchestrator_deployment():
     assert orch["command"] == ["python", "-m", "funchat.orchestrator.app"]
     assert orch["envFrom"] == [{"configMapRef": {"name": name}}]
     env = env_of(orch)
-    assert list(env)[:2] == ["REDIS_PASSWORD", "FUNCHAT_REDIS_URL"]  # $(REDIS_PASSWORD) defined first
-    assert env["REDIS_PASSWORD"]["secretKeyRef"] == {"name": f"{PREFIX}-redis", "key": "redis-password"}
-    assert env["FUNCHAT_REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@{PREFIX}-redis:6379/0"
+    assert env["FUNCHAT_REDIS_PASSWORD"]["secretKeyRef"] == {"name": f"{PREFIX}-redis", "key": "redis-password"}
+    assert env["FUNCHAT_REDIS_URL"] == f"redis://{PREFIX}-redis:6379/0"  # no $(VAR): podman cannot expand it
+    assert env["HOME"] == "/tmp"  # Ray writes ~/.ray; the root file system is read-only
     secret_file = env["FUNCHAT_RESUME_SECRET_FILE"]
     mount = next(m for m in orch["volumeMounts"] if m["name"] == "resume-secret")
     assert secret_file == f"{mount['mountPath']}/resume-secret" and mount["readOnly"] is True
@@ -623,7 +622,7 @@ def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
     endpoints = json.loads(one(objs, "ConfigMap", name)["data"]["FUNCHAT_ENDPOINTS"])
     assert endpoints == {**{s: f"{model_name(s)}:8001" for s in MODELS}, "llm": "llm-host.example:9001"}
     orch = container(one(objs, "Deployment", name)["spec"]["template"]["spec"], "orchestrator")
-    assert env_of(orch)["FUNCHAT_REDIS_URL"] == "redis://:$(REDIS_PASSWORD)@fc-funchat-redis-pod-0:6379/0"
+    assert env_of(orch)["FUNCHAT_REDIS_URL"] == "redis://fc-funchat-redis-pod-0:6379/0"
     assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP",
                               "hostIP": "127.0.0.1", "hostPort": 50061}]
 
@@ -639,10 +638,12 @@ def test_orchestrator_settings_accept_the_rendered_environment(tmp_path, monkeyp
     secret.write_text("k" * 40)
     for k, v in cm.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FUNCHAT_REDIS_URL", env["FUNCHAT_REDIS_URL"].replace("$(REDIS_PASSWORD)", "pw"))
+    monkeypatch.setenv("FUNCHAT_REDIS_URL", env["FUNCHAT_REDIS_URL"])
+    monkeypatch.setenv("FUNCHAT_REDIS_PASSWORD", "pw")  # what the kubelet sets from the secretKeyRef
     monkeypatch.setenv("FUNCHAT_RESUME_SECRET_FILE", str(secret))
     settings = OrchestratorSettings.load()
-    assert settings.redis_url == f"redis://:pw@{PREFIX}-redis:6379/0"
+    assert settings.redis_url == f"redis://{PREFIX}-redis:6379/0"
+    assert settings.redis_password.get_secret_value() == "pw"
     assert settings.max_calls == 16
 
 
@@ -684,9 +685,8 @@ def test_redis_internal_statefulset():
     objs = objects()
     sts = one(objs, "StatefulSet", f"{PREFIX}-redis")
     redis = container(sts["spec"]["template"]["spec"], "redis")
-    args = redis["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert redis["command"] == ["sh", "-c"] and "--appendonly yes" in redis["args"][0]
+    assert "REDIS_PASSWORD" not in redis["args"][0].split("requirepass")[-1]  # not on the command line
     assert env_of(redis)["REDIS_PASSWORD"]["secretKeyRef"]["name"] == f"{PREFIX}-redis"
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
@@ -696,18 +696,53 @@ def test_redis_internal_statefulset():
     assert sts["spec"]["serviceName"] == f"{PREFIX}-redis-headless"
 
 
+@pytest.mark.parametrize("password", ["plainAlnum32", 'with "quotes" \\ and spaces', "dollar$HOME`x`"])
+def test_redis_start_script_sets_the_password_from_the_environment(tmp_path, password):
+    """The StatefulSet's shell command, run as rendered (on this machine's redis-server, with its
+    port and directory moved into tmp_path): AUTH works with the Secret's value, however quoted."""
+    import redis as redis_client
+
+    from funchat.dev.tritonserver import free_port
+
+    if not shutil.which("redis-server"):
+        pytest.fail("redis-server is not installed (make test installs it)", pytrace=False)
+    script = container(one(objects(), "StatefulSet", f"{PREFIX}-redis")["spec"]["template"]["spec"],
+                       "redis")["args"][0]
+    port = free_port()
+    script = (script.replace("/tmp/redis.conf", str(tmp_path / "redis.conf"))
+              .replace("--dir /data", f"--dir {tmp_path} --port {port} --bind 127.0.0.1"))
+    proc = subprocess.Popen(["sh", "-c", script], env={**os.environ, "REDIS_PASSWORD": password})
+    try:
+        client = redis_client.Redis(port=port, password=password, socket_connect_timeout=1)
+        for _ in range(100):
+            try:
+                assert client.ping()
+                break
+            except redis_client.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("redis-server did not answer")
+        assert oct((tmp_path / "redis.conf").stat().st_mode & 0o777) == "0o600"
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=port, password="wrong").ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_redis_external():
     objs = objects(SCENARIOS["redis-external-secret"])
     assert not find(objs, "StatefulSet") and not find(objs, "Secret", f"{PREFIX}-redis")
     assert not find(objs, "NetworkPolicy", f"{PREFIX}-redis")
     env = env_of(container(one(objs, "Deployment", f"{PREFIX}-orchestrator")["spec"]["template"]["spec"],
                            "orchestrator"))
-    assert env["FUNCHAT_REDIS_URL"] == "rediss://:$(REDIS_PASSWORD)@redis.example:6380/0"
-    assert env["REDIS_PASSWORD"]["secretKeyRef"] == {"name": "redis-auth", "key": "redis-password"}
+    assert env["FUNCHAT_REDIS_URL"] == "rediss://redis.example:6380/0"
+    assert env["FUNCHAT_REDIS_PASSWORD"]["secretKeyRef"] == {"name": "redis-auth", "key": "redis-password"}
     objs = objects(SCENARIOS["redis-external-open"])
     env = env_of(container(one(objs, "Deployment", f"{PREFIX}-orchestrator")["spec"]["template"]["spec"],
                            "orchestrator"))
-    assert env["FUNCHAT_REDIS_URL"] == "redis://redis.example:6379/1" and "REDIS_PASSWORD" not in env
+    assert env["FUNCHAT_REDIS_URL"] == "redis://redis.example:6379/1" and "FUNCHAT_REDIS_PASSWORD" not in env
 
 
 def test_existing_secrets_are_used_not_generated():
@@ -756,7 +791,6 @@ def test_service_monitor_only_when_enabled():
 def test_entrypoint_environment_configures_each_real_model(tmp_path, scenario):
     """The env the chart gives the image's entrypoint, applied as it applies it
     (funchat.dev.tritonserver.prepare_model_repo), yields a config with the mounted checkpoint."""
-    pytest.importorskip("tritonclient.grpc.model_config_pb2")
     from funchat.dev.tritonserver import prepare_model_repo
 
     objs = objects(SCENARIOS[scenario])

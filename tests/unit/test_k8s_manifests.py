@@ -19,9 +19,9 @@ import yaml
 
 from funchat.dev import render_k8s
 
-helm_python = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
+import helm_python  # the test extra: helm-python-sdk, kubernetes-validate, jsonschema
+import jsonschema
+import kubernetes_validate
 # One mapping of custom kinds to their vendored schemas, the chart test's (pytest puts this folder on sys.path).
 from test_helm_chart import CUSTOM, KUBE, SCHEMAS  # noqa: E402
 

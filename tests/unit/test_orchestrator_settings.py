@@ -68,6 +68,15 @@ def test_the_secret_is_a_secretstr_and_not_in_the_deployment_args(monkeypatch):
     assert replica.deployment_args() == args
 
 
+def test_the_redis_password_is_a_secret_taken_from_each_replicas_environment(monkeypatch):
+    monkeypatch.setenv("FUNCHAT_REDIS_PASSWORD", "hunter2-redis")
+    s = OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS)
+    assert isinstance(s.redis_password, SecretStr) and "hunter2-redis" not in repr(s)
+    args = s.deployment_args()
+    assert "redis_password" not in args and "hunter2-redis" not in json.dumps(args)
+    assert OrchestratorSettings.load(**args).redis_password.get_secret_value() == "hunter2-redis"
+
+
 def test_the_secret_from_a_file(tmp_path):
     path = tmp_path / "resume_secret"
     path.write_text(SECRET + "\n")

@@ -102,35 +102,34 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 
-{{/* Redis password env var (REDIS_PASSWORD), if there is a password. */}}
+{{/* The Redis password as env var .name (REDIS_PASSWORD in the Redis container,
+FUNCHAT_REDIS_PASSWORD in the orchestrator's), if there is a password; dict "ctx" . "name" NAME.
+A variable of its own rather than $(VAR) inside a URL or an argument: the kubelet expands those,
+other runners of the same manifests (podman kube play) do not. */}}
 {{- define "funchat.redisPasswordEnv" -}}
-{{- if eq .Values.redis.mode "internal" }}
-- name: REDIS_PASSWORD
+{{- $r := .ctx.Values.redis -}}
+{{- if eq $r.mode "internal" }}
+- name: {{ .name }}
   valueFrom:
     secretKeyRef:
-      name: {{ include "funchat.redisSecretName" . }}
-      key: {{ .Values.redis.internal.passwordKey }}
-{{- else if .Values.redis.external.existingSecret }}
-- name: REDIS_PASSWORD
+      name: {{ include "funchat.redisSecretName" .ctx }}
+      key: {{ $r.internal.passwordKey }}
+{{- else if $r.external.existingSecret }}
+- name: {{ .name }}
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.external.existingSecret }}
-      key: {{ .Values.redis.external.passwordKey }}
+      name: {{ $r.external.existingSecret }}
+      key: {{ $r.external.passwordKey }}
 {{- end }}
 {{- end -}}
 
-{{/* FUNCHAT_REDIS_URL with $(REDIS_PASSWORD) expanded by the kubelet (must follow REDIS_PASSWORD in env). */}}
+{{/* FUNCHAT_REDIS_URL, without the password (FUNCHAT_REDIS_PASSWORD carries it). */}}
 {{- define "funchat.redisUrl" -}}
 {{- if eq .Values.redis.mode "internal" -}}
 {{- $address := default (printf "%s-redis:6379" (include "funchat.fullname" .)) .Values.orchestrator.addresses.redis -}}
-{{- printf "redis://:$(REDIS_PASSWORD)@%s/0" $address -}}
-{{- else -}}
-{{- $parts := splitn "://" 2 .Values.redis.external.url -}}
-{{- if .Values.redis.external.existingSecret -}}
-{{- printf "%s://:$(REDIS_PASSWORD)@%s" $parts._0 $parts._1 -}}
+{{- printf "redis://%s/0" $address -}}
 {{- else -}}
 {{- .Values.redis.external.url -}}
-{{- end -}}
 {{- end -}}
 {{- end -}}
 

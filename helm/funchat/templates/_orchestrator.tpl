@@ -4,7 +4,7 @@ envFrom:
   - configMapRef:
       name: {{ include "funchat.fullname" . }}-orchestrator
 env:
-  {{- include "funchat.redisPasswordEnv" . | nindent 2 }}
+  {{- include "funchat.redisPasswordEnv" (dict "ctx" . "name" "FUNCHAT_REDIS_PASSWORD") | nindent 2 }}
   - name: FUNCHAT_REDIS_URL
     value: {{ include "funchat.redisUrl" . | quote }}
   - name: FUNCHAT_RESUME_SECRET_FILE

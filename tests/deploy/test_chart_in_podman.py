@@ -1,0 +1,78 @@
+"""`make deploy-test`: the Helm chart, rendered with its dev-cpu profile, really run in containers
+with `podman kube play` (funchat.dev.podman_deploy), ready through the chart's own probes, then a
+greedy spoken turn through the published public API whose tokens equal the in-process oracle's.
+
+Needs the three local images (`make deploy-images`) and podman; the checkpoint volume gets this
+session's tiny checkpoint, the same one the oracle loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from funchat.audio_io import load_audio
+from funchat.client import Client
+from funchat.client.config import session_config
+from funchat.dev import podman_deploy
+from funchat.dev.tritonserver import free_port
+from funchat.oracle.generation import GenerationConfig
+from funchat.turn.schedule import Mode
+
+MAX_NEW = 24
+
+if shutil.which("podman") is None:
+    pytest.fail("podman is not installed: `make deploy-test` installs it (apt)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_checkpoint, tmp_path_factory):
+    port = free_port()
+    run_dir = tmp_path_factory.mktemp("podman-deploy")
+    state = podman_deploy.up(tiny_checkpoint, port, run_dir=run_dir, timeout=600)
+    try:
+        yield state
+    finally:
+        podman_deploy.down(state)
+
+
+def pcm16_samples(samples: np.ndarray) -> np.ndarray:
+    """What the server decodes from the PCM16 bytes the client sends (the oracle sees the same)."""
+    pcm = (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2")
+    return pcm.astype(np.float32) / 32768.0
+
+
+def test_the_rendered_chart_answers_a_greedy_turn_like_the_oracle(deployed, tiny_pipeline, example_wav):
+    speech = load_audio(example_wav)[: 16000 * 4]
+    config = session_config(greedy=True, seed=0, max_new_tokens=MAX_NEW, turn_detection="manual")
+    t0 = time.monotonic()
+    reply = Client(deployed["target"], timeout=120).respond(speech, config)
+    turn_s = time.monotonic() - t0
+    ref = tiny_pipeline.respond(pcm16_samples(speech), gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    assert reply.status == "completed", reply.errors
+    assert reply.text_tokens == ref.text_tokens
+    assert reply.speech_tokens == ref.speech_tokens
+    assert reply.vocoder_tokens == ref.vocoder_tokens
+    assert len(reply.audio) == 960 * len(ref.vocoder_tokens)
+    first_turn_s = time.monotonic() - deployed["play_started"]
+    print(json.dumps({"ready_s": deployed["ready_s"], "all_ready_s": round(deployed["all_ready_s"], 1),
+                      "turn_s": round(turn_s, 2), "kube_play_to_first_answered_turn_s": round(first_turn_s, 1),
+                      "not_played": deployed["skipped"]}, indent=2))
+
+
+def test_the_session_is_in_the_in_chart_redis(deployed, example_wav):
+    """The turn's session went to the StatefulSet's Redis (AUTH from the chart's Secret), and a
+    second turn continues it."""
+    speech = load_audio(example_wav)[: 16000 * 2]
+    client = Client(deployed["target"], timeout=120)
+    first = client.respond(speech, session_config(greedy=True, seed=0, max_new_tokens=8, turn_detection="manual"))
+    session = client.get_session(first.session_id)
+    assert session.session_id == first.session_id and len(session.turns) >= 1
+    second = client.respond(speech, session_config(greedy=True, seed=0, max_new_tokens=8, turn_detection="manual"),
+                            session_id=first.session_id)
+    assert second.status == "completed"
+    assert len(client.get_session(first.session_id).turns) > len(session.turns)

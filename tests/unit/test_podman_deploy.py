@@ -1,0 +1,94 @@
+"""The pure parts of funchat.dev.podman_deploy: what changes between the rendered chart and what
+podman 4.3's kube play is given, and how the chart's probes are run. The real run is
+tests/deploy/test_chart_in_podman.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from funchat.dev import podman_deploy as pd
+
+PORT = 50099
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return pd.render(PORT)
+
+
+def workload(objs, kind, name):
+    return next(o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def test_podman_values_point_the_orchestrator_at_pod_names(rendered):
+    cm = workload(rendered, "ConfigMap", "funchat-orchestrator")["data"]
+    assert json.loads(cm["FUNCHAT_ENDPOINTS"]) == {
+        "audio_tokenizer": "funchat-audio-tokenizer-pod-0:8001", "llm": "funchat-llm-pod-0:8001",
+        "refined_head": "funchat-refined-head-pod-0:8001", "vocoder": "funchat-vocoder-pod-0:8001"}
+    orch = workload(rendered, "Deployment", "funchat-orchestrator")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in orch["env"]}
+    assert env["FUNCHAT_REDIS_URL"] == "redis://funchat-redis-pod-0:6379/0"
+    assert orch["ports"][0]["hostIP"] == "127.0.0.1" and orch["ports"][0]["hostPort"] == PORT
+    redis = workload(rendered, "StatefulSet", "funchat-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert redis["image"].startswith("localhost/funchat-redis:")
+    # the dev-cpu profile underneath: no GPU anywhere
+    assert "nvidia.com/gpu" not in json.dumps(rendered)
+
+
+def test_statefulset_becomes_a_one_replica_deployment_with_its_claims(rendered):
+    sts = workload(rendered, "StatefulSet", "funchat-redis")
+    claim, deployment = pd.as_podman_workloads(sts)
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == "data-funchat-redis-0"
+    assert claim["spec"] == sts["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert deployment["kind"] == "Deployment" and deployment["metadata"]["name"] == "funchat-redis"
+    assert "volumeClaimTemplates" not in deployment["spec"] and "serviceName" not in deployment["spec"]
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "data-funchat-redis-0"}} in volumes
+    assert deployment["spec"]["template"]["spec"]["containers"] == sts["spec"]["template"]["spec"]["containers"]
+    assert pd.as_podman_workloads(workload(rendered, "Deployment", "funchat-llm")) == \
+        [workload(rendered, "Deployment", "funchat-llm")]
+    with pytest.raises(pd.DeployError, match="one replica"):
+        pd.as_podman_workloads({**sts, "spec": {**sts["spec"], "replicas": 2}})
+
+
+def test_only_host_ports_stay_and_shm_is_podmans_own(rendered):
+    llm = workload(rendered, "Deployment", "funchat-llm")
+    played = pd.without_shm_volume(pd.unpublished_ports(llm))
+    c = played["spec"]["template"]["spec"]["containers"][0]
+    assert "ports" not in c
+    assert all(m["mountPath"] != "/dev/shm" for m in c["volumeMounts"])
+    names = {v["name"] for v in played["spec"]["template"]["spec"]["volumes"]}
+    assert "shm" not in names and "checkpoint" in names
+    assert llm["spec"]["template"]["spec"]["containers"][0]["ports"]  # the rendered object is untouched
+    orch = pd.unpublished_ports(workload(rendered, "Deployment", "funchat-orchestrator"))
+    assert [p["hostPort"] for p in orch["spec"]["template"]["spec"]["containers"][0]["ports"]] == [PORT]
+
+
+def test_secrets_are_stored_in_the_form_their_use_needs(rendered):
+    uses = pd.secret_uses(rendered)
+    assert uses == {"funchat-redis": {"env"}, "funchat-resume": {"volume"}}
+    redis_secret = workload(rendered, "Secret", "funchat-redis")
+    env_payload = json.loads(pd.podman_secret_payload(redis_secret, {"env"}))
+    assert env_payload == redis_secret["data"]  # a flat map of base64 values
+    resume = workload(rendered, "Secret", "funchat-resume")
+    volume_payload = json.loads(pd.podman_secret_payload(resume, {"volume"}))
+    key = next(iter(resume["data"]))
+    assert volume_payload["data"][key] == base64.b64decode(resume["data"][key]).decode()  # plain
+    with pytest.raises(pd.DeployError, match="not both"):
+        pd.podman_secret_payload(resume, {"env", "volume"})
+
+
+def test_probe_commands_follow_the_chart(rendered):
+    llm = workload(rendered, "Deployment", "funchat-llm")["spec"]["template"]["spec"]["containers"][0]
+    cmd = pd.probe_command(llm["readinessProbe"], llm)
+    assert cmd[:2] == ["python3", "-c"] and cmd[3] == "http://127.0.0.1:8000/v2/health/ready"  # port "http"
+    orch = workload(rendered, "Deployment", "funchat-orchestrator")["spec"]["template"]["spec"]["containers"][0]
+    assert pd.probe_command(orch["startupProbe"], orch)[3:5] == ["127.0.0.1:50051", ""]
+    redis = workload(rendered, "StatefulSet", "funchat-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert pd.probe_command(redis["readinessProbe"], redis) == redis["readinessProbe"]["exec"]["command"]
+    assert pd.probe_command(redis["livenessProbe"], redis) == ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/6379"]
+    with pytest.raises(pd.DeployError, match="named port"):
+        pd.probe_command({"httpGet": {"port": "nope", "path": "/"}}, llm)
