@@ -283,6 +283,7 @@ def test_schema_closes_every_object():
     ({"modelStorage": {"download": {"files": [{"path": "../etc/passwd", "url": "https://x/a", "sha256": SHA_A}]}}},
      "/modelStorage/download/files/0/path", ""),
     ({"orchestrator": {"settings": {"redis_url": "redis://x"}}}, "/orchestrator/settings", ""),
+    ({"modelStorage": {"download": {"baseUrl": "s3://bucket/ckpt"}}}, "/modelStorage/download/baseUrl", "pattern"),
     ({"orchestrator": {"addresses": {"llm": "llm"}}}, "/orchestrator/addresses/llm", "pattern"),
     ({"orchestrator": {"addresses": {"tts": "tts:8001"}}}, "/orchestrator/addresses", "'tts' not allowed"),
     ({"modelServiceDefaults": {"resources": {"limits": {"memory": "lots"}}}},
@@ -508,6 +509,19 @@ def test_download_mode_fetches_into_a_cache_claim():
     assert head["initContainers"][0]["name"] == "fetch-checkpoint"
     assert {"claimName": "my-cache", "readOnly": False} in [v.get("persistentVolumeClaim") for v in head["volumes"]]
     assert not find(objects(), "ConfigMap", f"{PREFIX}-fetch")
+
+
+def test_download_base_url_fills_the_urls_a_file_leaves_out():
+    mirror = "https://hf-mirror.example/FunAudioLLM/Fun-Audio-Chat-8B/resolve/main/"
+    objs = objects({"modelStorage": {"mode": "download", "download": {"baseUrl": mirror, "files": [
+        {"path": "config.json", "sha256": SHA_A},
+        {"path": "vocoder/hift.pt", "url": "https://elsewhere.example/hift.pt", "sha256": "b" * 64}]}}})
+    assert one(objs, "ConfigMap", f"{PREFIX}-fetch")["data"]["manifest"].splitlines() == [
+        f"{SHA_A} config.json {mirror}config.json",
+        f"{'b' * 64} vocoder/hift.pt https://elsewhere.example/hift.pt"]
+    with pytest.raises(helm_python.HelmError, match="config.json has no url and modelStorage.download.baseUrl"):
+        objects({"modelStorage": {"mode": "download", "download": {"files": [{"path": "config.json",
+                                                                              "sha256": SHA_A}]}}})
 
 
 def _fake_wget(tmp_path: Path) -> dict:
