@@ -9,8 +9,9 @@ SHARED ?= ../shared
 CHECKPOINT ?= checkpoints/tiny
 INPUT_WAV ?= $(SHARED)/data/fun-audio-chat-example-16k-f32.wav
 RUN_DIR := .run
-# Debian packages the project needs at run or test time: redis-server holds the sessions.
-APT_PACKAGES ?= redis-server
+# Debian packages the project needs at run or test time: redis-server holds the sessions; prometheus
+# scrapes the stack in the telemetry test; espeak-ng synthesises utterances for the load test.
+APT_PACKAGES ?= redis-server prometheus espeak-ng
 
 GRPC_PORT ?= 50051
 
