@@ -7,7 +7,8 @@ on 127.0.0.1, in the background.
 
 `up` returns when every part answers (Redis PING, Triton model readiness, the API's gRPC health
 check) and writes `<run_dir>/endpoints.json`: each model service, `"orchestrator"` (the public
-API), `"redis"` and `"checkpoint"` (the directory in use). The parts' pids go to
+API), `"orchestrator_metrics"` (its Prometheus /metrics, host:port), `"redis"` and `"checkpoint"`
+(the directory in use). The parts' pids go to
 `<run_dir>/stack.json`, which `down` reads. A resume-token key is created once in
 `<run_dir>/resume_secret` (mode 0600); the orchestrator reads it there (FUNCHAT_RESUME_SECRET_FILE).
 The orchestrator's settings are FUNCHAT_* environment variables (services/orchestrator/README.md):
@@ -71,10 +72,16 @@ class OrchestratorProcess:
     pid: int
     grpc_port: int
     log: Path
+    metrics_port: int = 0
 
     @property
     def target(self) -> str:
         return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def metrics_target(self) -> str:
+        """host:port of its Prometheus /metrics (all replicas)."""
+        return f"{HOST}:{self.metrics_port}"
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (Serve and Ray shut down cleanly), then SIGKILL the whole process group."""
@@ -108,22 +115,24 @@ class OrchestratorProcess:
             pass
 
 
-def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeout: float = 180.0
-                       ) -> OrchestratorProcess:
+def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeout: float = 180.0,
+                       metrics_port: int | None = None) -> OrchestratorProcess:
     """Start `python -m funchat.orchestrator.app` in its own process group; wait for its health check.
     env: its FUNCHAT_* settings (checkpoint, endpoints, redis_url, the resume secret, ...), over
-    this process's environment; the gRPC port is `grpc_port`, Ray's HTTP proxy gets a free port."""
+    this process's environment; the gRPC port is `grpc_port`, Ray's HTTP proxy gets a free port and
+    so does /metrics unless `metrics_port` is given."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "orchestrator.log"
+    metrics_port = free_port() if metrics_port is None else metrics_port
     full_env = {**os.environ, **env, "FUNCHAT_GRPC_PORT": str(grpc_port), "FUNCHAT_HTTP_PORT": str(free_port()),
-                "PYTHONUNBUFFERED": "1"}
+                "FUNCHAT_METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
     venv_bin = str(Path(sys.executable).parent)
     full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "funchat.orchestrator.app"],
                                 stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=str(PROJECT_ROOT),
                                 start_new_session=True)
-    orch = OrchestratorProcess(proc.pid, grpc_port, log)
+    orch = OrchestratorProcess(proc.pid, grpc_port, log, metrics_port)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -173,7 +182,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout)
         started.update(orchestrator_pid=orch.pid)
         print(f"orchestrator      {orch.target} (Ray Serve gRPC)  pid {orch.pid}  log {orch.log}", flush=True)
-        endpoints.update(orchestrator=orch.target, redis=redis.url, checkpoint=str(checkpoint))
+        print(f"orchestrator      http://{orch.metrics_target}/metrics (Prometheus, all replicas)", flush=True)
+        endpoints.update(orchestrator=orch.target, orchestrator_metrics=orch.metrics_target, redis=redis.url,
+                         checkpoint=str(checkpoint))
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
         (run_dir / STACK_FILE).write_text(json.dumps(started, indent=2) + "\n")
         print(f"endpoints: {run_dir / 'endpoints.json'}")

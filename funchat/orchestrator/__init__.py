@@ -15,4 +15,5 @@ clients. Modules, along a request's path:
     audio_input    caller audio decoding; vad: Silero VAD and turn detection
     sessions       the Redis session store and resume tokens
     turn_runner    one assistant turn through the model services; model_clients: their clients
+    metrics        the Prometheus metrics, and the /metrics endpoint shared by a pod's replicas
 """

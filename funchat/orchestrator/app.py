@@ -13,7 +13,9 @@ Two ways to start it, the same application:
 
 The first serves until SIGTERM / SIGINT, then shuts Serve and Ray down (`make up` starts it in the
 background). The second imports `funchat.orchestrator.app:app_builder`. Both take their settings
-from the `FUNCHAT_*` environment (services/orchestrator/README.md).
+from the `FUNCHAT_*` environment (services/orchestrator/README.md). The replicas' Prometheus
+metrics are served on FUNCHAT_METRICS_PORT: by the first process, or in the second way by one of
+the replicas of each node (`funchat.orchestrator.metrics` says how).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -29,6 +32,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
+from funchat.orchestrator import metrics
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, env_name
 
@@ -38,8 +42,10 @@ SERVICER_FUNCTIONS = [
     "funchat.v1.funchat_pb2_grpc.add_FunchatServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
-# The replicas only draw tokens and move audio: the cores belong to the model services.
-RUNTIME_ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+# The replicas only draw tokens and move audio: the cores belong to the model services. Their
+# metrics go to a directory of the node (prometheus-client's multiprocess mode), which one
+# exporter per node serves; `python -m funchat.orchestrator.app` gives them a fresh one instead.
+RUNTIME_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", metrics.MULTIPROC_ENV: metrics.DEFAULT_MULTIPROC_DIR}}
 SECRET_FIELDS = ("resume_secret",)
 
 
@@ -50,21 +56,29 @@ class Orchestrator:
     def __init__(self, settings: dict):
         """settings: `OrchestratorSettings.deployment_args()`, no secret in it; the replica's own
         environment gives the resume-token key."""
-        self.service = FunchatService(OrchestratorSettings.load(**settings))
+        settings = OrchestratorSettings.load(**settings)
+        self.service = FunchatService(settings)
+        # RayService mode: the first replica of a pod serves its /metrics (a no-op where the
+        # orchestrator process already does)
+        metrics.start_replica_exporter(settings.metrics_port)
 
     async def Converse(self, request_stream, grpc_context=None):
-        async for event in self.service.Converse(request_stream, grpc_context):
-            yield event
+        with metrics.unexpected_errors_counted():
+            async for event in self.service.Converse(request_stream, grpc_context):
+                yield event
 
     async def Respond(self, request, grpc_context=None):
-        async for event in self.service.Respond(request, grpc_context):
-            yield event
+        with metrics.unexpected_errors_counted():
+            async for event in self.service.Respond(request, grpc_context):
+                yield event
 
     async def GetSession(self, request, grpc_context=None):
-        return await self.service.GetSession(request, grpc_context)
+        with metrics.unexpected_errors_counted():
+            return await self.service.GetSession(request, grpc_context)
 
     async def DeleteSession(self, request, grpc_context=None):
-        return await self.service.DeleteSession(request, grpc_context)
+        with metrics.unexpected_errors_counted():
+            return await self.service.DeleteSession(request, grpc_context)
 
     async def Check(self, request, grpc_context=None):
         """grpc.health.v1: SERVING when the session store answers ("" or "funchat.v1.Funchat")."""
@@ -101,26 +115,49 @@ def app_builder(args: dict) -> Application:
     return build_app(OrchestratorSettings.load(**args))
 
 
+def replica_runtime_env(metrics_dir: str) -> dict:
+    """RUNTIME_ENV with the replicas' metrics going to `metrics_dir`."""
+    return {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], metrics.MULTIPROC_ENV: metrics_dir}}
+
+
 def serve_forever(settings: OrchestratorSettings) -> None:
-    """A local Ray cluster, Serve with its gRPC proxy, the application; until SIGTERM / SIGINT."""
+    """A local Ray cluster, Serve with its gRPC proxy, the application; until SIGTERM / SIGINT.
+    /metrics (all replicas) is served from here, bound before the replicas start."""
     import ray
 
-    ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, object_store_memory=200 << 20,
-             logging_level=logging.WARNING, log_to_driver=True, runtime_env=RUNTIME_ENV)
+    metrics_dir = metrics.new_multiprocess_dir()
+    exporter = None
     try:
-        serve.start(grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-                    http_options={"host": "127.0.0.1", "port": settings.http_port})
-        serve.run(build_app(settings), name=APP_NAME)
-        print(f"funchat orchestrator serving gRPC on port {settings.grpc_port}", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-    finally:
+        if settings.metrics_port:
+            exporter = metrics.start_exporter(settings.metrics_port, metrics_dir)
+            if exporter is None:
+                print(f"orchestrator: metrics port {settings.metrics_port} is taken: /metrics is not served from "
+                      "here (the replicas keep trying to bind it)", file=sys.stderr, flush=True)
+        # In the job's runtime_env, which Serve merges into the deployment's; not in os.environ, which
+        # Ray's own processes (raylet, agents) would inherit
+        ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, object_store_memory=200 << 20,
+                 logging_level=logging.WARNING, log_to_driver=True, runtime_env=replica_runtime_env(metrics_dir))
         try:
-            serve.shutdown()
+            serve.start(grpc_options=gRPCOptions(port=settings.grpc_port,
+                                                 grpc_servicer_functions=SERVICER_FUNCTIONS),
+                        http_options={"host": "127.0.0.1", "port": settings.http_port})
+            serve.run(build_app(settings), name=APP_NAME)
+            print(f"funchat orchestrator serving gRPC on port {settings.grpc_port}"
+                  + (f", metrics on port {settings.metrics_port}" if exporter is not None else ""), flush=True)
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
         finally:
-            ray.shutdown()
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

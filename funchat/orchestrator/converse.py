@@ -18,6 +18,7 @@ import numpy as np
 
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
+from funchat.orchestrator import metrics
 from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
 from funchat.orchestrator.call_config import CallConfig
 from funchat.orchestrator.errors import ApiError, store_call
@@ -152,21 +153,25 @@ class ConverseCall:
 
     async def on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
+            speech_started = time.perf_counter()
             await self.outbox.put(pb.ServerEvent(speech_started=pb.SpeechStarted(
                 audio_start_ms=int(ev.audio_start_ms))))
             if self.response is not None and self.response.playing():
-                await self.interrupt(barge_in=True)
+                if await self.interrupt(barge_in=True):
+                    metrics.barge_in(time.perf_counter() - speech_started)
         elif isinstance(ev, SpeechStopped):
             await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ev.audio_end_ms))))
             await self.start_turn(np.asarray(ev.audio, dtype=np.float32))
 
-    async def interrupt(self, barge_in: bool) -> None:
-        """Stop the reply: cancel generation, drop unsent audio, cut the history at what was heard."""
+    async def interrupt(self, barge_in: bool) -> bool:
+        """Stop the reply: cancel generation, drop unsent audio, cut the history at what was heard.
+        -> whether a generation was running (and is now stopped, its cut turn stored)."""
         r = self.response
         if r is None:
-            return
+            return False
         r.interrupted = barge_in
-        if r.running():
+        stopped_generation = r.running()
+        if stopped_generation:
             r.cancel.set()
             self.outbox.drop_audio(r.response_id)
             await asyncio.gather(r.task, return_exceptions=True)  # the exchange stores the cut turn
@@ -174,6 +179,7 @@ class ConverseCall:
         elif r.outcome is not None and r.heard_ms() < r.audio_ms:
             await self.cut_played_reply(r)
         self.response = None
+        return stopped_generation
 
     async def cut_played_reply(self, r: Response) -> None:
         """A reply generated in full but still playing: cut its stored assistant turn at what was heard."""

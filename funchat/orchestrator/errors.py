@@ -1,12 +1,15 @@
 """How the API refuses a request: a gRPC status name and a message saying what to fix.
 
 An `ApiError` that ends an RPC becomes an `error` event and the RPC's status (`set_status`); one
-that fails a single event of a call is sent as an `error` event and the call goes on.
+that fails a single event of a call is sent as an `error` event and the call goes on; a unary RPC
+ends with the status alone (`end_rpc`). Each error sent is counted once (metrics.error_sent): by
+the event, or by `end_rpc` where there is none.
 """
 
 from __future__ import annotations
 
 from funchat.api import pb
+from funchat.orchestrator import metrics
 from funchat.orchestrator.sessions import ExpiredResumeToken, InvalidResumeToken, SessionNotFound, StoreUnavailable
 
 
@@ -18,7 +21,14 @@ class ApiError(Exception):
         self.code, self.message, self.event = code, message, event
 
     def event_message(self) -> pb.ServerEvent:
+        """The `error` event to send (counted as sent)."""
+        metrics.error_sent(self.code)
         return pb.ServerEvent(error=pb.Error(code=self.code, message=self.message, event=self.event))
+
+    def end_rpc(self, ctx) -> None:
+        """End a unary RPC with this status, no event (counted as sent)."""
+        metrics.error_sent(self.code)
+        set_status(ctx, self.code, self.message)
 
 
 def set_status(ctx, code: str, message: str) -> None:

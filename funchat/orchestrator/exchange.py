@@ -24,6 +24,7 @@ import numpy as np
 
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
+from funchat.orchestrator import metrics
 from funchat.orchestrator.call_config import CallConfig
 from funchat.orchestrator.errors import ApiError, store_call
 from funchat.orchestrator.sessions import HistoryTurn
@@ -80,9 +81,11 @@ class Exchange:
         (time.perf_counter), the start of the latencies reported."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
         self.audio16k, self.response, self.emit, self.t_end = audio16k, response, emit, t_end
+        self.audio_out = metrics.ReplyAudio(cfg.mode, t_end)  # first audio, underruns
 
     async def run(self) -> TurnOutcome | None:
         """The reply's outcome, or None when the turn failed (after its error and response_done events)."""
+        status = "failed"
         try:
             self.check_length()
             rows, n_groups, encode_ms = await self.encode()
@@ -96,11 +99,14 @@ class Exchange:
             assistant = await self.emit_ending(outcome)
             await self.store_turns(rows, n_groups, assistant, history_len=len(record.turns))
             await self.emit(outcome.done_event())
+            status = outcome.status
             return outcome
         except TurnError as exc:
             await self.fail(exc.code, exc.message, "turn")
         except ApiError as exc:
             await self.fail(exc.code, exc.message, exc.event or "turn")
+        finally:
+            metrics.turn_finished(self.cfg.mode, status)
         return None
 
     def check_length(self) -> None:
@@ -113,7 +119,9 @@ class Exchange:
         """-> (the audio tokenizer's rows, n_groups, ms it took)."""
         t = time.perf_counter()
         rows, n_groups = await self.service.runner.encode(self.audio16k)
-        return rows, n_groups, (time.perf_counter() - t) * 1000.0
+        seconds = time.perf_counter() - t
+        metrics.stage("audio_tokenizer", seconds)
+        return rows, n_groups, seconds * 1000.0
 
     def turn_request(self, rows: np.ndarray, n_groups: int, history: list[HistoryTurn]) -> TurnRequest:
         cfg = self.cfg
@@ -138,8 +146,9 @@ class Exchange:
         if event.WhichOneof("event") == "audio_delta":
             if self.response.first_audio_at is None:
                 self.response.first_audio_at = time.monotonic()
-            self.response.audio_ms = event.audio_delta.start_ms + \
-                len(event.audio_delta.pcm16) // 2 * 1000 // event.audio_delta.sample_rate_hz
+            chunk = event.audio_delta
+            self.response.audio_ms = chunk.start_ms + len(chunk.pcm16) // 2 * 1000 // chunk.sample_rate_hz
+            self.audio_out.sent(len(chunk.pcm16) / 2 / chunk.sample_rate_hz)
         await self.emit(event)
 
     async def emit_ending(self, outcome: TurnOutcome) -> HistoryTurn:

@@ -10,15 +10,20 @@
     pcm, state, dropped = await voc.push(more, state, final=True)   # any vocoder replica
 
 Every Triton error (the service's own INVALID_ARG messages, Triton's input checks, an unreachable
-server) is raised as `ServiceError(model, status, message)`.
+server) is raised as `ServiceError(model, status, message)`. Each request's wait before it is sent
+(from `ready_at`: when the caller had its inputs; by default when the method was called) is
+recorded as `metrics.model_queue`.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from funchat.orchestrator import metrics
 from funchat.turn.sampling import GREEDY, SamplingParams
 
 
@@ -51,7 +56,8 @@ class _Client:
         except InferenceServerException:
             return False
 
-    async def _infer(self, inputs: list[grpcclient.InferInput], outputs: list[str]):
+    async def _infer(self, inputs: list[grpcclient.InferInput], outputs: list[str], ready_at: float):
+        metrics.model_queue(self.model, time.perf_counter() - ready_at)
         try:
             return await self._client.infer(self.model, inputs,
                                             outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
@@ -80,13 +86,14 @@ class AudioTokenizerClient(_Client):
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
         """16 kHz mono float32 samples [n] -> the clip's LLM input rows [n_groups, E] float32."""
+        ready_at = time.perf_counter()
         audio = np.asarray(audio)
         if audio.ndim != 1:
             raise ServiceError(self.model, "CLIENT", f"audio must be 1-D [samples], got shape {list(audio.shape)}")
         # Sent with its own dtype (no silent conversion: int16 PCM would need scaling): the service
         # names a dtype other than float32.
-        result = await self._infer([_input("AUDIO", np.ascontiguousarray(audio[None]), np_to_triton_dtype(audio.dtype))],
-                                   ["EMBEDDINGS", "N_GROUPS"])
+        clip = _input("AUDIO", np.ascontiguousarray(audio[None]), np_to_triton_dtype(audio.dtype))
+        result = await self._infer([clip], ["EMBEDDINGS", "N_GROUPS"], ready_at)
         return result.as_numpy("EMBEDDINGS")[0]
 
 
@@ -94,10 +101,12 @@ class VocoderClient(_Client):
     model = "vocoder"
 
     async def push(self, tokens, state: bytes | None, final: bool, speaker: str | None = None,
-                   mode: str | None = None) -> tuple[np.ndarray, bytes, int]:
+                   mode: str | None = None, ready_at: float | None = None) -> tuple[np.ndarray, bytes, int]:
         """Push new speech codes into a stream. state: what the previous push returned (None starts a
-        stream, with `speaker` and `mode`). -> (24 kHz samples ready now [m] float32, the new state,
-        codes dropped so far in the stream)."""
+        stream, with `speaker` and `mode`). ready_at: time.perf_counter() when the oldest code was
+        produced (default: now). -> (24 kHz samples ready now [m] float32, the new state, codes dropped
+        so far in the stream)."""
+        ready_at = time.perf_counter() if ready_at is None else ready_at
         codes = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
         inputs = [_input("TOKENS", codes, "INT64"), _input("FINAL", np.array([bool(final)]), "BOOL")]
         if state:
@@ -106,7 +115,7 @@ class VocoderClient(_Client):
             inputs.append(_input("SPEAKER", np.array([speaker.encode()], dtype=np.object_), "BYTES"))
         if mode is not None:
             inputs.append(_input("MODE", np.array([mode.encode()], dtype=np.object_), "BYTES"))
-        result = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"])
+        result = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at)
         audio = result.as_numpy("AUDIO")
         return (audio.astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
                 bytes(result.as_numpy("STATE")[0]), int(result.as_numpy("DROPPED")[0]))
@@ -116,7 +125,8 @@ class _SequenceClient(_Client):
     """A stateful service: every request belongs to a call (Triton sequence, correlation id)."""
 
     async def _infer_seq(self, inputs: list[grpcclient.InferInput], outputs: list[str], call_id: int,
-                         start: bool, end: bool):
+                         start: bool, end: bool, ready_at: float):
+        metrics.model_queue(self.model, time.perf_counter() - ready_at)
         try:
             return await self._client.infer(self.model, inputs,
                                             outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
@@ -138,26 +148,28 @@ class LlmClient(_SequenceClient):
         """Start a call with its prompt ids [T] (and the <|AUDIO|> rows [n, E]) and how its text
         tokens are chosen (seed: the text stream, `funchat.turn.sampling.text_seed`) -> (the chosen
         text id, srh_input [T, E], or None when srh_input=False: a speech-to-text turn needs none)."""
+        ready_at = time.perf_counter()
         inputs = [_input("INPUT_IDS", np.asarray(input_ids, dtype=np.int64).reshape(1, -1), "INT64")]
         if audio_embeds is not None and len(audio_embeds):
             rows = np.ascontiguousarray(audio_embeds, dtype=np.float32)[None]
             inputs.append(_input("AUDIO_EMBEDS", rows, "FP32"))
         inputs += _sampling_inputs(sampling, seed)
-        return await self._run(inputs, call_id, True, end, srh_input)
+        return await self._run(inputs, call_id, True, end, srh_input, ready_at)
 
     async def step(self, call_id: int, text_token: int, speech_group=None, end: bool = False,
                    srh_input: bool = True) -> tuple[int, np.ndarray | None]:
         """One LLM step of a call: its text id (+ the last speech group to fuse) -> (the chosen text
         id, srh_input [1, E], or None when srh_input=False)."""
+        ready_at = time.perf_counter()
         inputs = [_input("INPUT_IDS", np.array([[int(text_token)]], dtype=np.int64), "INT64")]
         if speech_group is not None:
             inputs.append(_input("SPEECH_GROUP", np.asarray(speech_group, dtype=np.int64).reshape(1, -1), "INT64"))
-        return await self._run(inputs, call_id, False, end, srh_input)
+        return await self._run(inputs, call_id, False, end, srh_input, ready_at)
 
-    async def _run(self, inputs, call_id: int, start: bool, end: bool,
-                   srh_input: bool) -> tuple[int, np.ndarray | None]:
+    async def _run(self, inputs, call_id: int, start: bool, end: bool, srh_input: bool,
+                   ready_at: float) -> tuple[int, np.ndarray | None]:
         outputs = list(LLM_STEP_OUTPUTS if srh_input else LLM_STEP_OUTPUTS[:1])  # only what the caller uses
-        result = await self._infer_seq(inputs, outputs, call_id, start, end)
+        result = await self._infer_seq(inputs, outputs, call_id, start, end, ready_at)
         return int(result.as_numpy("TEXT_TOKEN").reshape(-1)[0]), \
             result.as_numpy("SRH_INPUT")[0] if srh_input else None
 
@@ -187,6 +199,7 @@ class RefinedHeadClient(_SequenceClient):
         """One forward's speech group: srh_input [T, E] from the llm service -> speech ids [5].
         appended: speech ids the turn appended since the previous request (repetition penalty history);
         the sampling settings are read at start."""
+        ready_at = time.perf_counter()
         inputs = [_input("SRH_INPUT", np.ascontiguousarray(srh_input, dtype=np.float32)[None], "FP32")]
         if appended is not None and len(appended):
             inputs.append(_input("APPENDED", np.asarray(appended, dtype=np.int64).reshape(1, -1), "INT64"))
@@ -197,5 +210,5 @@ class RefinedHeadClient(_SequenceClient):
                        _input("TOP_K", np.array([[top_k]], dtype=np.int32), "INT32"),
                        _input("REPETITION_PENALTY", np.array([[repetition_penalty]], dtype=np.float32), "FP32"),
                        _input("SEED", np.array([[seed]], dtype=np.int64), "INT64")]
-        result = await self._infer_seq(inputs, ["SPEECH_TOKENS"], call_id, start, end)
+        result = await self._infer_seq(inputs, ["SPEECH_TOKENS"], call_id, start, end, ready_at)
         return result.as_numpy("SPEECH_TOKENS")[0]

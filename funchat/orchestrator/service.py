@@ -23,6 +23,7 @@ from funchat.checkpoint_files import voice_names
 from funchat.orchestrator.audio_input import AudioFormatError, decode_utterance
 from funchat.orchestrator.call_config import PROTO_MODES, CallConfig, parse_config
 from funchat.orchestrator.converse import ConverseCall
+from funchat.orchestrator import metrics
 from funchat.orchestrator.errors import ApiError, set_status, store_call
 from funchat.orchestrator.exchange import Exchange, Response
 from funchat.orchestrator.outbox import END, Outbox
@@ -71,12 +72,15 @@ class FunchatService:
 
     def admit(self) -> None:
         if self.calls >= self.settings.max_calls:
+            metrics.call_refused()
             raise ApiError("RESOURCE_EXHAUSTED", f"this server is at its limit of {self.settings.max_calls} "
                                                  "concurrent calls; retry later or add replicas")
         self.calls += 1
+        metrics.call_admitted()
 
     def release(self) -> None:
         self.calls -= 1
+        metrics.call_ended()
 
     # ---- sessions ----
 
@@ -103,7 +107,7 @@ class FunchatService:
                 raise ApiError("INVALID_ARGUMENT", "session_id is empty")
             record = await store_call(self.store.get(request.session_id))
         except ApiError as exc:
-            set_status(ctx, exc.code, exc.message)
+            exc.end_rpc(ctx)
             return pb.Session()
         cfg = record.config
         return pb.Session(
@@ -121,7 +125,7 @@ class FunchatService:
             if not deleted:
                 raise ApiError("NOT_FOUND", f"no session {request.session_id!r} (never created, deleted or expired)")
         except ApiError as exc:
-            set_status(ctx, exc.code, exc.message)
+            exc.end_rpc(ctx)
             return pb.DeleteSessionResponse()
         return pb.DeleteSessionResponse(deleted=True)
 

@@ -33,6 +33,8 @@ Resume tokens `v1.<session_id>.<issued_at>.<mac>` (issued_at: Unix seconds; mac:
 base64url HMAC-SHA256 of "<session_id>|<issued_at>" keyed with the secret shared by every
 replica, the orchestrator's FUNCHAT_RESUME_SECRET) let a caller take its session to any replica.
 A token is good for `ttl_s` seconds after it was issued, and only while its session exists.
+
+Each Redis operation's latency is recorded by its name (`metrics.session_store_op`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
+
+from funchat.orchestrator import metrics
 
 STATES = ("idle", "listening", "responding")
 ROLES = ("user", "assistant", "tool")
@@ -219,6 +223,7 @@ class SessionStore:
 
     # ---- reads ----
 
+    @metrics.session_store_op
     async def get(self, session_id: str) -> SessionRecord:
         """The whole session, its audio rows included. Raises SessionNotFound."""
         self._check_id(session_id)
@@ -253,6 +258,7 @@ class SessionStore:
                              turns=turns, state=meta["state"], active=meta["active"], owner=meta["owner"],
                              expires_in_s=pttl / 1000.0 if pttl >= 0 else None)
 
+    @metrics.session_store_op
     async def exists(self, session_id: str) -> bool:
         try:
             self._check_id(session_id)
@@ -261,6 +267,7 @@ class SessionStore:
         with self._reachable():
             return bool(await self.redis.exists(self._meta_key(session_id)))
 
+    @metrics.session_store_op
     async def ping(self) -> bool:
         """True when Redis answers; False when it cannot be reached."""
         try:
@@ -270,6 +277,7 @@ class SessionStore:
 
     # ---- writes ----
 
+    @metrics.session_store_op
     async def create(self, config: dict, session_id: str | None = None) -> SessionRecord:
         """A new, empty session ("idle"). session_id: a new random one when None; a given one must be
         unused (SessionError otherwise) and match [A-Za-z0-9_-]{1,128} (ValueError otherwise)."""
@@ -330,6 +338,7 @@ class SessionStore:
         raise SessionError(f"session {session_id}: write abandoned after {WATCH_ATTEMPTS} attempts "
                            "(too many concurrent writes)")
 
+    @metrics.session_store_op
     async def append_turns(self, session_id: str, turns: list[HistoryTurn]) -> int:
         """Add turns at the end of the history, all or none. Returns the number of turns now stored."""
         encoded = [_encode_turn(t) for t in turns]  # bad turns fail before anything is written
@@ -348,6 +357,7 @@ class SessionStore:
 
         return await self._write(session_id, queue)
 
+    @metrics.session_store_op
     async def update_turn(self, session_id: str, index: int, turn: HistoryTurn) -> None:
         """Replace the turn at `index` (negative counts from the end: -1 is the last), its audio
         included: a turn without audio_rows removes the stored rows. Used to cut an assistant turn
@@ -367,6 +377,7 @@ class SessionStore:
 
         await self._write(session_id, queue)
 
+    @metrics.session_store_op
     async def set_state(self, session_id: str, state: str, active: dict | None = None,
                         owner: str | None = None) -> None:
         """Set state, active turn and owner together: each replaces the stored value (None clears)."""
@@ -379,6 +390,7 @@ class SessionStore:
 
         await self._write(session_id, queue)
 
+    @metrics.session_store_op
     async def update_config(self, session_id: str, config: dict) -> None:
         """Replace the session's config (a resumed call may change instructions, voice, ...)."""
         def queue(pipe, meta: dict, stored: list[dict]) -> None:
@@ -387,10 +399,12 @@ class SessionStore:
 
         await self._write(session_id, queue)
 
+    @metrics.session_store_op
     async def touch(self, session_id: str) -> None:
         """Extend the session's life by ttl_s from now. Raises SessionNotFound."""
         await self._write(session_id, lambda pipe, meta, stored: None)
 
+    @metrics.session_store_op
     async def delete(self, session_id: str) -> bool:
         """Remove the session and all its keys. False when there was no such session."""
         try:

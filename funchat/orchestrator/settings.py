@@ -64,6 +64,9 @@ class OrchestratorSettings(BaseSettings):
     # ---- the process and its Ray Serve deployment ----
     grpc_port: int = Field(50051, description="the public API (Ray Serve's gRPC proxy, all interfaces)")
     http_port: int = Field(8000, description="Ray Serve's HTTP proxy (always started, unused by the API)")
+    metrics_port: int = Field(9464, ge=0, le=65535,
+                              description="Prometheus /metrics of all replicas, one endpoint per pod or machine "
+                                          "(all interfaces, like the gRPC port); 0 = off")
     replicas: int = Field(1, description="orchestrator replicas")
     replica_cpus: float = Field(0.25, description="Ray CPUs per replica (2-core machines: <= 0.5)")
     ray_cpus: int = Field(2, description="CPUs of the local Ray cluster that `python -m funchat.orchestrator.app` "

@@ -31,6 +31,7 @@ import numpy as np
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.errors import AudioInputError, ContextOverflowError
+from funchat.orchestrator import metrics
 from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
                                                 VocoderClient)
 from funchat.orchestrator.sessions import HistoryTurn
@@ -225,6 +226,7 @@ class _TurnStream:
         self.vocoder = _VocoderStream(self) if req.mode is Mode.S2S else None
         self.llm_seconds: list[float] = []
         self.srh_seconds: list[float] = []
+        self.generation_started: float | None = None  # the first prefill sent (the real-time factor's start)
 
     def ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
@@ -235,12 +237,16 @@ class _TurnStream:
         self.call_id = req.call_id if req.call_id and not self.replays else new_call_id()
         speech = req.speech_sampling
         t = time.perf_counter()
+        if self.generation_started is None:
+            self.generation_started = t
         self.sequences_open = True
         # The llm service chooses the text tokens (the oracle's text stream); a speech-to-text turn
         # does not ask for the SRH input it would not use.
         token, h = await llm.prefill(self.call_id, ids, rows, sampling=req.text_sampling, seed=text_seed(req.seed),
                                      srh_input=sched.runs_srh)
-        self.latency.setdefault("llm_prefill", (time.perf_counter() - t) * 1000.0)
+        seconds = time.perf_counter() - t
+        metrics.stage("llm_prefill", seconds)
+        self.latency.setdefault("llm_prefill", seconds * 1000.0)
         group, appended, step_index, speech_start = None, None, 0, None
         while True:
             if sched.runs_srh:
@@ -250,6 +256,7 @@ class _TurnStream:
                                       top_k=speech.top_k, repetition_penalty=speech.repetition_penalty,
                                       seed=speech_seed(req.seed))
                 self.srh_seconds.append(time.perf_counter() - t)
+                metrics.stage("refined_head", self.srh_seconds[-1])
                 group = group.tolist()
             out = sched.observe(token, group)
             appended = out.speech_group  # the refined head's penalty history grows by what was kept
@@ -267,6 +274,7 @@ class _TurnStream:
             t = time.perf_counter()
             token, h = await llm.step(self.call_id, nxt.text_token, nxt.speech_group, srh_input=sched.runs_srh)
             self.llm_seconds.append(time.perf_counter() - t)
+            metrics.stage("llm_step", self.llm_seconds[-1])
         await self.close_sequences()
 
     async def _stream_text(self, step_index: int, speech_start: int | None) -> None:
@@ -328,6 +336,9 @@ class _TurnStream:
             lat["vocoder_push_mean"] = float(np.mean(self.vocoder.seconds)) * 1000.0
         if self.replays:
             lat["replays"] = float(self.replays)
+        if self.vocoder is not None and not cancelled and self.generation_started is not None:
+            metrics.reply_generated(time.perf_counter() - self.generation_started,
+                                    self.vocoder.samples / OUTPUT_SAMPLE_RATE)
         vocoder_tokens = sched.vocoder_tokens
         return TurnOutcome(
             response_id=self.req.response_id, status="cancelled" if cancelled else "completed", text=text,
@@ -354,12 +365,15 @@ class _VocoderStream:
         self.sequence = 0
         self.seconds: list[float] = []
         self.error: BaseException | None = None
+        self.waiting_since: float | None = None  # when the oldest code not yet pushed was offered
 
     async def offer(self, vocoder_tokens: list[int], final: bool) -> None:
         if self.error is not None:
             raise self.error
         if len(vocoder_tokens) > len(self.codes):
             self.codes.extend(vocoder_tokens[len(self.codes):])
+            if self.waiting_since is None:
+                self.waiting_since = time.perf_counter()
         self.final = self.final or final
         if self.task is None:
             self.task = asyncio.create_task(self._run())
@@ -380,10 +394,13 @@ class _VocoderStream:
                 batch = self.codes[sent:]
                 if self.state is None and not batch:
                     return  # the reply has no speech: no stream to open or flush
+                ready_at, self.waiting_since = self.waiting_since, None
                 t = time.perf_counter()
                 audio, self.state, _ = await voc.push(batch, self.state, final=final,
-                                                      speaker=self.turn.req.voice if self.state is None else None)
+                                                      speaker=self.turn.req.voice if self.state is None else None,
+                                                      ready_at=ready_at)
                 self.seconds.append(time.perf_counter() - t)
+                metrics.stage("vocoder", self.seconds[-1])
                 sent += len(batch)
                 if audio.size and not self.turn.cancel.is_set():
                     await self._emit(audio)

@@ -114,6 +114,12 @@ def pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
     return specs
 
 
+def orchestrator_containers(objs: list[dict]) -> list[dict]:
+    """The orchestrator's containers: the Deployment's, or the RayService's head and workers."""
+    return [c for _, spec in pod_specs(objs) for c in spec["containers"]
+            if c["name"] in ("orchestrator", "ray-head", "ray-worker")]
+
+
 def env_of(c: dict) -> dict:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
@@ -176,6 +182,14 @@ SCENARIOS = {
         "kserve": {"enabled": True}, "modelStorage": {"subPath": "fun-audio-chat-8b"},
         "monitoring": {"serviceMonitor": {"enabled": False}, "podMonitor": {"enabled": True}}}),
     "pod-monitor": {"monitoring": {"podMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "prom"}}}},
+    "rayservice-monitoring": {
+        "orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1}},
+        "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                       "podMonitor": {"enabled": True}}},
+    "metrics-off": {"orchestrator": {"metricsPort": 0},
+                    "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
+                    "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": "monitoring"}}}]}},
     "prometheus-rule": {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {
         "enabled": True, "labels": {"release": "prom"},
         "modelServiceDown": {"for": "3m"}, "queueTime": {"thresholdUs": 123456, "for": "7m"},
@@ -220,6 +234,8 @@ def test_notes_render():
     notes = render()["funchat/templates/NOTES.txt"]
     assert f"{PREFIX}-orchestrator:50051" in notes and "funchat chat --server" in notes
     assert "Model services: Deployments" in notes and f"llm: {PREFIX}-llm:8001" in notes
+    assert "Prometheus metrics: port 9464 (/metrics) of each orchestrator pod" in notes
+    assert "Prometheus metrics" not in render({"orchestrator": {"metricsPort": 0}})["funchat/templates/NOTES.txt"]
     assert "WARNING" in render({"modelStorage": {"mode": "download"}})["funchat/templates/NOTES.txt"]
     notes = render(SCENARIOS["kserve-serverless"])["funchat/templates/NOTES.txt"]
     assert "KServe mode (Serverless)" in notes and f"ServingRuntime {PREFIX}-triton" in notes
@@ -283,6 +299,9 @@ def test_schema_closes_every_object():
     ({"modelStorage": {"download": {"files": [{"path": "../etc/passwd", "url": "https://x/a", "sha256": SHA_A}]}}},
      "/modelStorage/download/files/0/path", ""),
     ({"orchestrator": {"settings": {"redis_url": "redis://x"}}}, "/orchestrator/settings", ""),
+    ({"orchestrator": {"settings": {"metrics_port": 1}}}, "/orchestrator/settings", ""),  # orchestrator.metricsPort
+    ({"orchestrator": {"metricsPort": 70000}}, "/orchestrator/metricsPort", "maximum"),
+    ({"orchestrator": {"metricsPort": "9464"}}, "/orchestrator/metricsPort", "want integer"),
     ({"modelStorage": {"download": {"baseUrl": "s3://bucket/ckpt"}}}, "/modelStorage/download/baseUrl", "pattern"),
     ({"orchestrator": {"addresses": {"llm": "llm"}}}, "/orchestrator/addresses/llm", "pattern"),
     ({"orchestrator": {"addresses": {"tts": "tts:8001"}}}, "/orchestrator/addresses", "'tts' not allowed"),
@@ -617,17 +636,20 @@ def test_orchestrator_deployment():
     assert json.loads(cm["FUNCHAT_ENDPOINTS"]) == {s: f"{model_name(s)}:8001" for s in MODELS}
     assert cm["FUNCHAT_CHECKPOINT"] == "/models/checkpoint" and cm["FUNCHAT_GRPC_PORT"] == "50051"
     assert cm["FUNCHAT_MAX_CALLS"] == "16" and cm["FUNCHAT_REPLICAS"] == "1"
+    assert cm["FUNCHAT_METRICS_PORT"] == "9464"
     assert not any(k in cm for k in ("FUNCHAT_RESUME_SECRET", "FUNCHAT_REDIS_URL"))
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert orch[probe]["grpc"] == {"port": 50051, "service": ""}
     assert orch["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
     assert spec["terminationGracePeriodSeconds"] == 300
-    assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+    assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                             {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
     svc = one(objs, "Service", name)
     assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP",
                                      "appProtocol": "kubernetes.io/h2c"}]
     assert one(objs, "PodDisruptionBudget", name)
     assert not find(objs, "RayService")
+    assert not find(objs, "Service", f"{name}-metrics")  # only for the ServiceMonitor
 
 
 def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
@@ -638,7 +660,8 @@ def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
     orch = container(one(objs, "Deployment", name)["spec"]["template"]["spec"], "orchestrator")
     assert env_of(orch)["FUNCHAT_REDIS_URL"] == "redis://fc-funchat-redis-pod-0:6379/0"
     assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP",
-                              "hostIP": "127.0.0.1", "hostPort": 50061}]
+                              "hostIP": "127.0.0.1", "hostPort": 50061},
+                             {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]  # not published
 
 
 def test_orchestrator_settings_accept_the_rendered_environment(tmp_path, monkeypatch, no_funchat_env):
@@ -658,7 +681,7 @@ def test_orchestrator_settings_accept_the_rendered_environment(tmp_path, monkeyp
     settings = OrchestratorSettings.load()
     assert settings.redis_url == f"redis://{PREFIX}-redis:6379/0"
     assert settings.redis_password.get_secret_value() == "pw"
-    assert settings.max_calls == 16
+    assert settings.max_calls == 16 and settings.metrics_port == 9464
 
 
 def test_rayservice_mode():
@@ -678,6 +701,12 @@ def test_rayservice_mode():
     head = cluster["headGroupSpec"]["template"]
     ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
     assert ports["serve-grpc"] == 50051
+    # the first Serve replica of each Ray pod serves the pod's metrics: every Ray pod declares the port
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert {"name": "metrics", "containerPort": 9464} in group["template"]["spec"]["containers"][0]["ports"]
+    assert app["runtime_env"]["env_vars"]["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/funchat-metrics"
+    mounts = {m["mountPath"]: m["name"] for m in head["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/tmp"] == "tmp"  # the metrics directory is on the pod's own emptyDir
     assert head["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"
     assert cluster["workerGroupSpecs"][0]["replicas"] == 2
     env = env_of(head["spec"]["containers"][0])
@@ -686,6 +715,7 @@ def test_rayservice_mode():
     assert svc["spec"]["ports"][0]["targetPort"] == "serve-grpc"
     assert svc["spec"]["ports"][0]["appProtocol"] == "kubernetes.io/h2c"
     assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_REPLICAS"] == "1"
+    assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_METRICS_PORT"] == "9464"  # app_builder reads it
     scaled = objects({"orchestrator": {"mode": "rayservice", "replicas": 3, "settings": {"max_calls": 8}}})
     deployment = yaml.safe_load(one(scaled, "RayService", name)["spec"]["serveConfigV2"])["applications"][0]
     assert deployment["deployments"][0]["num_replicas"] == 3
@@ -788,6 +818,10 @@ def test_network_policies():
     monitored = objects(SCENARIOS["monitoring"])
     ingress = one(monitored, "NetworkPolicy", f"{PREFIX}-model-services")["spec"]["ingress"]
     assert ingress[1]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    prometheus = SCENARIOS["monitoring"]["networkPolicy"]["metricsFrom"]
+    ingress = one(monitored, "NetworkPolicy", f"{PREFIX}-orchestrator")["spec"]["ingress"]
+    assert ingress == [{"ports": [{"port": 50051, "protocol": "TCP"}]},
+                       {"from": prometheus, "ports": [{"port": 9464, "protocol": "TCP"}]}]
     ray = one(objects(SCENARIOS["rayservice"]), "NetworkPolicy", f"{PREFIX}-orchestrator")["spec"]["ingress"]
     assert ray[1] == {"from": [{"podSelector": {"matchLabels": orch_labels}}]}  # Ray pods among themselves
 
@@ -799,6 +833,35 @@ def test_service_monitor_only_when_enabled():
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/instance": NAME, "funchat.io/tier": "model"}
     assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+@pytest.mark.parametrize("scenario", ["monitoring", "rayservice-monitoring"])
+def test_service_monitor_scrapes_the_orchestrator_through_its_metrics_service(scenario):
+    objs = objects(SCENARIOS[scenario])
+    name = f"{PREFIX}-orchestrator"
+    sm = one(objs, "ServiceMonitor", name)
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    selected = [svc for svc in find(objs, "Service")
+                if sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()]
+    # the headless metrics Service only: the public one may be a LoadBalancer
+    assert [svc["metadata"]["name"] for svc in selected] == [f"{name}-metrics"]
+    [metrics_svc] = selected
+    assert metrics_svc["spec"]["clusterIP"] == "None"
+    assert metrics_svc["spec"]["ports"] == [{"name": "metrics", "port": 9464, "targetPort": "metrics",
+                                             "protocol": "TCP"}]
+    # the Service's pods: the orchestrator's (Deployment or Ray pods), whose container port metrics it targets
+    assert metrics_svc["spec"]["selector"] == one(objs, "Service", name)["spec"]["selector"]
+    containers = orchestrator_containers(objs)
+    assert len(containers) == (2 if scenario == "rayservice-monitoring" else 1)
+    for c in containers:
+        assert "metrics" in [p["name"] for p in c["ports"]]
+    [endpoint] = sm["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", "15s")
+    # service=<fullname>-orchestrator, from the Service's component label (the PodMonitor's convention)
+    assert endpoint["relabelings"] == [{
+        "sourceLabels": ["__meta_kubernetes_service_label_app_kubernetes_io_component"],
+        "targetLabel": "service", "replacement": f"{PREFIX}-${{1}}"}]
+    assert metrics_svc["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"
 
 
 @pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu"])
@@ -1054,6 +1117,7 @@ def test_pod_monitor_only_when_enabled():
         assert "metrics" in [p["name"] for p in template["spec"]["containers"][0]["ports"]]
     raw = one(objects(SCENARIOS["kserve-raw"]), "PodMonitor", f"{PREFIX}-model-services")
     assert raw["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"  # the runtime declares it
+    assert one(objects(SCENARIOS["kserve-raw"]), "PodMonitor", f"{PREFIX}-orchestrator")  # both tiers there too
     serverless = one(objects(SCENARIOS["kserve-serverless"]), "PodMonitor", f"{PREFIX}-model-services")
     [endpoint] = serverless["spec"]["podMetricsEndpoints"]
     # Knative pods declare h2c only: that target, moved to Triton's metrics port
@@ -1063,6 +1127,58 @@ def test_pod_monitor_only_when_enabled():
     for address in ("10.0.0.7:8001", "[fd00::7]:8001"):  # Prometheus anchors the regex
         moved = re.fullmatch(endpoint["relabelings"][1]["regex"], address).expand(r"\1:8002")
         assert moved == address.replace(":8001", ":8002")
+
+
+@pytest.mark.parametrize("scenario", ["pod-monitor", "rayservice-monitoring"])
+def test_pod_monitor_scrapes_the_orchestrator_pods(scenario):
+    objs = objects(SCENARIOS[scenario])
+    pm = one(objs, "PodMonitor", f"{PREFIX}-orchestrator")
+    interval = SCENARIOS[scenario]["monitoring"]["podMonitor"].get("interval", "15s")
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", interval)
+    assert endpoint["relabelings"] == [{
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+        "targetLabel": "service", "replacement": f"{PREFIX}-${{1}}"}]
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    templates = [o["spec"]["template"] for o in find(objs, "Deployment")]
+    for o in find(objs, "RayService"):
+        cluster = o["spec"]["rayClusterConfig"]
+        templates += [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    wanted = pm["spec"]["selector"]["matchLabels"].items()
+    selected = [t for t in templates if wanted <= t["metadata"]["labels"].items()]
+    # the orchestrator's pods (one Deployment, or the Ray head and workers), none of the model services'
+    assert len(selected) == (2 if scenario == "rayservice-monitoring" else 1)
+    for template in selected:
+        assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"
+        assert "metrics" in [p["name"] for p in template["spec"]["containers"][0]["ports"]]
+
+
+def test_metrics_port_0_turns_the_orchestrator_endpoint_and_its_monitors_off():
+    name = f"{PREFIX}-orchestrator"
+    for scenario in (SCENARIOS["metrics-off"],
+                     deep_merge(SCENARIOS["metrics-off"], {"orchestrator": {"mode": "rayservice"}})):
+        objs = objects(scenario)
+        assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_METRICS_PORT"] == "0"
+        containers = orchestrator_containers(objs)
+        assert containers and all("metrics" not in [p["name"] for p in c["ports"]] for c in containers)
+        assert not find(objs, "ServiceMonitor", name) and not find(objs, "PodMonitor", name)
+        assert not find(objs, "Service", f"{name}-metrics")
+        ingress = one(objs, "NetworkPolicy", name)["spec"]["ingress"]
+        ports = [p["port"] for rule in ingress for p in rule.get("ports", [])]
+        assert ports == [50051]
+        # the model services' monitors stay
+        assert one(objs, "ServiceMonitor", f"{PREFIX}-model-services")
+        assert one(objs, "PodMonitor", f"{PREFIX}-model-services")
+
+
+def test_metrics_port_value_reaches_every_place_it_is_used():
+    objs = objects(deep_merge(SCENARIOS["monitoring"], {"orchestrator": {"metricsPort": 9100}}))
+    name = f"{PREFIX}-orchestrator"
+    assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_METRICS_PORT"] == "9100"
+    orch = container(one(objs, "Deployment", name)["spec"]["template"]["spec"], "orchestrator")
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in orch["ports"]
+    assert one(objs, "Service", f"{name}-metrics")["spec"]["ports"][0]["port"] == 9100
+    assert one(objs, "NetworkPolicy", name)["spec"]["ingress"][-1]["ports"] == [{"port": 9100, "protocol": "TCP"}]
 
 
 def _rules(values: dict) -> dict[str, list[dict]]:

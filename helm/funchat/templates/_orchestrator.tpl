@@ -81,6 +81,11 @@ containers:
         containerPort: 8000
       - name: serve-grpc
         containerPort: {{ $o.grpcPort }}
+      {{- if $o.metricsPort }}
+      # bound by the first Serve replica of the pod (funchat/orchestrator/metrics.py)
+      - name: metrics
+        containerPort: {{ $o.metricsPort }}
+      {{- end }}
     lifecycle:
       preStop:
         sleep:
