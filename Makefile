@@ -15,7 +15,7 @@ APT_PACKAGES ?= redis-server prometheus espeak-ng
 
 GRPC_PORT ?= 50051
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e triton-up triton-down clean help images base-image k8s deploy-images deploy-test
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e loadtest triton-up triton-down clean help images base-image k8s deploy-images deploy-test
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-vocoder  vocoder real-time factor, first-chunk latency, cost per chunk along a long call"
 	@echo "make bench-triton each Triton model service vs the same module in process (1/4/16 calls)"
 	@echo "make bench-e2e    first audio and real-time factor through the public API at 1/2/4/8 calls vs the oracle"
+	@echo "make loadtest     Locust against make up (or HOST=host:port): USERS= DURATION= SHAPE=steady|step|spike, SLOs; .run/loadtest/"
 	@echo "make triton-up    start one tritonserver per model service on 127.0.0.1 (.run/endpoints.json)"
 	@echo "make triton-down  stop them"
 	@echo "make images       build the orchestrator and model-services images (podman or docker; services/README.md)"
@@ -98,6 +99,22 @@ bench-triton: setup
 bench-e2e: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p bench-results
 	$(PY) -m funchat.benchmarks.e2e --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-e2e.json
+
+# Locust, headless, against the running stack (.run/endpoints.json) or HOST=host:port (loadtests/README.md):
+# live Converse callers and one-shot Respond callers; Locust's CSV files and HTML report, summary.json
+# and plot.png in .run/loadtest/; the exit code is the SLO verdict. More options: LOADTEST_ARGS="--turns 3".
+USERS ?= 2
+DURATION ?= 60
+SHAPE ?= steady
+FIRST_AUDIO_P95_MS ?= 1000
+MAX_UNDERRUN_TURNS ?= 0
+MAX_ERROR_RATE ?= 0
+LOADTEST_ARGS ?=
+loadtest: setup
+	@$(PY) loadtests/run.py $(if $(HOST),--host $(HOST)) --users $(USERS) --duration $(DURATION) --shape $(SHAPE) \
+	    --first-audio-p95-ms $(FIRST_AUDIO_P95_MS) --max-underrun-turns $(MAX_UNDERRUN_TURNS) \
+	    --max-error-rate $(MAX_ERROR_RATE) --out $(RUN_DIR)/loadtest -- \
+	    --recording "$(if $(wildcard $(INPUT_WAV)),$(abspath $(INPUT_WAV)))" $(LOADTEST_ARGS)
 
 triton-up: setup $(CHECKPOINT)/vocoder/model.safetensors
 	$(PY) -m funchat.dev.tritonserver up --checkpoint $(CHECKPOINT)

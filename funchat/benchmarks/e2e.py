@@ -16,7 +16,9 @@ same clip of the input (`--clip-s`, 3 s) sent in 100 ms chunks as fast as the ca
 - real-time factor: (commit -> response_done) / seconds of reply audio;
 - errors: error events, replies not `completed`, failed RPCs (a failed call's remaining turns count too).
 
-One warm-up turn (not counted) goes first.
+One warm-up turn (not counted) goes first. The callers and the statistics are the load generator's
+(funchat/loadgen: ConverseCaller, not realtime, manual turns; turn_summary), the same code that
+drives `make loadtest`: one load generator, not two.
 
 The oracle: `ReferencePipeline.respond` on the same clip with the same settings, in this process, and
 an in-process incremental vocoder fed from its `on_step` callback as each step's codes arrive (the
@@ -30,23 +32,26 @@ cluster first-audio p50 / oracle first-audio p50.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from funchat.dev.tritonserver import PROJECT_ROOT
+from funchat.loadgen import CallerSettings, ConverseCaller, TurnPlan, TurnRecord, Utterance, turn_summary
+from funchat.loadgen.probe import unreachable_reason
+from funchat.loadgen.records import CLIENT_ERROR
 
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
@@ -60,68 +65,6 @@ def log(msg: str) -> None:
 
 class BenchError(RuntimeError):
     """The bench could not run (the message says why)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def mean(values: list[float]) -> float | None:
-    return float(statistics.fmean(values)) if values else None
-
-
-@dataclass
-class TurnStat:
-    first_audio_s: float | None
-    wall_s: float
-    audio_s: float
-    status: str = "completed"
-    error: str = ""
-
-    @property
-    def rtf(self) -> float | None:
-        return self.wall_s / self.audio_s if self.audio_s > 0 else None
-
-
-@dataclass
-class Summary:
-    turns: int = 0
-    errors: int = 0
-    first_audio_s: list[float] = field(default_factory=list)
-    rtf: list[float] = field(default_factory=list)
-    audio_s: list[float] = field(default_factory=list)
-    wall_s: list[float] = field(default_factory=list)
-    error_messages: list[str] = field(default_factory=list)
-
-    def add(self, stat: TurnStat) -> None:
-        self.turns += 1
-        if stat.error:
-            self.errors += 1
-            if len(self.error_messages) < 10:
-                self.error_messages.append(stat.error)
-            return
-        self.wall_s.append(stat.wall_s)
-        self.audio_s.append(stat.audio_s)
-        if stat.first_audio_s is not None:
-            self.first_audio_s.append(stat.first_audio_s)
-        if stat.rtf is not None:
-            self.rtf.append(stat.rtf)
-
-    def row(self) -> dict[str, Any]:
-        ms = [1e3 * s for s in self.first_audio_s]
-        return {"first_audio_ms_p50": percentile(ms, 50), "first_audio_ms_p95": percentile(ms, 95),
-                "first_audio_ms_max": max(ms) if ms else None,
-                "rtf_mean": mean(self.rtf), "rtf_p95": percentile(self.rtf, 95),
-                "rtf_pooled": sum(self.wall_s) / sum(self.audio_s) if sum(self.audio_s) > 0 else None,
-                "reply_audio_s_mean": mean(self.audio_s), "turn_wall_s_mean": mean(self.wall_s),
-                "turns": self.turns, "turns_with_audio": len(self.first_audio_s), "errors": self.errors,
-                "error_messages": self.error_messages,
-                "samples": {"first_audio_ms": [round(x, 1) for x in ms], "rtf": [round(x, 4) for x in self.rtf],
-                            "reply_audio_s": [round(x, 3) for x in self.audio_s]}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +118,7 @@ def run_oracle(checkpoint: Path, clip: np.ndarray, turns: int, max_new_tokens: i
     gen = GenerationConfig.greedy(Mode.S2S, max_new_tokens) if greedy else \
         GenerationConfig(mode=Mode.S2S, max_new_tokens=max_new_tokens, seed=seed)
 
-    def turn(history: list[dict]) -> tuple[TurnStat, str]:
+    def turn(history: list[dict], index: int) -> tuple[TurnRecord, str]:
         state = vocoder.start(xvec, "incremental")
         box = {"first": None, "samples": 0}
         t0 = time.perf_counter()
@@ -199,20 +142,21 @@ def run_oracle(checkpoint: Path, clip: np.ndarray, turns: int, max_new_tokens: i
                     box["first"] = time.perf_counter() - t0
                 box["samples"] += n
         wall = time.perf_counter() - t0
-        return TurnStat(box["first"], wall, box["samples"] / vocoder.cfg.sample_rate), result.text
+        return TurnRecord("oracle", "oracle", index, time.time(), status="completed", first_audio_s=box["first"],
+                          reply_s=wall, audio_s=box["samples"] / vocoder.cfg.sample_rate), result.text
 
     log("oracle: warm-up turn")
-    turn([])
-    summary = Summary()
+    turn([], -1)
+    records: list[TurnRecord] = []
     history: list[dict] = []
     for i in range(turns):
-        stat, text = turn(history)
-        summary.add(stat)
+        stat, text = turn(history, i)
+        records.append(stat)
         history += [{"role": "user", "content": clip}, {"role": "assistant", "content": text}]
         log(f"oracle: turn {i + 1}/{turns}: first audio "
             f"{'-' if stat.first_audio_s is None else f'{1e3 * stat.first_audio_s:.0f} ms'}, "
-            f"{stat.audio_s:.2f} s audio in {stat.wall_s:.2f} s")
-    return {"calls": 1, "threads": threads, "load_s": load_s, **summary.row()}
+            f"{stat.audio_s:.2f} s audio in {stat.reply_s:.2f} s")
+    return {"calls": 1, "threads": threads, "load_s": load_s, **turn_summary(records)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,103 +223,67 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
         raise BenchError(f"{part} did not start: {exc}") from None
 
 
-def make_config(max_new_tokens: int, greedy: bool, seed: int):
-    from funchat.client import session_config
-    return session_config(mode="s2s", turn_detection="manual", greedy=greedy, seed=seed,
-                          max_new_tokens=max_new_tokens)
-
-
-async def one_call(target: str, clip: np.ndarray, turns: int, max_new_tokens: int, greedy: bool, seed: int,
-                   turn_timeout: float) -> list[TurnStat]:
-    """One Converse call of `turns` turns; a TurnStat per turn (failed ones with `error`)."""
-    from funchat.client import AsyncClient, FunchatClientError
-
-    step = INPUT_RATE * CHUNK_MS // 1000
-    stats: list[TurnStat] = []
+def one_call(target: str, clip: np.ndarray, turns: int, max_new_tokens: int, greedy: bool, seed: int,
+             turn_timeout: float) -> list[TurnRecord]:
+    """One Converse call of `turns` turns (the load generator's caller: manual turns, the clip sent as
+    fast as the call takes it, then commit); a TurnRecord per turn, failed ones with `error`."""
+    settings = CallerSettings(mode="s2s", turn_detection="manual", realtime=False, max_new_tokens=max_new_tokens,
+                              greedy=greedy, turn_timeout_s=turn_timeout)
+    plan = [TurnPlan(Utterance("clip", clip))] * turns
+    channel = grpc.insecure_channel(target)
     try:
-        async with AsyncClient(target) as client:
-            call = client.converse(make_config(max_new_tokens, greedy, seed))
-            await call.start()
-            try:
-                for _ in range(turns):
-                    for i in range(0, len(clip), step):
-                        await call.send_audio(clip[i:i + step])
-                    await asyncio.sleep(0)  # let the request stream take the chunks
-                    t_commit = time.monotonic()
-                    await call.commit()
-                    try:
-                        reply = await asyncio.wait_for(call.next_reply(), turn_timeout)
-                    except asyncio.TimeoutError:
-                        stats.append(TurnStat(None, time.monotonic() - t_commit, 0.0, "timeout",
-                                              f"no response_done within {turn_timeout:g} s"))
-                        break
-                    wall = time.monotonic() - t_commit
-                    error = ""
-                    if reply.errors:
-                        error = "; ".join(f"{e.code}: {e.message}" for e in reply.errors)
-                    elif reply.status != "completed":
-                        error = f"reply status {reply.status or '(none)'}"
-                    stats.append(TurnStat(reply.first_audio_s, wall, reply.audio_s, reply.status, error))
-                    if error:
-                        break
-            finally:
-                if len(stats) == turns and not any(s.error for s in stats):
-                    await call.close()
-                else:
-                    call.abort()
-    except FunchatClientError as exc:
-        stats.append(TurnStat(None, 0.0, 0.0, "rpc_failed", f"RPC failed: {exc}"))
+        stats = ConverseCaller(channel, plan, settings, seed=seed).run().turns
     except Exception as exc:  # noqa: BLE001 - a bench counts what went wrong, it does not stop
-        stats.append(TurnStat(None, 0.0, 0.0, "client_error", f"{type(exc).__name__}: {exc}"))
+        stats = [TurnRecord("converse", "", 0, time.time(), status="failed", error=CLIENT_ERROR,
+                            error_message=f"{type(exc).__name__}: {exc}")]
+    finally:
+        channel.close()
+    for stat in stats:  # the bench's rule: a reply that did not complete is an error
+        if not stat.error and stat.status != "completed":
+            stat.error, stat.error_message = "NOT_COMPLETED", f"reply status {stat.status or '(none)'}"
     # Turns never run because the call failed count as errors too.
     while len(stats) < turns:
-        stats.append(TurnStat(None, 0.0, 0.0, "not_run", "not run: the call failed earlier"))
+        stats.append(TurnRecord("converse", "", len(stats), time.time(), status="not_run", error="NOT_RUN",
+                                error_message="not run: the call failed earlier"))
     return stats
 
 
-async def run_level(target: str, clip: np.ndarray, concurrency: int, turns: int, max_new_tokens: int,
-                    greedy: bool, seed: int, turn_timeout: float) -> tuple[Summary, float]:
+def run_level(target: str, clip: np.ndarray, concurrency: int, turns: int, max_new_tokens: int,
+              greedy: bool, seed: int, turn_timeout: float) -> tuple[list[TurnRecord], float]:
+    """`concurrency` calls at once (a thread each: the caller uses gRPC's blocking API)."""
     t0 = time.monotonic()
-    results = await asyncio.gather(*[one_call(target, clip, turns, max_new_tokens, greedy, seed + k, turn_timeout)
-                                     for k in range(concurrency)])
-    summary = Summary()
-    for stats in results:
-        for stat in stats:
-            summary.add(stat)
-    return summary, time.monotonic() - t0
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda k: one_call(target, clip, turns, max_new_tokens, greedy, seed + k,
+                                                   turn_timeout), range(concurrency)))
+    return [stat for stats in results for stat in stats], time.monotonic() - t0
 
 
-async def wait_healthy(target: str, timeout: float) -> None:
-    from funchat.client import AsyncClient
+def wait_healthy(target: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    async with AsyncClient(target, timeout=2.0) as client:
-        while True:
-            try:
-                if await client.health():
-                    return
-            except Exception:  # noqa: BLE001
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"no funchat server answers its health check at {target}")
-            await asyncio.sleep(0.5)
+    while (reason := unreachable_reason(target, timeout_s=2.0)) is not None:
+        if time.monotonic() > deadline:
+            raise BenchError(f"no funchat server answers its health check at {target} ({reason})")
+        time.sleep(0.5)
 
 
-async def run_cluster(target: str, clip: np.ndarray, levels: list[int], turns: int, max_new_tokens: int,
-                      greedy: bool, seed: int, turn_timeout: float) -> tuple[list[dict], dict]:
-    await wait_healthy(target, 10.0)
+def run_cluster(target: str, clip: np.ndarray, levels: list[int], turns: int, max_new_tokens: int,
+                greedy: bool, seed: int, turn_timeout: float) -> tuple[list[dict], dict]:
+    wait_healthy(target, 10.0)
     log("cluster: warm-up turn")
-    warm = await one_call(target, clip, 1, max_new_tokens, greedy, seed, turn_timeout)
+    warm = one_call(target, clip, 1, max_new_tokens, greedy, seed, turn_timeout)
     if warm[0].error:
-        log(f"warning: the warm-up turn failed: {warm[0].error}")
+        log(f"warning: the warm-up turn failed: {warm[0].error}: {warm[0].error_message}")
     warm_row = {"first_audio_ms": None if warm[0].first_audio_s is None else 1e3 * warm[0].first_audio_s,
-                "wall_s": warm[0].wall_s, "error": warm[0].error}
+                "wall_s": warm[0].reply_s or 0.0,
+                "error": f"{warm[0].error}: {warm[0].error_message}" if warm[0].error else ""}
     rows = []
     for c in levels:
-        summary, elapsed = await run_level(target, clip, c, turns, max_new_tokens, greedy, seed, turn_timeout)
-        row = {"concurrency": c, **summary.row(), "elapsed_s": elapsed}
-        rows.append(row)
+        records, elapsed = run_level(target, clip, c, turns, max_new_tokens, greedy, seed, turn_timeout)
+        level = {"concurrency": c, **turn_summary(records), "elapsed_s": elapsed}
+        rows.append(level)
         log(f"cluster: {c} call(s) x {turns} turns in {elapsed:.1f} s: first audio p50 "
-            f"{fmt(row['first_audio_ms_p50'], '.0f')} ms, RTF {fmt(row['rtf_mean'], '.3f')}, errors {row['errors']}")
+            f"{fmt(level['first_audio_ms_p50'], '.0f')} ms, RTF {fmt(level['rtf_mean'], '.3f')}, "
+            f"errors {level['errors']}")
     return rows, warm_row
 
 
@@ -503,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"error: the oracle failed: {type(exc).__name__}: {exc}")
             return 2
     else:
-        report["oracle"] = {**Summary().row(), "skipped": True}
+        report["oracle"] = {**turn_summary([]), "skipped": True}
 
     stack = None
     try:
@@ -515,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             stack = start_stack(checkpoint, max_calls, args.start_timeout)
             target = stack.target
             report["settings"]["stack_start_s"] = time.monotonic() - t0
-        rows, warm = asyncio.run(run_cluster(target, clip, args.concurrency, args.turns, args.max_new_tokens,
-                                             args.greedy, args.seed, args.turn_timeout))
+        rows, warm = run_cluster(target, clip, args.concurrency, args.turns, args.max_new_tokens, args.greedy,
+                                 args.seed, args.turn_timeout)
     except BenchError as exc:
         log(f"error: {exc}")
         return 2

@@ -44,8 +44,8 @@ print(json.dumps(new))
 """
 
 
-def _imported(packages: list[str]) -> set[str]:
-    code = _PROBE.format(forbidden=FORBIDDEN, packages=packages)
+def _imported(packages: list[str], forbidden: tuple[str, ...] = FORBIDDEN) -> set[str]:
+    code = _PROBE.format(forbidden=forbidden, packages=packages)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"importing {packages} needs a forbidden module:\n{proc.stderr[-3000:]}"
     return set(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -59,6 +59,17 @@ def test_client_imports_only_grpc_numpy_soxr_and_the_protos():
     allowed = {"funchat", "grpc", "grpc_health", "numpy", "soxr", "google", "typing_extensions",
                "grpc_tools", "grpc_reflection"}
     assert top <= allowed, f"the client imports {sorted(top - allowed)}"
+
+
+def test_load_generator_is_client_side():
+    """funchat.loadgen (Locust's callers, make bench-e2e's) runs where only the client and the loadtest
+    extra are installed: the client's packages plus soundfile (a base dependency) for WAV files, and
+    none of the server's code."""
+    server_side = ("funchat.orchestrator", "funchat.dev", "funchat.benchmarks", "funchat.turn", "funchat.text")
+    top = _imported(["funchat.loadgen"], FORBIDDEN + server_side)
+    allowed = {"funchat", "grpc", "grpc_health", "numpy", "soxr", "google", "typing_extensions", "grpc_tools",
+               "grpc_reflection", "soundfile", "_soundfile", "_soundfile_data", "_cffi_backend", "cffi"}
+    assert top <= allowed, f"the load generator imports {sorted(top - allowed)}"
 
 
 def test_orchestrator_and_turn_packages_import_no_torch_and_no_model_code():
