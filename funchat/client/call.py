@@ -31,7 +31,7 @@ class CallResult:
     sample_rate: int = OUTPUT_SAMPLE_RATE
 
 
-class _Player:
+class Player:
     """A simulated loudspeaker. Each reply plays from the arrival of its first chunk, chunk after
     chunk; a chunk that arrives after the previous one has finished starts when it arrives (an
     underrun). An `interrupted` reply stops where playback was when the event arrived."""
@@ -104,7 +104,7 @@ async def stream_call(client: AsyncClient, config: pb.SessionConfig, audio16k: n
         audio = np.concatenate([audio, np.zeros(int(rate * trailing_silence_ms / 1000), np.float32)])
     step = max(1, rate * chunk_ms // 1000)
     events: list[tuple[float, pb.ServerEvent]] = []
-    player = _Player()
+    player = Player()
     state = {"current": "", "open": set(), "speaking": 0}
 
     async with client.converse(config) as call:

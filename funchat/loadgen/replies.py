@@ -1,6 +1,6 @@
 """Each reply as the caller experiences it: when its audio came, how it played, how it ended.
 
-Playback is `funchat call`'s loudspeaker model (funchat.client.call._Player): a reply plays from its
+Playback is `funchat call`'s loudspeaker model (funchat.client.call.Player): a reply plays from its
 first chunk, chunk after chunk; a chunk that arrives after the audio received before it has finished
 playing is an underrun (the player ran dry and waits for it, then plays on from its arrival).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from funchat.api import pb
-from funchat.client.call import _Player
+from funchat.client.call import Player
 from funchat.client.config import OUTPUT_SAMPLE_RATE
 
 
@@ -35,7 +35,7 @@ class ReplyTracker:
     per response and the simulated loudspeaker."""
 
     def __init__(self):
-        self.player = _Player()
+        self.player = Player()
         self.replies: dict[str, ReplyState] = {}
 
     def reply(self, response_id: str) -> ReplyState:

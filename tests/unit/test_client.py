@@ -16,7 +16,7 @@ from funchat.api import pb
 from funchat.cli import main as cli_main
 from funchat.client import (AsyncClient, Conversation, FunchatClientError, Reply, collect_reply, decode_pcm16,
                             describe_event, encode_audio, session_config)
-from funchat.client.call import _Player
+from funchat.client.call import Player
 from funchat.oracle.pipeline import TurnResult
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_conversation_groups_events_into_replies():
 
 
 def test_player_timeline_and_playback():
-    player = _Player()
+    player = Player()
     chunk = lambda seq: pb.AudioDelta(response_id="r", sequence=seq, pcm16=_pcm(np.full(2400, 1000)),  # 100 ms
                                       sample_rate_hz=24000)
     player.add(1.0, chunk(0))
