@@ -44,11 +44,11 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "funchat"
+# The chart rendered as render_k8s renders it: release "funchat", so its fullname is "funchat"
+# (objects funchat-llm, funchat-redis, ...).
+from funchat.dev.render_k8s import CHART, RELEASE, REPO, chart_objects
+
 CONTAINERS_CONF = REPO / "services" / "containers.conf"
-RELEASE = "funchat"  # the chart's fullname is then "funchat": objects funchat-llm, funchat-redis...
-NAMESPACE = "funchat"
 NETWORK = "funchat-deploy"
 MODELS = ("audio_tokenizer", "llm", "refined_head", "vocoder")
 PLAYED_KINDS = ("ConfigMap", "PersistentVolumeClaim", "StatefulSet", "Deployment")
@@ -82,7 +82,7 @@ def container_name(pod: str, container: str) -> str:
 
 def podman_values(port: int) -> dict:
     """The values that the dev-cpu profile needs on top to run under podman (module docstring)."""
-    addresses = {m: f"{pod_name(f'{RELEASE}-{m.replace(chr(95), chr(45))}')}:8001" for m in MODELS}
+    addresses = {m: pod_name(f"{RELEASE}-" + m.replace("_", "-")) + ":8001" for m in MODELS}
     addresses["redis"] = f"{pod_name(f'{RELEASE}-redis')}:6379"
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     return {
@@ -101,13 +101,8 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def render(port: int) -> list[dict]:
     """Every object of the chart rendered with values-dev-cpu.yaml + podman_values(port)."""
-    import helm_python  # helm-python-sdk: Helm's own library (the test extra)
-
     values = deep_merge(yaml.safe_load((CHART / "values-dev-cpu.yaml").read_text()), podman_values(port))
-    with helm_python.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    return [obj for path, text in sorted(files.items()) if not path.endswith(".txt")
-            for obj in yaml.safe_load_all(text) if obj]
+    return chart_objects(values)
 
 
 def images_of(objects: list[dict]) -> set[str]:

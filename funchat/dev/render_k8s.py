@@ -50,21 +50,23 @@ class Render:
     secrets: list[dict]
 
 
-def render(values: dict | None = None) -> Render:
-    """The chart rendered offline with values (None: its defaults), in template order."""
+def chart_objects(values: dict | None = None) -> list[dict]:
+    """Every object the chart renders with values (None: its defaults), in template order, as Helm
+    renders it (NOTES.txt left out). Also what `make deploy-test` plays (funchat.dev.podman_deploy)."""
     import helm_python  # the test extra (helm-python-sdk): Helm's library, no helm binary, no cluster
 
     with helm_python.Chart.load(str(CHART)) as chart:
         rendered = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return [obj for template in sorted(rendered) if template.endswith((".yaml", ".yml"))
+            for obj in yaml.safe_load_all(rendered[template]) if obj]
+
+
+def render(values: dict | None = None) -> Render:
+    """The chart's objects without Helm's labels, the Secrets apart."""
     objects, secrets = [], []
-    for template in sorted(rendered):
-        if not template.endswith((".yaml", ".yml")):  # NOTES.txt
-            continue
-        for obj in yaml.safe_load_all(rendered[template]):
-            if not obj:
-                continue
-            drop_helm_labels(obj)
-            (secrets if obj["kind"] == "Secret" else objects).append(obj)
+    for obj in chart_objects(values):
+        drop_helm_labels(obj)
+        (secrets if obj["kind"] == "Secret" else objects).append(obj)
     return Render(objects, secrets)
 
 
