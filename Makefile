@@ -15,7 +15,7 @@ APT_PACKAGES ?= redis-server prometheus espeak-ng
 
 GRPC_PORT ?= 50051
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e loadtest triton-up triton-down clean help images base-image k8s deploy-images deploy-test
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e bench-tracing loadtest triton-up triton-down clean help images base-image k8s deploy-images deploy-test
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-vocoder  vocoder real-time factor, first-chunk latency, cost per chunk along a long call"
 	@echo "make bench-triton each Triton model service vs the same module in process (1/4/16 calls)"
 	@echo "make bench-e2e    first audio and real-time factor through the public API at 1/2/4/8 calls vs the oracle"
+	@echo "make bench-tracing  first audio with tracing on vs off (calls alternating, one stack exporting to a local OTLP receiver)"
 	@echo "make loadtest     Locust against make up (or HOST=host:port): USERS= DURATION= SHAPE=steady|step|spike, SLOs; .run/loadtest/"
 	@echo "make triton-up    start one tritonserver per model service on 127.0.0.1 (.run/endpoints.json)"
 	@echo "make triton-down  stop them"
@@ -99,6 +100,10 @@ bench-triton: setup
 bench-e2e: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p bench-results
 	$(PY) -m funchat.benchmarks.e2e --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-e2e.json
+
+bench-tracing: setup $(CHECKPOINT)/vocoder/model.safetensors
+	@mkdir -p bench-results
+	$(PY) -m funchat.benchmarks.tracing_cost --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-tracing.json
 
 # Locust, headless, against the running stack (.run/endpoints.json) or HOST=host:port (loadtests/README.md):
 # live Converse callers and one-shot Respond callers; Locust's CSV files and HTML report, summary.json

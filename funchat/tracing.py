@@ -31,6 +31,7 @@ the public API, and in Triton request parameters from the orchestrator to a mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -223,6 +224,27 @@ def tracer() -> trace.Tracer:
     return _provider.get_tracer(INSTRUMENTATION) if _provider is not None else _NOOP
 
 
+@contextlib.contextmanager
+def child_span(name: str, attributes: Mapping[str, object] | None = None, kind: SpanKind = SpanKind.INTERNAL):
+    """A span under the current one, made current; only when the current span is recording (work
+    outside a traced turn makes no stray one-span traces). Yields the span, or None."""
+    if not trace.get_current_span().is_recording():
+        yield None
+        return
+    with tracer().start_as_current_span(name, kind=kind, attributes=dict(attributes or {})) as span:
+        yield span
+
+
+def within(span: Span):
+    """Make `span` current for a block without ending it there (`with tracing.within(span): ...`)."""
+    return trace.use_span(span, end_on_exit=False)
+
+
+def in_span(span: Span | None) -> otel_context.Context | None:
+    """A context whose current span is `span` (the parent to give work started elsewhere)."""
+    return None if span is None else trace.set_span_in_context(span)
+
+
 # ---- propagation ----
 
 def inject(ctx: otel_context.Context | None = None) -> dict[str, str]:
@@ -272,5 +294,5 @@ def mark_error(span: Span, error: BaseException | str) -> None:
         span.set_status(Status(StatusCode.ERROR, str(error)))
 
 
-__all__ = ["TracingConfig", "TracingConfigError", "configure", "configure_from_env", "enabled", "extract",
-           "inject", "mark_error", "parse_headers", "record_span", "shutdown", "tracer", "SpanKind"]
+__all__ = ["TracingConfig", "TracingConfigError", "child_span", "configure", "configure_from_env", "enabled",
+           "extract", "in_span", "inject", "within", "mark_error", "parse_headers", "record_span", "shutdown", "tracer", "SpanKind"]

@@ -224,15 +224,17 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
 
 
 def one_call(target: str, clip: np.ndarray, turns: int, max_new_tokens: int, greedy: bool, seed: int,
-             turn_timeout: float) -> list[TurnRecord]:
+             turn_timeout: float, interceptors: tuple = ()) -> list[TurnRecord]:
     """One Converse call of `turns` turns (the load generator's caller: manual turns, the clip sent as
-    fast as the call takes it, then commit); a TurnRecord per turn, failed ones with `error`."""
+    fast as the call takes it, then commit); a TurnRecord per turn, failed ones with `error`.
+    interceptors: gRPC client interceptors on the call's channel (e.g. one adding metadata)."""
     settings = CallerSettings(mode="s2s", turn_detection="manual", realtime=False, max_new_tokens=max_new_tokens,
                               greedy=greedy, turn_timeout_s=turn_timeout)
     plan = [TurnPlan(Utterance("clip", clip))] * turns
     channel = grpc.insecure_channel(target)
     try:
-        stats = ConverseCaller(channel, plan, settings, seed=seed).run().turns
+        calls = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+        stats = ConverseCaller(calls, plan, settings, seed=seed).run().turns
     except Exception as exc:  # noqa: BLE001 - a bench counts what went wrong, it does not stop
         stats = [TurnRecord("converse", "", 0, time.time(), status="failed", error=CLIENT_ERROR,
                             error_message=f"{type(exc).__name__}: {exc}")]

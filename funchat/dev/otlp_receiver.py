@@ -67,7 +67,7 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
                         parent_span_id=s.parent_span_id.hex(), start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano, attributes=_attributes(s.attributes),
                         status_code=s.status.code, links=tuple(link.span_id.hex() for link in s.links)))
-        self.receiver._add(received)
+        self.receiver._add(received, dict(context.invocation_metadata()))
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -80,15 +80,17 @@ class OtlpReceiver:
         self._cond = threading.Condition()
         self.on_span = on_span
         self.exports = 0
+        self.last_metadata: dict = {}  # the gRPC metadata of the last export (the exporter's headers)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.endpoint = f"{host}:{self.port}"
 
-    def _add(self, spans: list[ReceivedSpan]) -> None:
+    def _add(self, spans: list[ReceivedSpan], metadata: dict) -> None:
         with self._cond:
             self._spans.extend(spans)
             self.exports += 1
+            self.last_metadata = metadata
             self._cond.notify_all()
         if self.on_span is not None:
             for span in spans:

@@ -3,6 +3,7 @@
 Free of Triton imports: a `model.py` passes in its `triton_python_backend_utils` module (`pb_utils`),
 so this module is importable and unit-testable anywhere. An adapter is then three steps:
 
+    start_tracing("llm")                                    # initialize(): FUNCHAT_TRACING_* settings
     params = ServiceParams.from_args(args, "llm")           # initialize(): config parameters
     io = TritonIO(pb_utils, "llm")
     responses = io.answer_batch(requests, parse, engine.run, outputs, metrics, kind)   # execute()
@@ -18,6 +19,19 @@ Errors. A request's problem answers that request alone, with a status: a Sequenc
 its own (NOT_FOUND for an unknown call, UNAVAILABLE for a full pool, ...); an input problem
 (InputError, any FunchatError, a ValueError while parsing) is INVALID_ARG; anything else raised
 while running the batch is INTERNAL and logged.
+
+Tracing. `start_tracing(service)` in initialize() traces the model instance as funchat-<service>
+when FUNCHAT_TRACING_ENDPOINT is set (a bad FUNCHAT_TRACING_* setting fails the load, naming the
+variable); it records only what the orchestrator sampled. A request whose Triton parameters carry
+a sampled `traceparent` (the orchestrator sends one with an encode, a sequence's start and every
+vocoder push) gets one SERVER span, a child of the caller's, named "<model> <kind>": for a
+sequence request "prefill" at its START and "step" after, else the execute's kind ("encode",
+"chunk"). Its attributes: funchat.model, funchat.kind, funchat.batch_size (the requests run
+together), funchat.correlation_id (sequences) and, for a request answered with an error,
+funchat.status (the Triton code: INVALID_ARG, NOT_FOUND, INTERNAL, ...) with the span's status
+ERROR. It covers the execute() that answered the request (answer_each: that request's own
+handling). Requests without a traceparent cost nothing: parameters are read only while tracing
+is on, and a malformed one is ignored, never failing its request.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from funchat import tracing
 from funchat.errors import FunchatError
 from funchat.turn.sampling import GREEDY, SamplingParams
 
@@ -115,6 +130,20 @@ class ServiceParams:
         if threads > 0:
             import torch
             torch.set_num_threads(threads)
+
+
+# ---- tracing ----
+
+def start_tracing(service: str) -> bool:
+    """initialize(): trace this model instance (its own process) as funchat-<service> when
+    FUNCHAT_TRACING_ENDPOINT is set, joining only traces the orchestrator sampled and sent. Raises
+    TracingConfigError naming the variable, so a misconfigured service fails at load, not later."""
+    return tracing.configure_from_env(f"funchat-{service}", record_new_traces=False)
+
+
+def stop_tracing() -> None:
+    """finalize(): send the spans still queued (bounded by tracing.EXPORT_TIMEOUT_S)."""
+    tracing.shutdown()
 
 
 # ---- requests and responses ----
@@ -205,18 +234,68 @@ class TritonIO:
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(name, np.ascontiguousarray(array))
                                                          for name, array in outputs.items()])
 
-    def error(self, exc: BaseException, internal: bool = False):
-        """exc as an error response: SequenceError -> its status; input problems -> INVALID_ARG;
-        internal=True (a failure while running) -> INTERNAL."""
-        codes = self.pb.TritonError
+    def status(self, exc: BaseException, internal: bool = False) -> str:
+        """The name of exc's Triton code: SequenceError -> its status; input problems ->
+        INVALID_ARG; internal=True (a failure while running) -> INTERNAL."""
         if internal:
-            code, message = codes.INTERNAL, f"{self.model} failed: {type(exc).__name__}: {exc}"
-        else:
-            code, message = getattr(codes, getattr(exc, "status", "INVALID_ARG"), codes.INVALID_ARG), str(exc)
+            return "INTERNAL"
+        name = getattr(exc, "status", "INVALID_ARG")
+        return name if isinstance(name, str) and hasattr(self.pb.TritonError, name) else "INVALID_ARG"
+
+    def error(self, exc: BaseException, internal: bool = False):
+        """exc as an error response, with the code `status(exc, internal)` names."""
+        message = f"{self.model} failed: {type(exc).__name__}: {exc}" if internal else str(exc)
+        code = getattr(self.pb.TritonError, self.status(exc, internal))
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
 
     def log_error(self, exc: BaseException) -> None:
         self.pb.Logger.log_error(f"{self.model}: {type(exc).__name__}: {exc}")
+
+    # -- tracing --
+
+    def trace_parent(self, request) -> Any:
+        """The caller's span context from the request's `traceparent` parameter (request.parameters()
+        is a JSON object), or None: tracing off, no parameter, or a malformed one. Never raises: a
+        bad trace header must not fail the request it came with."""
+        if not tracing.enabled():
+            return None
+        try:
+            raw = request.parameters()
+            params = json.loads(raw) if raw else None
+            return tracing.extract(params) if isinstance(params, dict) else None
+        except Exception:
+            return None
+
+    def trace_parents(self, requests: list) -> dict[int, Any]:
+        """{index: parent} of the requests that carry a traceparent; {} at once while tracing is off."""
+        if not tracing.enabled():
+            return {}
+        parents = {}
+        for i, request in enumerate(requests):
+            parent = self.trace_parent(request)
+            if parent is not None:
+                parents[i] = parent
+        return parents
+
+    def record_trace(self, request, parent, kind: str, start_ns: int, end_ns: int, batch_size: int,
+                     failure: tuple[BaseException, str] | None = None) -> None:
+        """One SERVER span for a traced request: "<model> <kind>", a sequence request's kind taken
+        from its own START (prefill / step) rather than from its batch's. failure: (exception,
+        status name) when it was answered with an error. An unsampled parent records nothing."""
+        try:
+            attributes: dict[str, Any] = {"funchat.model": self.model, "funchat.batch_size": batch_size}
+            if self.optional(request, "CORRID") is not None:  # a sequence model's request
+                cid, start, _ = self.sequence(request)
+                kind = "prefill" if start else "step"
+                attributes["funchat.correlation_id"] = cid
+            attributes["funchat.kind"] = kind
+            error = None
+            if failure is not None:
+                error, attributes["funchat.status"] = failure
+            tracing.record_span(f"{self.model} {kind}", start_ns, end_ns, parent, attributes,
+                                kind=tracing.SpanKind.SERVER, error=error)
+        except Exception as exc:  # tracing must not fail a request already answered
+            self.log_error(exc)
 
     # -- the two execute() shapes --
 
@@ -225,46 +304,70 @@ class TritonIO:
                      kind: Callable[[list], str]) -> list:
         """Parse every request on its own (a bad one is answered alone), run the parsed ones as one
         batch (`run(items)` -> one result per item, an exception instance for an item that failed),
-        and answer each with `outputs(request, result)`. Timed under metrics kind `kind(items)`."""
+        and answer each with `outputs(request, result)`. Timed under metrics kind `kind(items)`; a
+        traced request gets its span (`record_trace`), covering this whole execute()."""
+        start_ns = time.time_ns()
+        parents = self.trace_parents(requests)
         responses: list = [None] * len(requests)
+        failures: dict[int, tuple[BaseException, str]] = {}  # index -> (exception, status) of an error answer
+
+        def fail(i: int, exc: BaseException, internal: bool = False) -> None:
+            responses[i] = self.error(exc, internal)
+            failures[i] = (exc, self.status(exc, internal))
+
         items, where = [], []
         for i, request in enumerate(requests):
             try:
                 items.append(parse(request))
                 where.append(i)
             except Exception as exc:  # a malformed request
-                responses[i] = self.error(exc)
-        if not items:
-            return responses
-        try:
-            with metrics.timed(kind(items), len(items)):
-                results = run(items)
-        except Exception as exc:  # a bug or the device: fail these requests, keep serving
-            self.log_error(exc)
-            return [r if r is not None else self.error(exc, internal=True) for r in responses]
-        for i, result in zip(where, results):
+                fail(i, exc)
+        batch_kind = kind(items) if items else "refused"  # all refused: a traced one's span is "<model> refused"
+        if items:
             try:
-                responses[i] = self.error(result) if isinstance(result, Exception) else \
-                    self.response(outputs(requests[i], result))
-            except Exception as exc:
+                with metrics.timed(batch_kind, len(items)):
+                    results = run(items)
+            except Exception as exc:  # a bug or the device: fail these requests, keep serving
                 self.log_error(exc)
-                responses[i] = self.error(exc, internal=True)
+                for i in where:
+                    fail(i, exc, internal=True)
+            else:
+                for i, result in zip(where, results):
+                    try:
+                        if isinstance(result, Exception):
+                            fail(i, result)
+                        else:
+                            responses[i] = self.response(outputs(requests[i], result))
+                    except Exception as exc:
+                        self.log_error(exc)
+                        fail(i, exc, internal=True)
+        if parents:
+            end_ns = time.time_ns()
+            for i, parent in parents.items():
+                self.record_trace(requests[i], parent, batch_kind, start_ns, end_ns, len(items), failures.get(i))
         return responses
 
     def answer_each(self, requests: list, handle: Callable[[Any], Mapping[str, np.ndarray]],
                     metrics: "ServiceMetrics", kind: str) -> list:
         """One request at a time: `handle(request)` -> its outputs. An input problem (FunchatError)
-        answers INVALID_ARG, any other failure INTERNAL; the others are still served."""
+        answers INVALID_ARG, any other failure INTERNAL; the others are still served. A traced
+        request's span covers its own handling."""
+        parents = self.trace_parents(requests)
         responses = []
         with metrics.timed(kind, len(requests)):
-            for request in requests:
+            for i, request in enumerate(requests):
+                start_ns, failure = time.time_ns(), None
                 try:
                     responses.append(self.response(handle(request)))
                 except FunchatError as exc:
                     responses.append(self.error(exc))
+                    failure = (exc, self.status(exc))
                 except Exception as exc:
                     self.log_error(exc)
                     responses.append(self.error(exc, internal=True))
+                    failure = (exc, "INTERNAL")
+                if i in parents:
+                    self.record_trace(request, parents[i], kind, start_ns, time.time_ns(), len(requests), failure)
         return responses
 
 

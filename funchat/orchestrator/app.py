@@ -32,6 +32,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
+from funchat import tracing
 from funchat.orchestrator import metrics
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, env_name
@@ -46,7 +47,8 @@ SERVICER_FUNCTIONS = [
 # metrics go to a directory of the node (prometheus-client's multiprocess mode), which one
 # exporter per node serves; `python -m funchat.orchestrator.app` gives them a fresh one instead.
 RUNTIME_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", metrics.MULTIPROC_ENV: metrics.DEFAULT_MULTIPROC_DIR}}
-SECRET_FIELDS = ("resume_secret",)
+SECRET_FIELDS = ("resume_secret", "redis_password", "tracing_headers")
+TRACING_SERVICE = "funchat-orchestrator"  # the traces' service.name
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -57,6 +59,8 @@ class Orchestrator:
         """settings: `OrchestratorSettings.deployment_args()`, no secret in it; the replica's own
         environment gives the resume-token key."""
         settings = OrchestratorSettings.load(**settings)
+        # Traces: the headers (a secret) come from this replica's environment, like the resume key
+        tracing.configure(TRACING_SERVICE, settings.tracing_config())
         self.service = FunchatService(settings)
         # RayService mode: the first replica of a pod serves its /metrics (a no-op where the
         # orchestrator process already does)
@@ -109,9 +113,10 @@ def app_builder(args: dict) -> Application:
     (setting names as keys). Secrets are refused there: Ray records a config's arguments."""
     secrets_given = [name for name in SECRET_FIELDS if name in args]
     if secrets_given:
-        raise SettingsError(f"{secrets_given} must not be in the Serve config (Ray records its args): set "
-                            f"{env_name('resume_secret')} or {env_name('resume_secret_file')} in the replicas' "
-                            "environment")
+        variables = ", ".join(env_name(name) for name in secrets_given)
+        raise SettingsError(f"{secrets_given} must not be in the Serve config (Ray records its args): set {variables} "
+                            f"in the replicas' environment (the resume key may also come from "
+                            f"{env_name('resume_secret_file')})")
     return build_app(OrchestratorSettings.load(**args))
 
 
@@ -165,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     try:
         settings = OrchestratorSettings.load()
-        # the replicas on this machine read the same key: refuse before starting Ray without one
+        # the replicas on this machine read the same key and tracing settings: refuse before
+        # starting Ray when they cannot be used
         settings.read_resume_secret()
+        settings.tracing_config()
     except SettingsError as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from funchat.orchestrator import metrics
 from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
 from funchat.orchestrator.call_config import CallConfig
 from funchat.orchestrator.errors import ApiError, store_call
-from funchat.orchestrator.exchange import Exchange, Response
+from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
 from funchat.orchestrator.outbox import END, Outbox
 from funchat.orchestrator.sessions import HistoryTurn
 from funchat.orchestrator.vad import SpeechStarted, SpeechStopped, TurnDetector
@@ -36,8 +36,11 @@ END_EVENT = "end"  # the caller hangs up: the reading loop stops there, no handl
 class ConverseCall:
     """One Converse call's state: input audio, turn detection, the reply in progress."""
 
-    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig):
+    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, trace_parent=None):
+        """trace_parent: the caller's trace context (from the RPC's metadata), the parent of every
+        turn's trace; None: each turn starts a trace of its own."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
+        self.trace_parent = trace_parent
         self.settings = service.settings
         self.outbox = Outbox()
         self.audio = InputAudioStream(cfg.input_format, self.settings.max_chunk_ms)
@@ -161,7 +164,7 @@ class ConverseCall:
                     metrics.barge_in(time.perf_counter() - speech_started)
         elif isinstance(ev, SpeechStopped):
             await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ev.audio_end_ms))))
-            await self.start_turn(np.asarray(ev.audio, dtype=np.float32))
+            await self.start_turn(np.asarray(ev.audio, dtype=np.float32), ev)
 
     async def interrupt(self, barge_in: bool) -> bool:
         """Stop the reply: cancel generation, drop unsent audio, cut the history at what was heard.
@@ -196,17 +199,31 @@ class ConverseCall:
             response_id=r.response_id, audio_end_ms=heard, kept_text=kept)))
         r.audio_ms = heard
 
-    async def start_turn(self, audio: np.ndarray) -> None:
+    def turn_trace(self, stopped: SpeechStopped | None) -> TurnTrace:
+        """The turn's trace start. A VAD turn's speech ended `silence` ago in the caller's audio, which
+        arrives in real time: the vad.end_of_turn span covers that wait."""
+        trace = TurnTrace(parent=self.trace_parent)
+        if stopped is not None:
+            decided_ms = stopped.audio_offset_ms + len(stopped.audio) * 1000 // SAMPLE_RATE
+            silence_ms = max(0, decided_ms - stopped.audio_end_ms)
+            trace.speech_ended_ns = trace.ended_ns - silence_ms * 1_000_000
+            trace.vad = {"funchat.audio_start_ms": stopped.audio_start_ms, "funchat.audio_end_ms": stopped.audio_end_ms,
+                         "funchat.silence_ms": silence_ms, "funchat.forced": stopped.forced}
+        return trace
+
+    async def start_turn(self, audio: np.ndarray, stopped: SpeechStopped | None = None) -> None:
+        """stopped: the VAD's event that ended this turn (None: a commit)."""
         if self.response is not None and self.response.running():
             await self.interrupt(barge_in=True)
         t_end = time.perf_counter()
+        trace = self.turn_trace(stopped)
         response = Response.new()
         self.response = response
         await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
             item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
         response.task = asyncio.create_task(
-            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end).run())
+            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace).run())
 
     async def finish(self) -> None:
         """The caller ended the call: answer speech still in the detector, wait for the reply."""
@@ -215,7 +232,7 @@ class ConverseCall:
                 if isinstance(ev, SpeechStopped):
                     await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(
                         audio_end_ms=int(ev.audio_end_ms))))
-                    await self.start_turn(np.asarray(ev.audio, dtype=np.float32))
+                    await self.start_turn(np.asarray(ev.audio, dtype=np.float32), ev)
         if self.response is not None and self.response.task is not None:
             await asyncio.gather(self.response.task, return_exceptions=True)
 

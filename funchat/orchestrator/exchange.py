@@ -10,6 +10,11 @@ steps, in order:
 
 A problem of this turn only (audio too short, a model service down, the store unreachable) is sent
 as an `error` event and a failed `response_done`; the call goes on.
+
+Each exchange is one trace (when tracing is on, `funchat.tracing`): a `funchat.turn` span, the child
+of the caller's own trace context when the RPC carried one (`TurnTrace.parent`), else a new trace.
+Under it: `vad.end_of_turn` for a turn the VAD ended (from the end of the speech to the decision),
+the session store's operations, the model-service calls (`turn_runner`), and a `first_audio` event.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import numpy as np
 
+from opentelemetry import context as otel_context
+
+from funchat import tracing
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
@@ -72,19 +80,44 @@ class Response:
         return self.running() or self.heard_ms() < self.audio_ms
 
 
+@dataclass
+class TurnTrace:
+    """Where a turn's trace starts. Wall-clock times (time.time_ns), as spans need."""
+
+    parent: otel_context.Context | None = None  # the caller's trace context, if its RPC carried one
+    ended_ns: int = field(default_factory=time.time_ns)  # when the caller's turn ended (commit or VAD decision)
+    speech_ended_ns: int | None = None  # a VAD turn: when the speech ended (the decision came after the silence)
+    vad: dict = field(default_factory=dict)  # the vad.end_of_turn span's attributes
+
+
 class Exchange:
     """One caller turn and its reply (see the module docstring for the steps)."""
 
     def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, audio16k: np.ndarray,
-                 response: Response, emit: Emit, t_end: float):
+                 response: Response, emit: Emit, t_end: float, trace: TurnTrace | None = None):
         """emit: where the reply's events go (the call's outbox); t_end: when the caller's turn ended
         (time.perf_counter), the start of the latencies reported."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
         self.audio16k, self.response, self.emit, self.t_end = audio16k, response, emit, t_end
         self.audio_out = metrics.ReplyAudio(cfg.mode, t_end)  # first audio, underruns
+        self.trace = trace or TurnTrace()
+        self.span = None
 
     async def run(self) -> TurnOutcome | None:
         """The reply's outcome, or None when the turn failed (after its error and response_done events)."""
+        tr = self.trace
+        # No parent given: a new trace, whatever the task's context holds
+        with tracing.tracer().start_as_current_span(
+                "funchat.turn", context=tr.parent or otel_context.Context(), kind=tracing.SpanKind.SERVER,
+                start_time=tr.speech_ended_ns or tr.ended_ns, record_exception=True, set_status_on_exception=True,
+                attributes={"funchat.session_id": self.session_id, "funchat.response_id": self.response.response_id,
+                            "funchat.mode": self.cfg.mode, "funchat.audio_ms": len(self.audio16k) * 1000 // SAMPLE_RATE}
+                ) as self.span:
+            if tr.speech_ended_ns is not None:
+                tracing.record_span("vad.end_of_turn", tr.speech_ended_ns, tr.ended_ns, attributes=tr.vad)
+            return await self._run()
+
+    async def _run(self) -> TurnOutcome | None:
         status = "failed"
         try:
             self.check_length()
@@ -100,6 +133,7 @@ class Exchange:
             await self.store_turns(rows, n_groups, assistant, history_len=len(record.turns))
             await self.emit(outcome.done_event())
             status = outcome.status
+            self.trace_outcome(outcome)
             return outcome
         except TurnError as exc:
             await self.fail(exc.code, exc.message, "turn")
@@ -107,7 +141,16 @@ class Exchange:
             await self.fail(exc.code, exc.message, exc.event or "turn")
         finally:
             metrics.turn_finished(self.cfg.mode, status)
+            self.span.set_attribute("funchat.status", status)
         return None
+
+    def trace_outcome(self, outcome: TurnOutcome) -> None:
+        lat = outcome.latency_ms
+        self.span.set_attributes({
+            "funchat.prompt_tokens": outcome.prompt_tokens, "funchat.text_tokens": len(outcome.text_tokens),
+            "funchat.speech_tokens": len(outcome.speech_tokens), "funchat.reply_audio_ms": outcome.audio_ms,
+            "funchat.history_turns_dropped": outcome.history_turns_dropped,
+            **{f"funchat.{name}_ms": float(lat[name]) for name in ("first_text", "first_audio") if name in lat}})
 
     def check_length(self) -> None:
         max_turn_s = self.service.settings.max_turn_s
@@ -146,6 +189,7 @@ class Exchange:
         if event.WhichOneof("event") == "audio_delta":
             if self.response.first_audio_at is None:
                 self.response.first_audio_at = time.monotonic()
+                self.span.add_event("first_audio")
             chunk = event.audio_delta
             self.response.audio_ms = chunk.start_ms + len(chunk.pcm16) // 2 * 1000 // chunk.sample_rate_hz
             self.audio_out.sent(len(chunk.pcm16) / 2 / chunk.sample_rate_hz)
@@ -180,6 +224,7 @@ class Exchange:
         await store_call(store.set_state(self.session_id, "listening", active=None, owner=self.service.replica_id))
 
     async def fail(self, code: str, message: str, event: str) -> None:
+        tracing.mark_error(self.span, f"{code}: {message}")
         await self.emit(ApiError(code, message, event).event_message())
         await self.emit(pb.ServerEvent(response_done=pb.ResponseDone(response_id=self.response.response_id,
                                                                      status="failed")))

@@ -13,16 +13,25 @@ Every Triton error (the service's own INVALID_ARG messages, Triton's input check
 server) is raised as `ServiceError(model, status, message)`. Each request's wait before it is sent
 (from `ready_at`: when the caller had its inputs; by default when the method was called) is
 recorded as `metrics.model_queue`.
+
+Tracing: inside a recording span (a turn's), the requests that do a stage's work get a CLIENT span
+of their own, `<model>.<call>`, and carry its W3C trace context in the Triton request's
+parameters (`traceparent`), where the model service picks it up and joins the trace: encode,
+llm.prefill, refined_head.prefill (a sequence's first request) and each vocoder push. Decode steps
+(llm.step, refined_head steps) are hundreds per turn: they send nothing, and the turn records them
+as one aggregated span (funchat.orchestrator.turn_runner).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from funchat import tracing
 from funchat.orchestrator import metrics
 from funchat.turn.sampling import GREEDY, SamplingParams
 
@@ -56,14 +65,24 @@ class _Client:
         except InferenceServerException:
             return False
 
-    async def _infer(self, inputs: list[grpcclient.InferInput], outputs: list[str], ready_at: float):
+    async def _infer(self, inputs: list[grpcclient.InferInput], outputs: list[str], ready_at: float,
+                     span: str | None = None, attributes: dict | None = None, **sequence):
+        """One request. span: the name of the CLIENT span to record it under (its trace context goes
+        with the request), or None for an untraced request (a decode step). sequence: tritonclient's
+        sequence_id / sequence_start / sequence_end."""
         metrics.model_queue(self.model, time.perf_counter() - ready_at)
-        try:
-            return await self._client.infer(self.model, inputs,
-                                            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
-                                            client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            raise self._error(exc) from None
+        with tracing.child_span(span, {"funchat.model": self.model, "server.address": self.url, **(attributes or {})},
+                                kind=tracing.SpanKind.CLIENT) if span else _untraced() as traced:
+            try:
+                return await self._client.infer(self.model, inputs,
+                                                outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                                                parameters=tracing.inject() if traced is not None else None,
+                                                client_timeout=self.timeout_s, **sequence)
+            except InferenceServerException as exc:
+                error = self._error(exc)
+                if traced is not None:
+                    tracing.mark_error(traced, f"{error.status}: {error.message}")
+                raise error from None
 
     async def close(self) -> None:
         await self._client.close()
@@ -73,6 +92,11 @@ class _Client:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+@contextlib.contextmanager
+def _untraced():
+    yield None
 
 
 def _input(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
@@ -93,7 +117,8 @@ class AudioTokenizerClient(_Client):
         # Sent with its own dtype (no silent conversion: int16 PCM would need scaling): the service
         # names a dtype other than float32.
         clip = _input("AUDIO", np.ascontiguousarray(audio[None]), np_to_triton_dtype(audio.dtype))
-        result = await self._infer([clip], ["EMBEDDINGS", "N_GROUPS"], ready_at)
+        result = await self._infer([clip], ["EMBEDDINGS", "N_GROUPS"], ready_at, span="audio_tokenizer.encode",
+                                   attributes={"funchat.audio_samples": int(audio.size)})
         return result.as_numpy("EMBEDDINGS")[0]
 
 
@@ -115,7 +140,9 @@ class VocoderClient(_Client):
             inputs.append(_input("SPEAKER", np.array([speaker.encode()], dtype=np.object_), "BYTES"))
         if mode is not None:
             inputs.append(_input("MODE", np.array([mode.encode()], dtype=np.object_), "BYTES"))
-        result = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at)
+        result = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at, span="vocoder.push",
+                                   attributes={"funchat.codes": int(codes.size), "funchat.final": bool(final),
+                                               "funchat.stream_start": state is None})
         audio = result.as_numpy("AUDIO")
         return (audio.astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
                 bytes(result.as_numpy("STATE")[0]), int(result.as_numpy("DROPPED")[0]))
@@ -125,15 +152,11 @@ class _SequenceClient(_Client):
     """A stateful service: every request belongs to a call (Triton sequence, correlation id)."""
 
     async def _infer_seq(self, inputs: list[grpcclient.InferInput], outputs: list[str], call_id: int,
-                         start: bool, end: bool, ready_at: float):
-        metrics.model_queue(self.model, time.perf_counter() - ready_at)
-        try:
-            return await self._client.infer(self.model, inputs,
-                                            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
-                                            sequence_id=call_id, sequence_start=start, sequence_end=end,
-                                            client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            raise self._error(exc) from None
+                         start: bool, end: bool, ready_at: float, attributes: dict | None = None):
+        """A sequence's first request (its prefill) is traced as `<model>.prefill`; the steps are not."""
+        return await self._infer(inputs, outputs, ready_at, span=f"{self.model}.prefill" if start else None,
+                                 attributes={"funchat.correlation_id": call_id, **(attributes or {})},
+                                 sequence_id=call_id, sequence_start=start, sequence_end=end)
 
 
 class LlmClient(_SequenceClient):
@@ -154,7 +177,9 @@ class LlmClient(_SequenceClient):
             rows = np.ascontiguousarray(audio_embeds, dtype=np.float32)[None]
             inputs.append(_input("AUDIO_EMBEDS", rows, "FP32"))
         inputs += _sampling_inputs(sampling, seed)
-        return await self._run(inputs, call_id, True, end, srh_input, ready_at)
+        return await self._run(inputs, call_id, True, end, srh_input, ready_at,
+                               {"funchat.prompt_tokens": len(input_ids),
+                                "funchat.audio_rows": 0 if audio_embeds is None else len(audio_embeds)})
 
     async def step(self, call_id: int, text_token: int, speech_group=None, end: bool = False,
                    srh_input: bool = True) -> tuple[int, np.ndarray | None]:
@@ -167,9 +192,9 @@ class LlmClient(_SequenceClient):
         return await self._run(inputs, call_id, False, end, srh_input, ready_at)
 
     async def _run(self, inputs, call_id: int, start: bool, end: bool, srh_input: bool,
-                   ready_at: float) -> tuple[int, np.ndarray | None]:
+                   ready_at: float, attributes: dict | None = None) -> tuple[int, np.ndarray | None]:
         outputs = list(LLM_STEP_OUTPUTS if srh_input else LLM_STEP_OUTPUTS[:1])  # only what the caller uses
-        result = await self._infer_seq(inputs, outputs, call_id, start, end, ready_at)
+        result = await self._infer_seq(inputs, outputs, call_id, start, end, ready_at, attributes)
         return int(result.as_numpy("TEXT_TOKEN").reshape(-1)[0]), \
             result.as_numpy("SRH_INPUT")[0] if srh_input else None
 
@@ -210,5 +235,6 @@ class RefinedHeadClient(_SequenceClient):
                        _input("TOP_K", np.array([[top_k]], dtype=np.int32), "INT32"),
                        _input("REPETITION_PENALTY", np.array([[repetition_penalty]], dtype=np.float32), "FP32"),
                        _input("SEED", np.array([[seed]], dtype=np.int64), "INT64")]
-        result = await self._infer_seq(inputs, ["SPEECH_TOKENS"], call_id, start, end, ready_at)
+        result = await self._infer_seq(inputs, ["SPEECH_TOKENS"], call_id, start, end, ready_at,
+                                       {"funchat.positions": int(srh_input.shape[0])} if start else None)
         return result.as_numpy("SPEECH_TOKENS")[0]

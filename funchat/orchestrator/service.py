@@ -5,6 +5,10 @@ the full-duplex call (`converse.ConverseCall`), `Respond` a single exchange (`ex
 `ctx` is a gRPC servicer context (Ray Serve's `RayServegRPCContext` or grpc.aio's): errors that
 end an RPC set its status code and details after an `error` event; errors of one event are sent as
 an `error` event and the call goes on.
+
+Traces: a caller may send W3C trace context (`traceparent` metadata); each turn's trace is then a
+child of it (`exchange.TurnTrace`). Respond is one `funchat.Respond` span over the RPC with the
+turn under it; in Converse every turn is a trace of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from funchat import tracing
 from funchat.api import pb
 from funchat.checkpoint_files import voice_names
 from funchat.orchestrator.audio_input import AudioFormatError, decode_utterance
@@ -25,7 +30,7 @@ from funchat.orchestrator.call_config import PROTO_MODES, CallConfig, parse_conf
 from funchat.orchestrator.converse import ConverseCall
 from funchat.orchestrator import metrics
 from funchat.orchestrator.errors import ApiError, set_status, store_call
-from funchat.orchestrator.exchange import Exchange, Response
+from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
 from funchat.orchestrator.outbox import END, Outbox
 from funchat.orchestrator.sessions import SessionRecord, SessionStore
 from funchat.orchestrator.settings import OrchestratorSettings
@@ -139,6 +144,11 @@ class FunchatService:
 
     async def Respond(self, request: pb.RespondRequest, ctx=None) -> AsyncIterator[pb.ServerEvent]:
         t_end = time.perf_counter()
+        trace = TurnTrace()
+        # Not made current here: an async generator's context belongs to whoever iterates it
+        span = tracing.tracer().start_span("funchat.Respond", context=caller_trace(ctx), kind=tracing.SpanKind.SERVER,
+                                           start_time=trace.ended_ns)
+        trace.parent = tracing.in_span(span)
         admitted = False
         try:
             cfg = parse_config(request.config, self.voices, self.settings.max_new_tokens)
@@ -148,12 +158,14 @@ class FunchatService:
             audio = _decode_request_audio(request.audio, cfg)
             self.admit()
             admitted = True
-            record, resumed = await self.open_session(cfg, session_id=request.session_id)
+            with tracing.within(span):  # the store's spans join the RPC's
+                record, resumed = await self.open_session(cfg, session_id=request.session_id)
+            span.set_attribute("funchat.session_id", record.session_id)
             yield self.session_created(record, resumed)
             response = Response.new()
             yield pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id))
             outbox = Outbox()
-            task = asyncio.create_task(self._respond(record.session_id, cfg, audio, response, outbox, t_end))
+            task = asyncio.create_task(self._respond(record.session_id, cfg, audio, response, outbox, t_end, trace))
             try:
                 while (item := await outbox.get()) is not END:
                     yield item
@@ -164,16 +176,18 @@ class FunchatService:
                     response.cancel.set()
                     await asyncio.gather(task, return_exceptions=True)
         except ApiError as exc:
+            tracing.mark_error(span, f"{exc.code}: {exc.message}")
             yield exc.event_message()
             set_status(ctx, exc.code, exc.message)
         finally:
+            span.end()
             if admitted:
                 self.release()
 
     async def _respond(self, session_id: str, cfg: CallConfig, audio: np.ndarray, response: Response,
-                       outbox: Outbox, t_end: float) -> None:
+                       outbox: Outbox, t_end: float, trace: TurnTrace) -> None:
         try:
-            await Exchange(self, session_id, cfg, audio, response, outbox.put, t_end).run()
+            await Exchange(self, session_id, cfg, audio, response, outbox.put, t_end, trace).run()
         finally:
             outbox.put_nowait(END)
 
@@ -196,7 +210,7 @@ class FunchatService:
             admitted = True
             record, resumed = await self.open_session(cfg, resume_token=first.session.resume_token)
             yield self.session_created(record, resumed)
-            call = ConverseCall(self, record.session_id, cfg)
+            call = ConverseCall(self, record.session_id, cfg, trace_parent=caller_trace(ctx))
             reader = asyncio.create_task(call.read(stream))
             try:
                 while (item := await call.outbox.get()) is not END:
@@ -214,6 +228,12 @@ class FunchatService:
                 await call.close()
             if admitted:
                 self.release()
+
+
+def caller_trace(ctx):
+    """The trace context in an RPC's metadata (`traceparent`, `tracestate`), or None."""
+    metadata = getattr(ctx, "invocation_metadata", None)
+    return tracing.extract(metadata()) if callable(metadata) else None
 
 
 def _decode_request_audio(data: bytes, cfg: CallConfig) -> np.ndarray:

@@ -34,13 +34,15 @@ base64url HMAC-SHA256 of "<session_id>|<issued_at>" keyed with the secret shared
 replica, the orchestrator's FUNCHAT_RESUME_SECRET) let a caller take its session to any replica.
 A token is good for `ttl_s` seconds after it was issued, and only while its session exists.
 
-Each Redis operation's latency is recorded by its name (`metrics.session_store_op`).
+Each Redis operation's latency is recorded by its name (`metrics.session_store_op`); inside a traced
+turn it is also a span, `session_store.<op>`.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -59,6 +61,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
+from funchat import tracing
 from funchat.orchestrator import metrics
 
 STATES = ("idle", "listening", "responding")
@@ -70,6 +73,18 @@ ISSUED_AT = re.compile(r"[0-9]{1,12}")
 CLOCK_SKEW_S = 300     # a token issued this far in the future (another replica's clock) is still accepted
 WATCH_ATTEMPTS = 50    # optimistic-transaction attempts before a write gives up under contention
 META_VERSION = 1
+
+
+def _store_op(fn):
+    """A SessionStore operation: timed by name (metrics), and a CLIENT span under a traced turn."""
+    timed = metrics.session_store_op(fn)
+    span_name = "session_store." + fn.__name__
+
+    @functools.wraps(fn)
+    async def op(*args, **kwargs):
+        with tracing.child_span(span_name, {"db.system": "redis"}, kind=tracing.SpanKind.CLIENT):
+            return await timed(*args, **kwargs)
+    return op
 
 
 class SessionError(Exception):
@@ -223,7 +238,7 @@ class SessionStore:
 
     # ---- reads ----
 
-    @metrics.session_store_op
+    @_store_op
     async def get(self, session_id: str) -> SessionRecord:
         """The whole session, its audio rows included. Raises SessionNotFound."""
         self._check_id(session_id)
@@ -258,7 +273,7 @@ class SessionStore:
                              turns=turns, state=meta["state"], active=meta["active"], owner=meta["owner"],
                              expires_in_s=pttl / 1000.0 if pttl >= 0 else None)
 
-    @metrics.session_store_op
+    @_store_op
     async def exists(self, session_id: str) -> bool:
         try:
             self._check_id(session_id)
@@ -267,7 +282,7 @@ class SessionStore:
         with self._reachable():
             return bool(await self.redis.exists(self._meta_key(session_id)))
 
-    @metrics.session_store_op
+    @_store_op
     async def ping(self) -> bool:
         """True when Redis answers; False when it cannot be reached."""
         try:
@@ -277,7 +292,7 @@ class SessionStore:
 
     # ---- writes ----
 
-    @metrics.session_store_op
+    @_store_op
     async def create(self, config: dict, session_id: str | None = None) -> SessionRecord:
         """A new, empty session ("idle"). session_id: a new random one when None; a given one must be
         unused (SessionError otherwise) and match [A-Za-z0-9_-]{1,128} (ValueError otherwise)."""
@@ -338,7 +353,7 @@ class SessionStore:
         raise SessionError(f"session {session_id}: write abandoned after {WATCH_ATTEMPTS} attempts "
                            "(too many concurrent writes)")
 
-    @metrics.session_store_op
+    @_store_op
     async def append_turns(self, session_id: str, turns: list[HistoryTurn]) -> int:
         """Add turns at the end of the history, all or none. Returns the number of turns now stored."""
         encoded = [_encode_turn(t) for t in turns]  # bad turns fail before anything is written
@@ -357,7 +372,7 @@ class SessionStore:
 
         return await self._write(session_id, queue)
 
-    @metrics.session_store_op
+    @_store_op
     async def update_turn(self, session_id: str, index: int, turn: HistoryTurn) -> None:
         """Replace the turn at `index` (negative counts from the end: -1 is the last), its audio
         included: a turn without audio_rows removes the stored rows. Used to cut an assistant turn
@@ -377,7 +392,7 @@ class SessionStore:
 
         await self._write(session_id, queue)
 
-    @metrics.session_store_op
+    @_store_op
     async def set_state(self, session_id: str, state: str, active: dict | None = None,
                         owner: str | None = None) -> None:
         """Set state, active turn and owner together: each replaces the stored value (None clears)."""
@@ -390,7 +405,7 @@ class SessionStore:
 
         await self._write(session_id, queue)
 
-    @metrics.session_store_op
+    @_store_op
     async def update_config(self, session_id: str, config: dict) -> None:
         """Replace the session's config (a resumed call may change instructions, voice, ...)."""
         def queue(pipe, meta: dict, stored: list[dict]) -> None:
@@ -399,12 +414,12 @@ class SessionStore:
 
         await self._write(session_id, queue)
 
-    @metrics.session_store_op
+    @_store_op
     async def touch(self, session_id: str) -> None:
         """Extend the session's life by ttl_s from now. Raises SessionNotFound."""
         await self._write(session_id, lambda pipe, meta, stored: None)
 
-    @metrics.session_store_op
+    @_store_op
     async def delete(self, session_id: str) -> bool:
         """Remove the session and all its keys. False when there was no such session."""
         try:

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
+from funchat.tracing import TracingConfig, TracingConfigError, parse_headers
+
 ENV_PREFIX = "FUNCHAT_"
 NESTED_DELIMITER = "__"
 
@@ -60,6 +62,15 @@ class OrchestratorSettings(BaseSettings):
     max_chunk_ms: int = Field(1000, description="longest caller audio chunk accepted in one event")
     max_turn_s: float = Field(60.0, description="longest caller turn (audio) accepted")
     service_timeout_s: float = Field(30.0, description="per model-service request")
+    # Traces (funchat.tracing): the same FUNCHAT_TRACING_* variables the model services read.
+    tracing_endpoint: str = Field("", description="OTLP/gRPC collector for traces: host:port, http://host:port or "
+                                                  "https://host:port; empty = no tracing")
+    tracing_headers: SecretStr = Field(SecretStr(""), exclude=True,
+                                       description="key=value,key2=value2 sent with each trace export (e.g. a "
+                                                   "vendor's API key); never a deployment argument")
+    tracing_sample_ratio: float = Field(1.0, ge=0.0, le=1.0,
+                                        description="share of new traces recorded (a caller's traceparent decides "
+                                                    "for its own calls)")
 
     # ---- the process and its Ray Serve deployment ----
     grpc_port: int = Field(50051, description="the public API (Ray Serve's gRPC proxy, all interfaces)")
@@ -85,6 +96,16 @@ class OrchestratorSettings(BaseSettings):
         except EnvParseError as exc:  # a variable that is not JSON where JSON is expected
             raise SettingsError(f"orchestrator settings: {exc} ({env_name('endpoints')} must be a JSON "
                                 "object)") from None
+
+    def tracing_config(self) -> TracingConfig:
+        """The OTLP export settings (funchat.tracing). Raises SettingsError for malformed headers or
+        endpoint, naming the variable."""
+        try:
+            return TracingConfig(endpoint=self.tracing_endpoint.strip(),
+                                 headers=parse_headers(self.tracing_headers.get_secret_value()),
+                                 sample_ratio=self.tracing_sample_ratio)
+        except TracingConfigError as exc:
+            raise SettingsError(f"orchestrator settings: {exc}") from None
 
     def deployment_args(self) -> dict:
         """What the Ray Serve deployment is bound with: every setting but the secrets, JSON-able."""

@@ -15,6 +15,11 @@ the session history (user speech kept as the audio tokenizer's rows): nothing of
 in a model replica. If a replica loses the sequence mid-turn (restart, idle timeout), the turn is
 replayed from the prefill with the same seed on a new sequence, and what was already streamed is
 not sent again.
+
+Tracing (under the turn's span, `funchat.orchestrator.exchange`): llm.prefill, refined_head.prefill
+and each vocoder.push are spans of their own, joined by the model services' spans
+(`model_clients`); the decode steps after the prefills are one `decode` span with their counts and
+summed times.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from funchat import tracing
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.errors import AudioInputError, ContextOverflowError
@@ -227,6 +233,8 @@ class _TurnStream:
         self.llm_seconds: list[float] = []
         self.srh_seconds: list[float] = []
         self.generation_started: float | None = None  # the first prefill sent (the real-time factor's start)
+        self.decode_ns: list[int] = []  # [first decode step started, last one ended] (time.time_ns)
+        self.decode_steps = {"llm": 0, "refined_head": 0}
 
     def ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
@@ -251,12 +259,16 @@ class _TurnStream:
         while True:
             if sched.runs_srh:
                 t = time.perf_counter()
+                if step_index:
+                    self._decode_step("refined_head")
                 group = await srh.run(self.call_id, h, start=step_index == 0, appended=appended,
                                       greedy=speech.greedy, temperature=speech.temperature, top_p=speech.top_p,
                                       top_k=speech.top_k, repetition_penalty=speech.repetition_penalty,
                                       seed=speech_seed(req.seed))
                 self.srh_seconds.append(time.perf_counter() - t)
                 metrics.stage("refined_head", self.srh_seconds[-1])
+                if step_index:
+                    self.decode_ns[1] = time.time_ns()
                 group = group.tolist()
             out = sched.observe(token, group)
             appended = out.speech_group  # the refined head's penalty history grows by what was kept
@@ -272,10 +284,33 @@ class _TurnStream:
             nxt = sched.next_input
             step_index += 1
             t = time.perf_counter()
+            self._decode_step("llm")
             token, h = await llm.step(self.call_id, nxt.text_token, nxt.speech_group, srh_input=sched.runs_srh)
             self.llm_seconds.append(time.perf_counter() - t)
+            self.decode_ns[1] = time.time_ns()
             metrics.stage("llm_step", self.llm_seconds[-1])
         await self.close_sequences()
+
+    def _decode_step(self, service: str) -> None:
+        """Count one decode request (after the prefills) for the aggregated `decode` span."""
+        if not self.decode_ns:
+            now = time.time_ns()
+            self.decode_ns = [now, now]
+        self.decode_steps[service] += 1
+
+    def _record_decode_span(self) -> None:
+        if not self.decode_ns:
+            return
+        sched = self.schedule
+        seconds = {"llm": self.llm_seconds, "refined_head": self.srh_seconds[1:]}  # [0]: the SRH prefill
+        tracing.record_span("decode", self.decode_ns[0], self.decode_ns[1], attributes={
+            "funchat.llm_steps": self.decode_steps["llm"],
+            "funchat.refined_head_steps": self.decode_steps["refined_head"],
+            "funchat.llm_step_seconds": float(sum(seconds["llm"])),
+            "funchat.refined_head_step_seconds": float(sum(seconds["refined_head"])),
+            "funchat.text_tokens": len(sched.text_tokens) if sched else 0,
+            "funchat.speech_tokens": len(sched.speech_tokens) if sched else 0,
+            "funchat.replays": self.replays})
 
     async def _stream_text(self, step_index: int, speech_start: int | None) -> None:
         sched = self.schedule
@@ -322,6 +357,7 @@ class _TurnStream:
         if self.vocoder is not None:
             await self.vocoder.close(flush=not cancelled)
         await self.close_sequences()
+        self._record_decode_span()
         text_ids = sched.text_tokens
         text = self.info.tokenizer.decode(text_ids, skip_special_tokens=True)
         if not cancelled:

@@ -142,6 +142,8 @@ def render_error(values: dict) -> str:
 
 
 KSERVE_MONITORING = {"monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+TRACING = {"tracing": {"endpoint": "otel-collector.observability.svc:4317", "sampleRatio": 0.25,
+                       "headersSecret": {"name": "otel-headers", "key": "api-headers"}}}
 
 
 SCENARIOS = {
@@ -195,6 +197,10 @@ SCENARIOS = {
         "modelServiceDown": {"for": "3m"}, "queueTime": {"thresholdUs": 123456, "for": "7m"},
         "failureRatio": {"threshold": 0.2, "for": "9m"}, "orchestratorUnavailable": {"for": "11m"},
         "extraRules": [{"record": "funchat:orchestrator_calls:rate5m", "expr": "sum(rate(funchat_calls_total[5m]))"}]}}},
+    "tracing": deep_merge(TRACING, {"modelServices": {"llm": {"launch": "tritonserver"}}}),
+    "tracing-rayservice": deep_merge(TRACING, {"orchestrator": {"mode": "rayservice", "rayService": {
+        "workerReplicas": 1}}}),
+    "tracing-kserve": deep_merge(TRACING, {"kserve": {"enabled": True}}),
     "everything-off": {"networkPolicy": {"enabled": False},
                        "modelServiceDefaults": {"podDisruptionBudget": {"enabled": False}},
                        "orchestrator": {"podDisruptionBudget": {"enabled": False}},
@@ -205,7 +211,8 @@ SCENARIOS = {
 
 # -- lint and validation ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu", "rayservice", "kserve-raw"])
+@pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu", "rayservice", "kserve-raw",
+                                      "tracing"])
 def test_lint_is_clean(scenario):
     result = helm_python.lint(str(CHART), SCENARIOS[scenario], strict=True, kube_version=f"v{KUBE}.0")
     assert not result["errors"], result
@@ -1095,6 +1102,109 @@ def test_kserve_pods_are_locked_down(scenario):
 ])
 def test_kserve_refuses_what_it_cannot_run(values, message):
     assert message in render_error(deep_merge({"kserve": {"enabled": True}}, values))
+
+
+# -- tracing ---------------------------------------------------------------------------------
+
+def traced_containers(objs: list[dict]) -> dict[str, dict]:
+    """Every container the FUNCHAT_TRACING_* env must reach, by owner: the orchestrator's
+    (Deployment, Ray head and workers) and the model services' (Deployments, or the KServe runtime)."""
+    out = {}
+    for owner, spec in pod_specs(objs):
+        for c in spec["containers"]:
+            if c["name"] in ("orchestrator", "ray-head", "ray-worker", "tritonserver"):
+                out[f"{owner}/{c['name']}"] = c
+    for runtime in find(objs, "ServingRuntime"):
+        out[f"{runtime['metadata']['name']}/kserve-container"] = runtime["spec"]["containers"][0]
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu", "rayservice", "kserve-raw",
+                                      "launch-tritonserver"])
+def test_tracing_is_off_by_default(scenario):
+    rendered = render(SCENARIOS[scenario])
+    assert not [path for path, text in rendered.items() if "FUNCHAT_TRACING" in text]
+    if scenario == "defaults":  # the other tracing values do nothing without an endpoint
+        quiet = objects({"tracing": {"sampleRatio": 0.5, "headersSecret": {"key": "other"}}})
+        assert [o for o in quiet if o["kind"] != "Secret"] == [o for o in objects() if o["kind"] != "Secret"]
+
+
+@pytest.mark.parametrize("scenario, owners", [
+    ("tracing", [f"{PREFIX}-orchestrator/orchestrator", *(f"{model_name(s)}/tritonserver" for s in MODELS)]),
+    ("tracing-rayservice", ["head/ray-head", "orchestrator/ray-worker",
+                            *(f"{model_name(s)}/tritonserver" for s in MODELS)]),
+    ("tracing-kserve", [f"{PREFIX}-orchestrator/orchestrator", f"{PREFIX}-triton/kserve-container"]),
+])
+def test_tracing_env_reaches_every_orchestrator_and_model_service_container(scenario, owners):
+    objs = objects(SCENARIOS[scenario])
+    containers = traced_containers(objs)
+    assert sorted(containers) == sorted(owners)
+    for owner, c in containers.items():
+        env = env_of(c)
+        assert env["FUNCHAT_TRACING_ENDPOINT"] == "otel-collector.observability.svc:4317", owner
+        assert env["FUNCHAT_TRACING_SAMPLE_RATIO"] == "0.25", owner
+        assert env["FUNCHAT_TRACING_HEADERS"] == {"secretKeyRef": {"name": "otel-headers", "key": "api-headers",
+                                                                   "optional": False}}, owner
+    # the headers only ever as a secretKeyRef: not a plain value, not in the orchestrator's ConfigMap
+    text = json.dumps(objs)
+    assert text.count('"FUNCHAT_TRACING_HEADERS"') == len(owners)
+    assert "TRACING" not in json.dumps(one(objs, "ConfigMap", f"{PREFIX}-orchestrator")["data"])
+    # KServe: each InferenceService leaves the runtime's tracing env to KServe's merge, unchanged
+    for isvc in find(objs, "InferenceService"):
+        assert not [k for k in env_of(isvc["spec"]["predictor"]["model"]) if k.startswith("FUNCHAT_TRACING")]
+    # the NetworkPolicies restrict ingress only: the pods reach the collector (values.yaml, tracing)
+    assert {tuple(p["spec"]["policyTypes"]) for p in find(objs, "NetworkPolicy")} == {("Ingress",)}
+
+
+def test_tracing_entrypoint_launch_keeps_its_own_env():
+    objs = objects(SCENARIOS["tracing"])
+    entry = env_of(container(one(objs, "Deployment", model_name("vocoder"))["spec"]["template"]["spec"],
+                             "tritonserver"))
+    assert {"FUNCHAT_CHECKPOINT", "FUNCHAT_CONFIG", "FUNCHAT_PARAMS", "FUNCHAT_RUN_DIR"} <= entry.keys()
+    launched = env_of(container(one(objs, "Deployment", model_name("llm"))["spec"]["template"]["spec"],
+                                "tritonserver"))  # launch tritonserver: the tracing env alone
+    assert sorted(launched) == ["FUNCHAT_TRACING_ENDPOINT", "FUNCHAT_TRACING_HEADERS", "FUNCHAT_TRACING_SAMPLE_RATIO"]
+
+
+@pytest.mark.parametrize("tracing, ratio", [
+    ({"endpoint": "https://api.vendor.example:443", "headersSecret": {"name": "otel-headers"}}, 1.0),
+    ({"endpoint": "http://10.0.0.7:4317", "sampleRatio": 0}, 0.0),  # 0 is a ratio, not "unset"
+    ({"endpoint": "otel:4317", "sampleRatio": 0.001}, 0.001),
+])
+def test_rendered_tracing_env_is_what_funchat_tracing_reads(tracing, ratio):
+    from funchat.tracing import TracingConfig
+
+    objs = objects({"tracing": tracing})
+    for owner, c in traced_containers(objs).items():
+        environ = {}
+        for name, value in env_of(c).items():
+            if name.startswith("FUNCHAT_TRACING_"):  # what the kubelet sets from the secretKeyRef
+                environ[name] = "x-api-key=k123" if isinstance(value, dict) else value
+        config = TracingConfig.from_env(environ)
+        assert config.enabled and config.endpoint == tracing["endpoint"], owner
+        assert config.sample_ratio == ratio, owner
+        assert config.headers == ((("x-api-key", "k123"),) if "headersSecret" in tracing else ()), owner
+
+
+@pytest.mark.parametrize("values, where, what", [
+    ({"tracing": {"sampleRatio": 1.5}}, "/tracing/sampleRatio", "maximum"),
+    ({"tracing": {"sampleRatio": -0.1}}, "/tracing/sampleRatio", "minimum"),
+    ({"tracing": {"sampleRatio": "10%"}}, "/tracing/sampleRatio", "want number"),
+    ({"tracing": {"endpoint": "otel-collector"}}, "/tracing/endpoint", "pattern"),  # no port
+    ({"tracing": {"endpoint": "grpc://otel:4317"}}, "/tracing/endpoint", "pattern"),
+    ({"tracing": {"headers": "x-api-key=k"}}, "/tracing", "'headers' not allowed"),  # a secret, never a value
+    ({"tracing": {"headersSecret": {"name": "Otel_Headers"}}}, "/tracing/headersSecret/name", "pattern"),
+    ({"orchestrator": {"settings": {"tracing_headers": "x-api-key=k"}}}, "/orchestrator/settings", ""),
+    ({"orchestrator": {"settings": {"tracing_endpoint": "otel:4317"}}}, "/orchestrator/settings", ""),
+])
+def test_tracing_schema_rejects_bad_values_naming_the_key(values, where, what):
+    test_schema_rejects_bad_values_naming_the_key(values, where, what)
+
+
+@pytest.mark.parametrize("extra", [{}, {"orchestrator": {"mode": "rayservice"}}, {"kserve": {"enabled": True}}])
+def test_tracing_headers_secret_needs_an_endpoint(extra):
+    message = render_error(deep_merge({"tracing": {"headersSecret": {"name": "otel-headers"}}}, extra))
+    assert "tracing.headersSecret.name is set but tracing.endpoint is empty" in message
 
 
 # -- monitoring: PodMonitor, PrometheusRule, prometheus-adapter ------------------------------

@@ -1,6 +1,7 @@
 """The Triton adapters' shared helper without Triton: parameters (one default each, relative paths
 from the working directory), inputs (sampling settings checked and named), errors with their
-status, batching, metrics. A fake `pb_utils` stands in for triton_python_backend_utils."""
+status, batching, metrics, a span per traced request. A fake `pb_utils` stands in for
+triton_python_backend_utils."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
+from funchat import tracing
 from funchat.engines.slot_pool import DEFAULT_MAX_SEQUENCES, SequenceError
-from funchat.engines.triton_adapter import InputError, ServiceMetrics, ServiceParams, TritonIO
+from funchat.engines.triton_adapter import InputError, ServiceMetrics, ServiceParams, TritonIO, start_tracing
 from funchat.errors import AudioInputError
 from funchat.turn.sampling import GREEDY, SamplingParams
 
@@ -54,12 +58,16 @@ class FakeFamily:
 
 
 class FakeRequest:
-    def __init__(self, inputs=None, outputs=()):
+    def __init__(self, inputs=None, outputs=(), parameters="{}"):
         self.inputs = {k: FakeTensor(k, v) for k, v in (inputs or {}).items()}
         self.outputs = list(outputs)
+        self._parameters = parameters  # the JSON text the Python backend's request.parameters() returns
 
     def requested_output_names(self):
         return self.outputs
+
+    def parameters(self):
+        return self._parameters
 
 
 def fake_pb_utils(logged: list):
@@ -200,3 +208,133 @@ def test_answer_each_keeps_serving_after_a_failure():
     assert [r.error.code if r.error else None for r in responses] == ["INVALID_ARG", "INTERNAL", None]
     assert responses[0].error.message == "bad tokens" and responses[2].outputs["Y"].tolist() == [3]
     assert metrics.live is None and metrics.batch.observed == [3]
+
+
+# ---- tracing ----
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def traceparent(span_id: str, flags: str = "01") -> str:
+    return json.dumps({"traceparent": f"00-{TRACE_ID}-{span_id}-{flags}"})
+
+
+@pytest.fixture
+def spans():
+    exporter = InMemorySpanExporter()
+    tracing.configure("test", exporter=exporter, record_new_traces=False)
+    yield exporter
+    tracing.shutdown()
+
+
+def _by_parent(exporter) -> dict[str, object]:
+    return {format(s.parent.span_id, "016x"): s for s in exporter.get_finished_spans()}
+
+
+def test_answer_batch_records_one_server_span_per_traced_request(spans):
+    logged: list = []
+    pb = fake_pb_utils(logged)
+    io = TritonIO(pb, "llm")
+    metrics = ServiceMetrics(pb, "llm")
+    requests = [
+        FakeRequest({"X": [1], "CORRID": [11], "START": [1]}, parameters=traceparent("00f067aa0ba902b7")),
+        FakeRequest({"X": [2], "CORRID": [12]}),  # untraced
+        FakeRequest({"X": [3], "CORRID": [13]}, parameters=traceparent("1111111111111111", flags="00")),
+        FakeRequest({"X": [4], "CORRID": [14]}, parameters='{"traceparent": "00-nonsense"'),  # malformed JSON
+        FakeRequest({"X": [5], "CORRID": [15]}, parameters=json.dumps({"traceparent": "00-zz-yy-01"})),
+        FakeRequest({"X": [6], "CORRID": [16]}, parameters=traceparent("2222222222222222")),  # answered NOT_FOUND
+        FakeRequest({"CORRID": [17]}, parameters=traceparent("3333333333333333")),  # refused: X missing
+        FakeRequest({"X": [8], "CORRID": [18]}, parameters=json.dumps(["not", "an", "object"])),
+    ]
+
+    def run(items):
+        return [SequenceError("unknown or ended sequence 16", status="NOT_FOUND") if x == 6 else x for x in items]
+
+    responses = io.answer_batch(requests, parse=lambda r: int(io.required(r, "X")[0]), run=run,
+                                outputs=lambda request, value: {"Y": np.array([value])}, metrics=metrics,
+                                kind=lambda items: "step")
+    assert [r.error.code if r.error else None for r in responses] == \
+        [None, None, None, None, None, "NOT_FOUND", "INVALID_ARG", None]  # malformed trace headers served
+    assert not logged
+    by_parent = _by_parent(spans)
+    assert sorted(by_parent) == ["00f067aa0ba902b7", "2222222222222222", "3333333333333333"]
+    prefill, missing, refused = (by_parent[k] for k in ("00f067aa0ba902b7", "2222222222222222", "3333333333333333"))
+    for span in (prefill, missing, refused):
+        assert format(span.context.trace_id, "032x") == TRACE_ID and span.kind is SpanKind.SERVER
+        assert span.parent.is_remote and span.start_time <= span.end_time
+    # its own kind (START), not the batch's "step"
+    assert prefill.name == "llm prefill" and prefill.status.status_code is StatusCode.UNSET
+    assert dict(prefill.attributes) == {"funchat.model": "llm", "funchat.kind": "prefill", "funchat.batch_size": 7,
+                                        "funchat.correlation_id": 11}
+    assert missing.name == "llm step" and missing.status.status_code is StatusCode.ERROR
+    assert missing.attributes["funchat.status"] == "NOT_FOUND" and missing.attributes["funchat.correlation_id"] == 16
+    assert "unknown or ended sequence 16" in missing.status.description
+    assert refused.status.status_code is StatusCode.ERROR and refused.attributes["funchat.status"] == "INVALID_ARG"
+
+
+def test_a_failed_batch_marks_each_traced_span_internal(spans):
+    logged: list = []
+    pb = fake_pb_utils(logged)
+    io = TritonIO(pb, "audio_tokenizer")
+    metrics = ServiceMetrics(pb, "audio_tokenizer", kinds=("encode",), stateful=False)
+
+    def broken(items):
+        raise RuntimeError("CUDA error: out of memory")
+
+    requests = [FakeRequest({"X": [1]}, parameters=traceparent("00f067aa0ba902b7")), FakeRequest({"X": [2]})]
+    responses = io.answer_batch(requests, parse=lambda r: int(io.required(r, "X")[0]), run=broken,
+                                outputs=lambda request, value: {}, metrics=metrics, kind=lambda items: "encode")
+    assert [r.error.code for r in responses] == ["INTERNAL", "INTERNAL"]
+    (span,) = spans.get_finished_spans()
+    assert span.name == "audio_tokenizer encode" and span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes) == {"funchat.model": "audio_tokenizer", "funchat.kind": "encode",
+                                     "funchat.batch_size": 2, "funchat.status": "INTERNAL"}
+    assert "RuntimeError: CUDA error: out of memory" in span.status.description
+
+
+def test_answer_each_records_each_traced_request_s_own_handling(spans):
+    logged: list = []
+    pb = fake_pb_utils(logged)
+    io = TritonIO(pb, "vocoder")
+    metrics = ServiceMetrics(pb, "vocoder", kinds=("chunk",), stateful=False)
+
+    def handle(request):
+        value = int(io.required(request, "X")[0])
+        if value == 2:
+            raise AudioInputError("bad tokens")
+        return {"Y": np.array([value])}
+
+    requests = [FakeRequest({"X": [1]}, parameters=traceparent("00f067aa0ba902b7")),
+                FakeRequest({"X": [2]}, parameters=traceparent("2222222222222222")),
+                FakeRequest({"X": [3]}), FakeRequest({"X": [4]}, parameters="not json"),
+                FakeRequest({"X": [5]}, parameters=traceparent("5555555555555555", flags="00"))]
+    responses = io.answer_each(requests, handle, metrics, "chunk")
+    assert [r.error.code if r.error else None for r in responses] == [None, "INVALID_ARG", None, None, None]
+    by_parent = _by_parent(spans)
+    assert sorted(by_parent) == ["00f067aa0ba902b7", "2222222222222222"]
+    ok, bad = by_parent["00f067aa0ba902b7"], by_parent["2222222222222222"]
+    assert ok.name == bad.name == "vocoder chunk" and ok.end_time <= bad.start_time  # one request after the other
+    assert dict(ok.attributes) == {"funchat.model": "vocoder", "funchat.kind": "chunk", "funchat.batch_size": 5}
+    assert bad.status.status_code is StatusCode.ERROR and bad.attributes["funchat.status"] == "INVALID_ARG"
+
+
+def test_without_tracing_the_parameters_are_not_read():
+    class Untouchable(FakeRequest):
+        def parameters(self):
+            raise AssertionError("parameters read while tracing is off")
+
+    pb = fake_pb_utils([])
+    io = TritonIO(pb, "vocoder")
+    responses = io.answer_each([Untouchable({"X": [1]})], lambda r: {"Y": np.array([1])},
+                               ServiceMetrics(pb, "vocoder", kinds=("chunk",), stateful=False), "chunk")
+    assert responses[0].error is None and io.trace_parent(Untouchable()) is None
+
+
+def test_start_tracing_refuses_a_bad_setting_by_name(monkeypatch):
+    monkeypatch.delenv(tracing.ENDPOINT_ENV, raising=False)
+    assert start_tracing("vocoder") is False and not tracing.enabled()  # no endpoint: off
+    monkeypatch.setenv(tracing.ENDPOINT_ENV, "127.0.0.1:4317")
+    monkeypatch.setenv(tracing.SAMPLE_RATIO_ENV, "lots")
+    with pytest.raises(tracing.TracingConfigError, match="FUNCHAT_TRACING_SAMPLE_RATIO='lots'"):
+        start_tracing("vocoder")
+    assert not tracing.enabled()

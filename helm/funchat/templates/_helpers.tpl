@@ -123,6 +123,30 @@ other runners of the same manifests (podman kube play) do not. */}}
 {{- end }}
 {{- end -}}
 
+{{/* FUNCHAT_TRACING_* env (funchat/tracing.py) of the orchestrator and model-service containers,
+or nothing while tracing.endpoint is "". The headers may hold a vendor's API key: they come from
+tracing.headersSecret through a secretKeyRef, never as a value. */}}
+{{- define "funchat.tracingEnv" -}}
+{{- $t := .Values.tracing -}}
+{{- if and $t.headersSecret.name (not $t.endpoint) -}}
+{{- fail "tracing.headersSecret.name is set but tracing.endpoint is empty: the headers go with the exports to the collector; set tracing.endpoint (host:port, http://host:port or https://host:port) or leave tracing.headersSecret.name empty" -}}
+{{- end -}}
+{{- if $t.endpoint -}}
+- name: FUNCHAT_TRACING_ENDPOINT
+  value: {{ $t.endpoint | quote }}
+- name: FUNCHAT_TRACING_SAMPLE_RATIO
+  value: {{ $t.sampleRatio | toString | quote }}
+{{- with $t.headersSecret.name }}
+- name: FUNCHAT_TRACING_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $t.headersSecret.key }}
+      optional: false
+{{- end }}
+{{- end -}}
+{{- end -}}
+
 {{/* FUNCHAT_REDIS_URL, without the password (FUNCHAT_REDIS_PASSWORD carries it). */}}
 {{- define "funchat.redisUrl" -}}
 {{- if eq .Values.redis.mode "internal" -}}

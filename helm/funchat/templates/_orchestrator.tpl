@@ -9,6 +9,9 @@ env:
     value: {{ include "funchat.redisUrl" . | quote }}
   - name: FUNCHAT_RESUME_SECRET_FILE
     value: /etc/funchat/resume/{{ .Values.secrets.resume.key }}
+  {{- with include "funchat.tracingEnv" . }}
+  {{- . | nindent 2 }}
+  {{- end }}
   # Ray writes under $HOME (~/.ray: its auth token); the root file system is read-only, /tmp is not
   - name: HOME
     value: /tmp

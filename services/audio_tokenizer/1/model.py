@@ -8,11 +8,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from funchat.engines.audio_tokenizer import load_audio_tokenizer_engine
-from funchat.engines.triton_adapter import ServiceMetrics, ServiceParams, TritonIO
+from funchat.engines.triton_adapter import (ServiceMetrics, ServiceParams, TritonIO, start_tracing,
+                                            stop_tracing)
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        start_tracing("audio_tokenizer")  # first: a bad FUNCHAT_TRACING_* setting fails the load at once
         params = ServiceParams.from_args(args, "audio_tokenizer")
         self.engine = load_audio_tokenizer_engine(params)
         self.io = TritonIO(pb_utils, "audio_tokenizer")
@@ -30,3 +32,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine = None
+        stop_tracing()

@@ -12,7 +12,8 @@ import triton_python_backend_utils as pb_utils
 
 from funchat.engines.llm import LlmRequest
 from funchat.engines.llm_engines import describe_engine, load_llm_engine
-from funchat.engines.triton_adapter import ServiceMetrics, ServiceParams, TritonIO
+from funchat.engines.triton_adapter import (ServiceMetrics, ServiceParams, TritonIO, start_tracing,
+                                            stop_tracing)
 from funchat.model.sampling import GREEDY
 
 
@@ -22,6 +23,7 @@ def _tensor(array):
 
 class TritonPythonModel:
     def initialize(self, args):
+        start_tracing("llm")  # first: a bad FUNCHAT_TRACING_* setting fails the load at once
         self.engine = load_llm_engine(ServiceParams.from_args(args, "llm"))
         self.io = TritonIO(pb_utils, "llm")
         self.metrics = ServiceMetrics(pb_utils, "llm")
@@ -52,3 +54,6 @@ class TritonPythonModel:
             outputs["TOP_IDS"] = result.top_ids.cpu().numpy()[None]  # [1, k]
             outputs["TOP_LOGITS"] = result.top_logits.float().cpu().numpy()[None]  # [1, k]
         return outputs
+
+    def finalize(self):
+        stop_tracing()

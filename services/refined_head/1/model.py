@@ -4,12 +4,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from funchat.engines.refined_head import SrhRequest, load_srh_engine
-from funchat.engines.triton_adapter import ServiceMetrics, ServiceParams, TritonIO
+from funchat.engines.triton_adapter import (ServiceMetrics, ServiceParams, TritonIO, start_tracing,
+                                            stop_tracing)
 from funchat.model.sampling import GREEDY
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        start_tracing("refined_head")  # first: a bad FUNCHAT_TRACING_* setting fails the load at once
         self.engine = load_srh_engine(ServiceParams.from_args(args, "refined_head"))
         self.io = TritonIO(pb_utils, "refined_head")
         self.metrics = ServiceMetrics(pb_utils, "refined_head")
@@ -30,3 +32,6 @@ class TritonPythonModel:
         return SrhRequest(cid, start, end, srh_input=torch.from_numpy(io.required(request, "SRH_INPUT")[0].copy()),
                           appended=None if appended is None else torch.from_numpy(appended[0].copy()),
                           sampling=sampling, seed=seed)
+
+    def finalize(self):
+        stop_tracing()

@@ -4,12 +4,14 @@ the stream's state travels with every call; see that module)."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from funchat.engines.triton_adapter import ServiceMetrics, ServiceParams, TritonIO
+from funchat.engines.triton_adapter import (ServiceMetrics, ServiceParams, TritonIO, start_tracing,
+                                            stop_tracing)
 from funchat.engines.vocoder import VocoderPush, load_vocoder_engine
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        start_tracing("vocoder")  # first: a bad FUNCHAT_TRACING_* setting fails the load at once
         params = ServiceParams.from_args(args, "vocoder")
         self.engine = load_vocoder_engine(params)
         self.io = TritonIO(pb_utils, "vocoder")
@@ -29,3 +31,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine = None
+        stop_tracing()
