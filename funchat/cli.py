@@ -1,7 +1,7 @@
 """The `funchat` command line.
 
-Each command imports what it needs when it runs: `chat` and `call` (and `--help`) work with only
-`funchat[client]` installed (no torch), the other commands import the model, the oracle or the
+Each command imports what it needs when it runs: `chat`, `call` and `keys` (and `--help`) work with
+only `funchat[client]` installed (no torch), the other commands import the model, the oracle or the
 vocoder.
 """
 
@@ -261,6 +261,70 @@ def _cmd_call(args: argparse.Namespace) -> None:
               f"({len(result.replies)} replies)")
 
 
+def _keys_file(args: argparse.Namespace) -> Path:
+    from funchat.api_keys import default_keys_file
+
+    return Path(args.keys_file) if args.keys_file else default_keys_file()
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> None:
+    from funchat.api_keys import create_key
+
+    path = _keys_file(args)
+    key, entry = create_key(path, args.tenant)
+    print(key)  # alone on stdout, for `KEY=$(funchat keys create ...)`
+    print(f"funchat keys create: key id {entry.key_id} for tenant {entry.tenant}; its SHA-256 was added to {path} "
+          f"(the key itself is not stored: keep it now)", file=sys.stderr)
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> None:
+    from funchat.api_keys import list_keys
+
+    path = _keys_file(args)
+    entries = list_keys(path)
+    if not entries:
+        print(f"no keys in {path}")
+        return
+    width = max(len("TENANT"), *(len(e.tenant) for e in entries))
+    print(f"{'KEY ID':<10}  {'TENANT':<{width}}  {'CREATED':<20}  STATUS")
+    for e in entries:
+        status = "active" if e.active else f"revoked {e.revoked}"
+        print(f"{e.key_id:<10}  {e.tenant:<{width}}  {e.created:<20}  {status}")
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from funchat.api_keys import RELOAD_INTERVAL_S, revoke_key
+
+    path = _keys_file(args)
+    entry, was_active = revoke_key(path, args.key_id)
+    if was_active:
+        print(f"revoked key {entry.key_id} (tenant {entry.tenant}) in {path}; servers reading this file reject it "
+              f"within {RELOAD_INTERVAL_S:g} s")
+    else:
+        print(f"key {entry.key_id} (tenant {entry.tenant}) was already revoked on {entry.revoked}")
+
+
+def _add_keys_commands(sub) -> None:
+    """`funchat keys create|list|revoke`: the API key file (funchat.api_keys)."""
+    keys = sub.add_parser("keys", help="API keys: create, list or revoke the keys of a key file")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    file_help = "the key file (default: $FUNCHAT_API_KEYS_FILE, else .run/api_keys)"
+
+    p = keys_sub.add_parser("create", help="print a new key for a tenant and add its hash to the key file")
+    p.add_argument("--tenant", required=True, help="the tenant the key names: a-z 0-9 _ . -, at most 63 characters")
+    p.add_argument("--keys-file", default=None, help=file_help)
+    p.set_defaults(func=_cmd_keys_create, command="keys create")
+
+    p = keys_sub.add_parser("list", help="the key ids, tenants and creation times of the key file")
+    p.add_argument("--keys-file", default=None, help=file_help)
+    p.set_defaults(func=_cmd_keys_list, command="keys list")
+
+    p = keys_sub.add_parser("revoke", help="revoke a key (by its id, as `keys list` shows it)")
+    p.add_argument("key_id", metavar="KEY_ID", help="the key id (a whole key works too)")
+    p.add_argument("--keys-file", default=None, help=file_help)
+    p.set_defaults(func=_cmd_keys_revoke, command="keys revoke")
+
+
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     """Flags `chat` and `call` share: the server and the session's settings."""
     p.add_argument("--server", required=True, type=_server_address, help="the funchat API, HOST:PORT")
@@ -359,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the replies after the audio is sent")
     p.set_defaults(func=_cmd_call)
+
+    _add_keys_commands(sub)
     return parser
 
 
@@ -366,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    # FunchatError: bad input (audio files, checkpoints); CommandError: the server's answer (chat, call);
+    # FunchatError: bad input (audio files, checkpoints, key files); CommandError: the server's answer (chat, call);
     # ValueError: invalid option values, vocoder input errors (VocoderInputError).
     except (FunchatError, CommandError, ValueError) as exc:
         print(f"funchat {args.command}: error: {exc}", file=sys.stderr)

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")  # Ray's own knob, inherited by its processes
+    # Ray's gRPC proxy otherwise accepts messages up to 2 GiB, read in full before any check of ours
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.max_message_bytes)
     serve_forever(settings)
     return 0
 

@@ -63,10 +63,14 @@ class InputFormat:
 
 
 def decode_utterance(data: bytes, fmt: InputFormat) -> np.ndarray:
-    """A whole utterance -> 16 kHz float32."""
+    """A whole utterance -> 16 kHz float32, never empty: a turn of no samples (or of so few that
+    resampling leaves none, e.g. 1 sample at 48 kHz) would only fail later, in a model service."""
     samples = fmt.decode(data)
     if fmt.sample_rate != SAMPLE_RATE and samples.size:
         samples = soxr.resample(samples, fmt.sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    if not samples.size:
+        raise AudioFormatError(f"the utterance is too short: {len(data)} bytes of {fmt.encoding} at "
+                               f"{fmt.sample_rate} Hz give no samples at {SAMPLE_RATE} Hz")
     return samples
 
 

@@ -20,6 +20,13 @@ MODES = {pb.MODE_UNSPECIFIED: Mode.S2S, pb.MODE_SPEECH_TO_SPEECH: Mode.S2S, pb.M
 PROTO_MODES = {Mode.S2S: pb.MODE_SPEECH_TO_SPEECH, Mode.S2T: pb.MODE_SPEECH_TO_TEXT}
 VAD_DEFAULTS = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
 SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "repetition_penalty")  # Generation fields for speech
+# Limits the wire types allow but the model services do not: the seed is sent as int64 and the text
+# stream draws with seed + 1 (funchat.turn.sampling.text_seed); top_k is sent as int32; the sampler
+# divides the logits by temperature and repetition_penalty, and below this floor (e.g. float32's
+# 1.4e-45) they overflow to inf and the draw fails in the model service instead of here.
+MAX_SEED = 2**63 - 2
+MAX_TOP_K = 2**31 - 1
+MIN_DIVISOR = 1e-3
 
 
 @dataclass
@@ -72,6 +79,8 @@ def parse_config(cfg: pb.SessionConfig, voices: set[str], max_new_tokens: int) -
     g = cfg.generation
     out.greedy = g.greedy
     out.seed = int(g.seed) if g.HasField("seed") else None
+    if out.seed is not None and out.seed > MAX_SEED:
+        raise _bad(f"generation.seed must be <= {MAX_SEED} (it is sent as int64), got {out.seed}")
     if g.max_new_tokens > max_new_tokens:
         raise _bad(f"generation.max_new_tokens {g.max_new_tokens} is over the server's limit {max_new_tokens}")
     out.max_new_tokens = int(g.max_new_tokens)
@@ -92,12 +101,22 @@ def _tools(tools) -> list[dict]:
         if not tool.name:
             raise _bad(f"tools[{i}] has no name")
         try:
-            params = json.loads(tool.parameters_json) if tool.parameters_json else {"type": "object", "properties": {}}
-        except json.JSONDecodeError as exc:
+            params = json.loads(tool.parameters_json, parse_constant=_no_constant) if tool.parameters_json \
+                else {"type": "object", "properties": {}}
+        except (json.JSONDecodeError, ValueError) as exc:  # ValueError: NaN / Infinity (not JSON)
             raise _bad(f"tools[{i}] ({tool.name}): parameters_json is not valid JSON: {exc}") from None
+        except RecursionError:  # "[[[[..." deeper than Python's decoder goes
+            raise _bad(f"tools[{i}] ({tool.name}): parameters_json is nested too deeply") from None
+        if not isinstance(params, dict):
+            raise _bad(f"tools[{i}] ({tool.name}): parameters_json must be a JSON object (a JSON Schema), got "
+                       f"{type(params).__name__}")
         out.append({"type": "function", "function": {"name": tool.name, "description": tool.description,
                                                      "parameters": params}})
     return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _turn_detection(td: pb.TurnDetection) -> dict | None:
@@ -128,4 +147,10 @@ def _speech_sampling(g: pb.Generation) -> dict:
         SamplingParams(**speech)
     except ValueError as exc:
         raise _bad(f"generation: {exc}") from None
+    if speech.get("top_k", 0) > MAX_TOP_K:
+        raise _bad(f"generation.top_k must be <= {MAX_TOP_K} (0 = no top-k), got {speech['top_k']}")
+    for name in ("temperature", "repetition_penalty"):
+        if name in speech and speech[name] < MIN_DIVISOR:
+            raise _bad(f"generation.{name} must be >= {MIN_DIVISOR:g}, got {speech[name]:.3g}"
+                       + ("; use greedy for argmax" if name == "temperature" else ""))
     return speech

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
     from funchat.orchestrator.service import FunchatService
 
 END_EVENT = "end"  # the caller hangs up: the reading loop stops there, no handler
+IDLE_RECHECK_S = 1.0  # while a reply plays, how often the idle limit is looked at again
+
+
+@dataclass(frozen=True)
+class _Limit:
+    seconds_left: float
+    error: ApiError | None  # what ends the call when they run out (None: look again then)
 
 
 class ConverseCall:
@@ -56,18 +64,63 @@ class ConverseCall:
         self.outbox.put_nowait(ApiError(code, message, event).event_message())
 
     async def read(self, stream) -> None:
-        """The caller's events until `end` or the stream's end; then the call's outbox ends."""
+        """The caller's events until `end` or the stream's end; then the call's outbox ends. A call
+        that sends nothing for FUNCHAT_IDLE_TIMEOUT_S while no reply is generating or playing, or
+        that lasts FUNCHAT_MAX_CALL_S, is ended with a status saying so (its admission slot freed)."""
+        events = stream.__aiter__()
+        started = last_event = time.monotonic()
+        # One read outstanding at a time, never cancelled by a timeout: the stream stays consistent
+        pending: asyncio.Future | None = None
         try:
-            async for event in stream:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(events.__anext__())
+                limit = self.time_limit(started, last_event)
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, limit.seconds_left))
+                if not done:
+                    if limit.error is not None and limit.seconds_left <= 0:
+                        self.outbox.put_nowait(limit.error)
+                        break
+                    continue  # a reply was generating or playing: not idle; check again
+                event, pending = pending.result(), None
+                last_event = time.monotonic()
                 if event.WhichOneof("event") == END_EVENT:
+                    await self.finish()
                     break
                 await self.handle(event)
+        except StopAsyncIteration:
             await self.finish()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client stream broke: end the call
             self.outbox.put_nowait(ApiError("INTERNAL", f"call failed: {exc}"))
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
         self.outbox.put_nowait(END)
+
+    def time_limit(self, started: float, last_event: float) -> "_Limit":
+        """The nearer of the call's two limits: its whole length, and silence from the caller while
+        nothing is generating or playing (a reply being heard is not idleness)."""
+        now = time.monotonic()
+        max_call_s, idle_s = self.settings.max_call_s, self.settings.idle_timeout_s
+        call_left = started + max_call_s - now
+        call_limit = _Limit(call_left, ApiError(
+            "OUT_OF_RANGE", f"the call reached its maximum length of {max_call_s:g} s (FUNCHAT_MAX_CALL_S); "
+                            "continue in a new call with the session's resume token"))
+        r = self.response
+        if r is not None and r.playing():
+            return call_limit if call_left < IDLE_RECHECK_S else _Limit(IDLE_RECHECK_S, None)
+        quiet_since = last_event
+        if r is not None and r.first_audio_at is not None:  # the reply's playback counts as activity
+            quiet_since = max(quiet_since, r.first_audio_at + r.audio_ms / 1000.0)
+        idle_left = quiet_since + idle_s - now
+        if idle_left < call_left:
+            return _Limit(idle_left, ApiError(
+                "DEADLINE_EXCEEDED", f"no event from the caller for {idle_s:g} s (FUNCHAT_IDLE_TIMEOUT_S): call "
+                                     "ended; send audio (or silence) continuously, or resume later with the "
+                                     "session's resume token"))
+        return call_limit
 
     async def handle(self, event: pb.ClientEvent) -> None:
         handler = self.HANDLERS.get(event.WhichOneof("event"), ConverseCall.on_unknown)
@@ -179,6 +232,9 @@ class ConverseCall:
             self.outbox.drop_audio(r.response_id)
             await asyncio.gather(r.task, return_exceptions=True)  # the exchange stores the cut turn
             self.outbox.drop_audio(r.response_id)
+            if r.outcome is not None and r.outcome.status == "completed" and r.heard_ms() < r.audio_ms:
+                # generation had just finished (the reply was being stored): cut it as a played one
+                await self.cut_played_reply(r)
         elif r.outcome is not None and r.heard_ms() < r.audio_ms:
             await self.cut_played_reply(r)
         self.response = None

@@ -8,9 +8,12 @@ the event, or by `end_rpc` where there is none.
 
 from __future__ import annotations
 
+from redis.exceptions import RedisError, ResponseError
+
 from funchat.api import pb
 from funchat.orchestrator import metrics
-from funchat.orchestrator.sessions import ExpiredResumeToken, InvalidResumeToken, SessionNotFound, StoreUnavailable
+from funchat.orchestrator.sessions import (ExpiredResumeToken, InvalidResumeToken, SessionError, SessionNotFound,
+                                           StoreUnavailable)
 
 
 class ApiError(Exception):
@@ -41,7 +44,8 @@ def set_status(ctx, code: str, message: str) -> None:
 
 
 async def store_call(coro):
-    """Await a session-store operation; its failures become the statuses the API answers with."""
+    """Await a session-store operation; every failure becomes a status the API answers with (none
+    escapes a turn handler as an unexplained exception)."""
     try:
         return await coro
     except SessionNotFound as exc:
@@ -52,3 +56,25 @@ async def store_call(coro):
         raise ApiError("INVALID_ARGUMENT", f"{exc}", "session") from None
     except StoreUnavailable as exc:
         raise ApiError("UNAVAILABLE", f"session store unavailable: {exc}") from None
+    except SessionError as exc:  # optimistic writes that kept colliding with another writer
+        raise ApiError("ABORTED", f"{exc}; the session was being changed by another request: retry") from None
+    except ResponseError as exc:
+        raise store_response_error(exc) from None
+    except RedisError as exc:  # a connection dropped mid-reply, a protocol error, ...
+        raise ApiError("UNAVAILABLE", f"session store failed: {type(exc).__name__}: {exc}; retry") from None
+
+
+def store_response_error(exc: ResponseError) -> ApiError:
+    """A Redis error reply as a status: a replica being promoted (READONLY, LOADING, MASTERDOWN) is
+    worth a retry; a store out of memory is a resource limit; anything else is the server's fault."""
+    text = str(exc)
+    kind = text.split(" ", 1)[0].upper()
+    if kind in ("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"):
+        return ApiError("UNAVAILABLE", f"session store is not writable right now ({text}); retry shortly")
+    if kind == "OOM":
+        return ApiError("RESOURCE_EXHAUSTED", f"session store is out of memory ({text}); retry later or free "
+                                              "sessions (DeleteSession)")
+    if kind in ("NOAUTH", "WRONGPASS", "NOPERM"):
+        return ApiError("INTERNAL", f"session store refused this server's credentials ({kind}); the operator must "
+                                    "fix FUNCHAT_REDIS_PASSWORD / the Redis ACL")
+    return ApiError("INTERNAL", f"session store error: {text}")

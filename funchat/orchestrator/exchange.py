@@ -9,7 +9,8 @@ steps, in order:
     session "listening" -> response_done
 
 A problem of this turn only (audio too short, a model service down, the store unreachable) is sent
-as an `error` event and a failed `response_done`; the call goes on.
+as an `error` event and a failed `response_done`, the session goes back to "listening", and the
+call goes on.
 
 Each exchange is one trace (when tracing is on, `funchat.tracing`): a `funchat.turn` span, the child
 of the caller's own trace context when the RPC carried one (`TurnTrace.parent`), else a new trace.
@@ -20,6 +21,7 @@ the session store's operations, the model-service calls (`turn_runner`), and a `
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from funchat.orchestrator.service import FunchatService
 
 Emit = Callable[[pb.ServerEvent], Awaitable[None]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Exchange:
         self.audio_out = metrics.ReplyAudio(cfg.mode, t_end)  # first audio, underruns
         self.trace = trace or TurnTrace()
         self.span = None
+        self.responding = False  # the session was marked "responding" by this exchange
 
     async def run(self) -> TurnOutcome | None:
         """The reply's outcome, or None when the turn failed (after its error and response_done events)."""
@@ -142,7 +146,19 @@ class Exchange:
         finally:
             metrics.turn_finished(self.cfg.mode, status)
             self.span.set_attribute("funchat.status", status)
+            if status == "failed" and self.responding:
+                await self.back_to_listening()
         return None
+
+    async def back_to_listening(self) -> None:
+        """A failed turn must not leave its session marked "responding" for good: best effort (the
+        store may be what failed; the state's TTL ends it then)."""
+        try:
+            await store_call(self.service.store.set_state(self.session_id, "listening", active=None,
+                                                          owner=self.service.replica_id))
+        except ApiError as exc:
+            log.warning("session %s: could not reset its state after a failed turn: %s", self.session_id,
+                        exc.message)
 
     def trace_outcome(self, outcome: TurnOutcome) -> None:
         lat = outcome.latency_ms
@@ -179,6 +195,7 @@ class Exchange:
     async def mark_responding(self, request: TurnRequest) -> None:
         """The session's turn state: which model replicas, correlation id and seed this reply uses."""
         endpoints = self.service.endpoints
+        self.responding = True  # from here on a failure resets the state (even if this write half-failed)
         await store_call(self.service.store.set_state(self.session_id, "responding", active={
             "response_id": request.response_id, "llm": endpoints["llm"], "refined_head": endpoints["refined_head"],
             "correlation_id": request.call_id, "seed": request.seed, "started_at": time.time()},

@@ -155,7 +155,7 @@ class FunchatService:
             if request.config.resume_token:
                 raise ApiError("INVALID_ARGUMENT", "Respond takes session_id, not a resume token (that is for "
                                                    "Converse)", "config")
-            audio = _decode_request_audio(request.audio, cfg)
+            audio = _decode_request_audio(request.audio, cfg, self.settings.max_turn_s)
             self.admit()
             admitted = True
             with tracing.within(span):  # the store's spans join the RPC's
@@ -236,9 +236,18 @@ def caller_trace(ctx):
     return tracing.extract(metadata()) if callable(metadata) else None
 
 
-def _decode_request_audio(data: bytes, cfg: CallConfig) -> np.ndarray:
+def _decode_request_audio(data: bytes, cfg: CallConfig, max_turn_s: float) -> np.ndarray:
+    """The Respond turn's audio as 16 kHz float32; its length is checked on the bytes, before any
+    decoding or resampling work is spent on it."""
     if not data:
         raise ApiError("INVALID_ARGUMENT", "empty turn: the request holds no audio", "audio")
+    fmt = cfg.input_format
+    most = int(max_turn_s * fmt.sample_rate) * fmt.bytes_per_sample
+    if len(data) > most:
+        seconds = len(data) / fmt.bytes_per_sample / fmt.sample_rate
+        raise ApiError("INVALID_ARGUMENT", f"the turn's audio is {seconds:.1f} s, over the {max_turn_s:g} s limit "
+                                           f"(FUNCHAT_MAX_TURN_S): send at most {most} bytes of {fmt.encoding} at "
+                                           f"{fmt.sample_rate} Hz", "audio")
     try:
         return decode_utterance(data, cfg.input_format)
     except AudioFormatError as exc:

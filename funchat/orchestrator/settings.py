@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
@@ -61,6 +61,15 @@ class OrchestratorSettings(BaseSettings):
     max_new_tokens: int = Field(512, description="reply length cap (the context caps it too)")
     max_chunk_ms: int = Field(1000, description="longest caller audio chunk accepted in one event")
     max_turn_s: float = Field(60.0, description="longest caller turn (audio) accepted")
+    max_message_bytes: int = Field(16 << 20, ge=1 << 20, le=(2 << 30) - 1,
+                                   description="largest gRPC message the public API accepts (Ray Serve's proxy, "
+                                               "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); a Respond of the longest turn "
+                                               "at 48 kHz float32 must fit")
+    idle_timeout_s: float = Field(60.0, gt=0, description="a Converse call that sends nothing this long, while no "
+                                                          "reply is generating or playing, is ended "
+                                                          "(DEADLINE_EXCEEDED) and its slot freed")
+    max_call_s: float = Field(3600.0, gt=0, description="longest Converse call; then it ends (OUT_OF_RANGE) and "
+                                                        "the caller resumes in a new call")
     service_timeout_s: float = Field(30.0, description="per model-service request")
     # Traces (funchat.tracing): the same FUNCHAT_TRACING_* variables the model services read.
     tracing_endpoint: str = Field("", description="OTLP/gRPC collector for traces: host:port, http://host:port or "
@@ -82,6 +91,15 @@ class OrchestratorSettings(BaseSettings):
     replica_cpus: float = Field(0.25, description="Ray CPUs per replica (2-core machines: <= 0.5)")
     ray_cpus: int = Field(2, description="CPUs of the local Ray cluster that `python -m funchat.orchestrator.app` "
                                          "starts")
+
+    @model_validator(mode="after")
+    def _longest_turn_fits_a_message(self) -> OrchestratorSettings:
+        # a Respond carries the whole turn: the worst legal one (48 kHz float32) must get through the proxy
+        needed = int(self.max_turn_s * 48000 * 4) + (64 << 10)
+        if self.max_message_bytes < needed:
+            raise ValueError(f"FUNCHAT_MAX_MESSAGE_BYTES={self.max_message_bytes} cannot carry a Respond of "
+                             f"FUNCHAT_MAX_TURN_S={self.max_turn_s:g} s at 48 kHz float32: use at least {needed}")
+        return self
 
     @classmethod
     def load(cls, **values) -> OrchestratorSettings:
@@ -137,6 +155,8 @@ def env_name(*loc) -> str:
 
 def _explain(error: dict) -> str:
     loc = error["loc"]
+    if not loc:  # a check across settings: its message names the variables
+        return "  " + str(error["msg"]).removeprefix("Value error, ")
     field = OrchestratorSettings.model_fields.get(loc[0]) if loc else None
     what = f" ({field.description})" if field is not None and len(loc) == 1 and field.description else ""
     if error["type"] == "missing":

@@ -353,9 +353,11 @@ class _TurnStream:
 
     async def finish(self, prompt_tokens: int, dropped: int) -> TurnOutcome:
         sched = self.schedule
-        cancelled = self.cancel.is_set()
         if self.vocoder is not None:
-            await self.vocoder.close(flush=not cancelled)
+            await self.vocoder.close(flush=not self.cancel.is_set())
+        # Read after the vocoder's tail: a barge-in while the last chunks were made cancels the
+        # reply too (the unsent audio was dropped), so it is reported cut, not completed.
+        cancelled = self.cancel.is_set()
         await self.close_sequences()
         self._record_decode_span()
         text_ids = sched.text_tokens

@@ -485,6 +485,26 @@ def test_unknown_session_and_bad_respond_requests(stack, speech):
     assert "empty turn" in errs[3].details() and "whole number" in errs[4].details()
 
 
+def test_oversized_respond_requests_are_refused_before_decoding(stack):
+    """A turn over FUNCHAT_MAX_TURN_S is refused on its byte count; a message over
+    FUNCHAT_MAX_MESSAGE_BYTES (16 MiB) by the proxy itself. The server keeps serving."""
+    async def main():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            stub = pb_grpc.FunchatStub(ch)
+            errs = []
+            for audio in (b"\0\1" * (61 * 16000), b"\0" * (17 << 20)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in stub.Respond(pb.RespondRequest(config=config(), audio=audio)):
+                        pass
+                errs.append(err.value)
+            return errs
+
+    too_long, too_big = asyncio.run(main())
+    assert too_long.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "61.0 s, over the 60 s limit" in too_long.details() and "1920000 bytes" in too_long.details()
+    assert too_big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_calls_over_the_admission_limit_are_refused_then_admitted_again(stack):
     """FUNCHAT_MAX_CALLS=6 in this stack."""
     async def main():
