@@ -19,6 +19,10 @@ SAMPLE_RATE = 16000
 # A 2-D caller array is read as [samples, channels]; more than this many "channels" almost
 # always means a transposed [channels, samples] array or a batch, not a surround recording.
 MAX_CHANNELS = 8
+# Sample rates accepted anywhere (caller arrays, files, targets). Outside this range soxr's ratio
+# gets absurd: from 1 Hz, 100 000 samples become 1.6e9 (6 GB, half a minute); from 2**60 Hz it
+# never returns. Real audio lies well inside.
+MIN_RATE, MAX_RATE = 1000, 768000
 
 # Integer PCM is scaled by its full-scale value, as soundfile does, giving floats in [-1, 1).
 _INT_FULL_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0}
@@ -27,6 +31,8 @@ _INT_FULL_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0
 def _check_rate(rate: int, what: str) -> int:
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise AudioInputError(f"{what} must be a positive integer number of Hz, got {rate!r}")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioInputError(f"{what} must be {MIN_RATE}..{MAX_RATE} Hz, got {rate}")
     return int(rate)
 
 
@@ -67,10 +73,19 @@ def _mix_down(samples: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def _resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+def _resample(samples: np.ndarray, rate: int, target_rate: int, source: str) -> np.ndarray:
+    """Resample, and check what comes out: a few samples can resample to none, and samples near
+    float32's limit (no range check holds them to [-1, 1]) overflow the filter to inf."""
     if rate == target_rate:
         return samples
-    return np.ascontiguousarray(soxr.resample(samples, rate, target_rate, quality="HQ"), dtype=np.float32)
+    out = np.ascontiguousarray(soxr.resample(samples, rate, target_rate, quality="HQ"), dtype=np.float32)
+    if out.size == 0:
+        raise AudioInputError(f"{source} is too short: {samples.size} samples at {rate} Hz give none at "
+                              f"{target_rate} Hz")
+    if not np.isfinite(out).all():
+        raise AudioInputError(f"{source} overflowed when resampled from {rate} Hz (samples of magnitude up to "
+                              f"{float(np.abs(samples).max()):.3g}); pass audio in [-1, 1]")
+    return out
 
 
 def validate_audio(
@@ -98,7 +113,7 @@ def validate_audio(
         )
     array = _to_float32(array, source)
     _check_samples(array, source)
-    return _resample(_mix_down(array), rate, SAMPLE_RATE)
+    return _resample(_mix_down(array), rate, SAMPLE_RATE, source)
 
 
 def load_audio(path: str | os.PathLike, target_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -119,4 +134,5 @@ def load_audio(path: str | os.PathLike, target_rate: int = SAMPLE_RATE) -> np.nd
     except (RuntimeError, OSError, ValueError) as exc:  # sf.LibsndfileError is a RuntimeError
         raise AudioInputError(f"{source} could not be read as audio: {exc}") from exc
     _check_samples(data, source)
-    return _resample(_mix_down(data), int(rate), target_rate)
+    rate = _check_rate(rate, f"{source}: sample rate")
+    return _resample(_mix_down(data), rate, target_rate, source)

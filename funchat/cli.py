@@ -3,6 +3,10 @@
 Each command imports what it needs when it runs: `chat`, `call` and `keys` (and `--help`) work with
 only `funchat[client]` installed (no torch), the other commands import the model, the oracle or the
 vocoder.
+
+`chat` and `call` send the API key from the environment variable FUNCHAT_API_KEY (or the file
+--api-key-file names; never a flag holding the key, which `ps` would show to every user); a server
+that refuses it (UNAUTHENTICATED) gets a one-line error saying what to set.
 """
 
 from __future__ import annotations
@@ -158,10 +162,61 @@ def _server_address(value: str) -> str:
     return value
 
 
-def _server_error(exc, server: str) -> CommandError:
-    """A FunchatClientError (the client's own error type, not a FunchatError) as the command's message."""
+API_KEY_HELP = ("file holding the API key to send (default: the environment variable FUNCHAT_API_KEY; "
+                "there is no flag for the key itself: a command line is visible to every user in `ps`)")
+
+
+class _RefuseKeyFlag(argparse.Action):
+    """`--api-key`: refused (a key on a command line leaks into `ps`), without repeating the value.
+    It exists so that `--api-key KEY` is not taken for an abbreviation of --api-key-file."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("there is no --api-key flag (a command line is visible to every user in `ps`): set the "
+                     "environment variable FUNCHAT_API_KEY, or give --api-key-file PATH")
+
+
+def _api_key(args: argparse.Namespace) -> tuple[str, str]:
+    """(the API key chat/call send, where it came from): --api-key-file, else $FUNCHAT_API_KEY; ("", "")
+    when neither gives one. Messages name the file, never its content."""
+    from funchat.client import API_KEY_ENV, resolve_api_key
+
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise CommandError(f"cannot read the API key file {path}: {reason}") from None
+        try:
+            key = resolve_api_key(text)
+        except ValueError:
+            raise CommandError(f"the API key file {path} does not hold a key alone (whitespace or non-ASCII "
+                               f"characters inside): it must hold the key as `funchat keys create` prints "
+                               f"it") from None
+        if not key:
+            raise CommandError(f"the API key file {path} is empty")
+        return key, f"--api-key-file {path}"
+    try:
+        key = resolve_api_key(None)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return (key, f"${API_KEY_ENV}") if key else ("", "")
+
+
+def _server_error(exc, server: str, key_source: str = "") -> CommandError:
+    """A FunchatClientError (the client's own error type, not a FunchatError) as the command's message.
+    key_source: where the API key sent came from ("" when none was sent), for UNAUTHENTICATED."""
     if exc.unreachable:
         return CommandError(f"cannot reach funchat server at {server} ({exc.code}): {exc.message}")
+    if exc.code == "UNAUTHENTICATED":
+        if key_source:
+            hint = (f"the API key from {key_source} was refused; set FUNCHAT_API_KEY (or --api-key-file) to an "
+                    f"active key of this server (`funchat keys list` shows them)")
+        else:
+            hint = ("no API key was sent: set FUNCHAT_API_KEY to a key of this server (`funchat keys create "
+                    "--tenant NAME` makes one; for `make up`'s stack: export FUNCHAT_API_KEY=$(cat .run/api_key)) "
+                    "or give --api-key-file")
+        return CommandError(f"funchat server at {server} answered UNAUTHENTICATED: {exc.message}; {hint}")
     return CommandError(f"funchat server at {server} answered {exc.code}: {exc.message}")
 
 
@@ -186,12 +241,14 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from funchat.audio_io import load_audio
     from funchat.client import OUTPUT_SAMPLE_RATE, Client, FunchatClientError
 
+    key, key_source = _api_key(args)
     audio = load_audio(args.input)
     config = _client_config(args)
     try:
-        reply = Client(args.server, timeout=args.timeout).respond(audio, config, session_id=args.session)
+        client = Client(args.server, timeout=args.timeout, api_key=key)
+        reply = client.respond(audio, config, session_id=args.session)
     except FunchatClientError as exc:
-        raise _server_error(exc, args.server) from None
+        raise _server_error(exc, args.server, key_source) from None
     payload = dict(reply.tokens_json(), server=args.server, input=str(args.input), greedy=args.greedy,
                    seed=args.seed, session_id=reply.session_id, status=reply.status)
     if args.output_tokens:
@@ -232,6 +289,7 @@ def _cmd_call(args: argparse.Namespace) -> None:
 
     if not 1 <= args.chunk_ms <= 1000:
         raise ValueError(f"--chunk-ms must be 1..1000 (the server takes at most 1 s per chunk), got {args.chunk_ms}")
+    key, key_source = _api_key(args)
     audio = load_audio(args.input)
     config = _client_config(args)
 
@@ -239,7 +297,7 @@ def _cmd_call(args: argparse.Namespace) -> None:
         print(f"{t:8.3f} s  {describe_event(event)}", flush=True)
 
     async def run():
-        async with AsyncClient(args.server) as client:
+        async with AsyncClient(args.server, api_key=key) as client:
             return await stream_call(client, config, audio, realtime=not args.no_realtime, chunk_ms=args.chunk_ms,
                                      trailing_silence_ms=args.trailing_silence_ms, on_event=show,
                                      timeout_s=args.timeout)
@@ -249,7 +307,7 @@ def _cmd_call(args: argparse.Namespace) -> None:
     try:
         result = asyncio.run(run())
     except FunchatClientError as exc:
-        raise _server_error(exc, args.server) from None
+        raise _server_error(exc, args.server, key_source) from None
     for i, reply in enumerate(result.replies):
         first = f"{reply.first_audio_s * 1e3:.0f} ms" if reply.first_audio_s is not None else "-"
         print(f"reply {i}    {reply.status}  first audio {first}  {reply.audio_s:.2f} s audio  text {reply.text!r}")
@@ -326,8 +384,10 @@ def _add_keys_commands(sub) -> None:
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
-    """Flags `chat` and `call` share: the server and the session's settings."""
+    """Flags `chat` and `call` share: the server, the API key's file and the session's settings."""
     p.add_argument("--server", required=True, type=_server_address, help="the funchat API, HOST:PORT")
+    p.add_argument("--api-key-file", default=None, metavar="PATH", help=API_KEY_HELP)
+    p.add_argument("--api-key", nargs="?", action=_RefuseKeyFlag, help=argparse.SUPPRESS)
     p.add_argument("--input", required=True, help="WAV or FLAC, any rate, mono or stereo")
     p.add_argument("--mode", choices=["s2t", "s2s"], default="s2s")
     p.add_argument("--greedy", action="store_true", help="argmax for text and speech (no sampling)")

@@ -9,6 +9,11 @@ reported as Locust request events (request_type "grpc"), the records moved from 
 master in distributed mode, and at the end summary.json, the plot and the SLO verdict as the exit
 code (0 passed, 1 an SLO failed). loadtests/README.md explains the events, the outputs and the
 distributed mode.
+
+API keys: every call sends the key in the environment variable FUNCHAT_API_KEY (`authorization:
+Bearer <key>`), read once per user; in the cluster it comes from the Secret funchat-loadtest-key
+(k8s/locust.yaml). Without one, a server with authentication answers every call UNAUTHENTICATED
+(counted as that error); `make loadtest` checks the key before Locust starts.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import grpc  # noqa: E402
 from locust import LoadTestShape, User, between, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
+from funchat.client.auth import API_KEY_ENV, resolve_api_key  # noqa: E402
 from funchat.loadgen import (CallerSettings, CallRecord, ConverseCaller, Schedule, Shares, Slo,  # noqa: E402
                              TurnRecord, build_summary, call_misses, load_utterances, plan_call, respond_call)
 from funchat.loadgen.records import BARGE_IN_IGNORED  # noqa: E402
@@ -159,6 +165,7 @@ class FunchatUser(User):
         worker = getattr(self.environment.runner, "worker_index", 0)
         self.rng = random.Random(f"{options.seed}/{worker}/{next(COLLECTED.user_numbers)}")
         self.utterances = COLLECTED.load_utterances(options)
+        self.api_key = resolve_api_key(None) or ""  # FUNCHAT_API_KEY ("": none)
         self.channel = grpc.insecure_channel(self.host)
 
     def on_stop(self):
@@ -175,7 +182,7 @@ class ConverseUser(FunchatUser):
         shares = Shares(barge_in=o.barge_in_share, silent=o.silent_share, hang_up=o.hang_up_share)
         plan = plan_call(self.rng, self.utterances, o.turns, shares, _at_ms(o.behaviour_at_ms))
         caller = ConverseCaller(self.channel, plan, self.settings, seed=self.rng.randrange(2 ** 31),
-                                on_turn=lambda rec: report_turn(self.environment, rec))
+                                on_turn=lambda rec: report_turn(self.environment, rec), api_key=self.api_key)
         report_call(self.environment, caller.run(), self.slo)
 
 
@@ -185,7 +192,7 @@ class RespondUser(FunchatUser):
     @task
     def respond(self):
         call = respond_call(self.channel, self.rng.choice(self.utterances), self.settings,
-                            seed=self.rng.randrange(2 ** 31))
+                            seed=self.rng.randrange(2 ** 31), api_key=self.api_key)
         for rec in call.turns:
             report_turn(self.environment, rec)
         report_call(self.environment, call, self.slo)
@@ -213,6 +220,11 @@ class FunchatShape(LoadTestShape):
 
 @events.init.add_listener
 def _on_init(environment, **_):
+    # a malformed FUNCHAT_API_KEY fails here (the message does not repeat it); none is worth a warning
+    # where callers run (the master holds none)
+    if not resolve_api_key(None) and not isinstance(environment.runner, MasterRunner):
+        log.warning("%s is not set: the callers send no API key, and a server with authentication answers "
+                    "every call UNAUTHENTICATED", API_KEY_ENV)
     options = environment.parsed_options
     if options is None:
         return

@@ -5,7 +5,9 @@
         [-- more locust options, e.g. --barge-in-share 0.3 --turns 3]
 
 Without --host, the target is "orchestrator" in .run/endpoints.json (written by `make up`). The
-target must answer its health check first: otherwise one line says why and the exit code is 2.
+callers send the API key in FUNCHAT_API_KEY; when it is unset and the target is the local stack's,
+the key `make up` wrote (endpoints.json's "api_key_file", .run/api_key). The target must answer its
+health check and take the key first: otherwise one line says why and the exit code is 2.
 Then `locust -f loadtests/locustfile.py --headless` runs with the CSV files (locust_*.csv) and the
 HTML report (report.html) in --out, where the locustfile also writes summary.json, turns.jsonl and
 plot.png. The exit code is Locust's, which the locustfile sets from the SLO verdict: 0 passed, 1 failed
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +44,22 @@ def target_of(host: str | None, endpoints: Path) -> str:
                           f"or give HOST=host:port") from None
 
 
+def local_api_key(target: str, endpoints: Path) -> str | None:
+    """The key of `make up`'s stack when `target` is its orchestrator: the file endpoints.json names
+    ("api_key_file"), else api_key next to endpoints.json; None otherwise."""
+    try:
+        local = json.loads(endpoints.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(local, dict) or local.get("orchestrator") != target:
+        return None
+    path = Path(local.get("api_key_file") or endpoints.parent / "api_key")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python loadtests/run.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.users < 1 or args.duration < 1:
         return fail(f"USERS must be >= 1 and DURATION >= 1 s (got {args.users} and {args.duration:g})")
 
-    from funchat.loadgen.probe import unreachable_reason
+    from funchat.client.auth import API_KEY_ENV, resolve_api_key
+    from funchat.loadgen.probe import auth_problem, unreachable_reason
     try:
         target = target_of(args.host, Path(args.endpoints))
     except LookupError as exc:
@@ -69,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     reason = unreachable_reason(target)
     if reason:
         return fail(f"{reason}; start the stack with `make up` or give HOST=host:port")
+    env, source = dict(os.environ), API_KEY_ENV
+    try:
+        key = resolve_api_key(None)
+    except ValueError as exc:
+        return fail(str(exc))
+    if not key:
+        key, source = local_api_key(target, Path(args.endpoints)), "the local stack's key file"
+    if key:
+        env[API_KEY_ENV] = key  # Locust's callers read it (funchat.loadgen)
+    reason = auth_problem(target, key or "", source=source)
+    if reason:
+        return fail(reason)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
            "--summary-dir", str(out), *extra]
     print(f"loadtest: {args.shape}, {args.users} user(s), {args.duration:g} s against {target}; outputs in {out}",
           flush=True)
-    return subprocess.run(cmd, cwd=str(REPO)).returncode
+    return subprocess.run(cmd, cwd=str(REPO), env=env).returncode
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared test fixtures: where ../shared is, and a tiny checkpoint written once per session."""
+"""Shared test fixtures: where ../shared is, a tiny checkpoint written once per session, API keys."""
 
 from __future__ import annotations
 
@@ -74,3 +74,107 @@ def no_funchat_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("FUNCHAT_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def make_api_key():
+    """make_api_key(run_dir, tenant="dev") -> (keys_file, key): a real API key (funchat.api_keys.create_key)
+    added to run_dir/api_keys, the key file an orchestrator reads (FUNCHAT_API_KEYS_FILE). Calls send
+    it with `funchat.client.authed_stub(stub, key)`, a client's `api_key=`, or FUNCHAT_API_KEY."""
+    def make(run_dir: Path, tenant: str = "dev") -> tuple[Path, str]:
+        from funchat.api_keys import create_key
+
+        keys_file = Path(run_dir) / "api_keys"
+        key, _ = create_key(keys_file, tenant)
+        return keys_file, key
+    return make
+
+
+STAND_IN_KEY = "fck_abcdefgh23_" + "k" * 52  # the shape of a key (funchat.api_keys)
+
+
+@pytest.fixture
+def stand_in():
+    """A funchat server stand-in on a free 127.0.0.1 port (`.target`), for the client side's tests:
+    it records each RPC's authorization metadata in `.seen` as (method, values) and answers
+    UNAUTHENTICATED unless it is exactly `Bearer <.key>`, as the orchestrator does; the health
+    check needs no key. Respond and a committed Converse turn answer one completed reply "hi";
+    GetSession finds any session, DeleteSession deletes it."""
+    import itertools
+    import threading
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from funchat.api import pb, pb_grpc
+
+    class StandIn(pb_grpc.FunchatServicer):
+        key = STAND_IN_KEY
+        refused = "missing authorization metadata: send `authorization: Bearer <key>`"
+
+        def __init__(self):
+            self.seen: list[tuple[str, list[str]]] = []
+            self.lock = threading.Lock()
+            self.target = ""
+
+        def record(self, method: str, context) -> list[str]:
+            values = [v for k, v in context.invocation_metadata() if k == "authorization"]
+            with self.lock:
+                self.seen.append((method, values))
+            return values
+
+        def check(self, method: str, context) -> None:
+            if self.record(method, context) != [f"Bearer {self.key}"]:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, self.refused)
+
+        def GetSession(self, request, context):
+            self.check("GetSession", context)
+            return pb.Session(session_id=request.session_id, state="listening")
+
+        def DeleteSession(self, request, context):
+            self.check("DeleteSession", context)
+            return pb.DeleteSessionResponse(deleted=True)
+
+        def _reply(self):
+            yield pb.ServerEvent(response_created=pb.ResponseCreated(response_id="resp_1"))
+            yield pb.ServerEvent(text_delta=pb.TextDelta(response_id="resp_1", delta="hi"))
+            yield pb.ServerEvent(audio_delta=pb.AudioDelta(response_id="resp_1", sequence=0, pcm16=b"\0\0" * 2400,
+                                                           sample_rate_hz=24000))
+            yield pb.ServerEvent(response_done=pb.ResponseDone(response_id="resp_1", status="completed", text="hi",
+                                                               audio_ms=100))
+
+        def Respond(self, request, context):
+            self.check("Respond", context)
+            yield pb.ServerEvent(session_created=pb.SessionCreated(session_id="sess_1"))
+            yield from self._reply()
+
+        def Converse(self, request_iterator, context):
+            # the first event is read before the check: a status sent before the client's first write
+            # lands can be replaced by INTERNAL "Internal error from Core" on the client (grpc/grpc#36066)
+            first = next(request_iterator, None)
+            self.check("Converse", context)
+            for event in itertools.chain([first] if first is not None else [], request_iterator):
+                kind = event.WhichOneof("event")
+                if kind == "session":
+                    yield pb.ServerEvent(session_created=pb.SessionCreated(session_id="sess_2"))
+                elif kind == "commit":
+                    yield from self._reply()
+                elif kind == "end":
+                    return
+
+    class Health(health.HealthServicer):
+        def Check(self, request, context):
+            servicer.record("Check", context)
+            return super().Check(request, context)
+
+    servicer = StandIn()
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    pb_grpc.add_FunchatServicer_to_server(servicer, server)
+    health_servicer = Health()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    servicer.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    yield servicer
+    server.stop(None)

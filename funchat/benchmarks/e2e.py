@@ -5,7 +5,8 @@
 
 The cluster: unless --server names a running one, the bench starts its own on free 127.0.0.1 ports
 (redis-server, one tritonserver per model service with `threads=1`, the Ray Serve orchestrator with
-FUNCHAT_MAX_CALLS >= 16) and stops it at the end, whatever happens.
+FUNCHAT_MAX_CALLS >= 16 and an API key file with one key, tenant "bench", in its run dir) and stops
+it at the end, whatever happens. With --server the calls send the API key in FUNCHAT_API_KEY.
 
 For each concurrency c: c Converse calls at once, each `--turns` turns in one session (manual turn
 detection, speech-to-speech, seeded speech sampling with a seed per call, or --greedy). A turn is the
@@ -50,7 +51,7 @@ import numpy as np
 
 from funchat.dev.tritonserver import PROJECT_ROOT
 from funchat.loadgen import CallerSettings, ConverseCaller, TurnPlan, TurnRecord, Utterance, turn_summary
-from funchat.loadgen.probe import unreachable_reason
+from funchat.loadgen.probe import auth_problem, unreachable_reason
 from funchat.loadgen.records import CLIENT_ERROR
 
 INPUT_RATE = 16000
@@ -167,8 +168,9 @@ def run_oracle(checkpoint: Path, clip: np.ndarray, turns: int, max_new_tokens: i
 class Stack:
     target: str
     run_dir: Path
-    stop_fns: list = field(default_factory=list)
+    stop_fns: list = field(default_factory=list, repr=False)
     keep_run_dir: bool = False
+    api_key: str = field(default="", repr=False)  # a key of the orchestrator's key file
 
     def stop(self) -> None:
         for fn in reversed(self.stop_fns):
@@ -184,8 +186,10 @@ class Stack:
 
 
 def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
-    """redis-server, the four tritonservers, the orchestrator; BenchError (with the logs' tails) if any
-    part does not start. Whatever was started is stopped again on failure."""
+    """redis-server, the four tritonservers, the orchestrator (its API key file in the run dir, one key
+    of tenant "bench": Stack.api_key); BenchError (with the logs' tails) if any part does not start.
+    Whatever was started is stopped again on failure."""
+    from funchat.api_keys import create_key
     from funchat.dev.redis_server import start_redis
     from funchat.dev.stack import start_orchestrator
     from funchat.dev.tritonserver import MODELS, free_port, start_servers
@@ -207,10 +211,12 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
             f"({time.monotonic() - t0:.1f} s)")
         part = "orchestrator"
         t0 = time.monotonic()
+        stack.api_key, _ = create_key(run_dir / "api_keys", "bench")
         env = {"FUNCHAT_CHECKPOINT": str(checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
                "FUNCHAT_RESUME_SECRET": secrets.token_hex(32), "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
-               "FUNCHAT_MAX_CALLS": str(max_calls)}
-        orch = start_orchestrator(run_dir, env, free_port(), timeout=timeout)
+               "FUNCHAT_MAX_CALLS": str(max_calls), "FUNCHAT_API_KEYS_FILE": str(run_dir / "api_keys"),
+               "FUNCHAT_AUTH": "api_keys"}
+        orch = start_orchestrator(run_dir, env, free_port(), timeout=timeout, api_key=stack.api_key)
         stack.stop_fns.append(orch.stop)
         stack.target = orch.target
         log(f"stack: orchestrator {orch.target} ({time.monotonic() - t0:.1f} s)")
@@ -224,17 +230,18 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
 
 
 def one_call(target: str, clip: np.ndarray, turns: int, max_new_tokens: int, greedy: bool, seed: int,
-             turn_timeout: float, interceptors: tuple = ()) -> list[TurnRecord]:
+             turn_timeout: float, interceptors: tuple = (), api_key: str | None = None) -> list[TurnRecord]:
     """One Converse call of `turns` turns (the load generator's caller: manual turns, the clip sent as
     fast as the call takes it, then commit); a TurnRecord per turn, failed ones with `error`.
-    interceptors: gRPC client interceptors on the call's channel (e.g. one adding metadata)."""
+    interceptors: gRPC client interceptors on the call's channel (e.g. one adding metadata).
+    api_key: the key the call sends (None: FUNCHAT_API_KEY)."""
     settings = CallerSettings(mode="s2s", turn_detection="manual", realtime=False, max_new_tokens=max_new_tokens,
                               greedy=greedy, turn_timeout_s=turn_timeout)
     plan = [TurnPlan(Utterance("clip", clip))] * turns
     channel = grpc.insecure_channel(target)
     try:
         calls = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
-        stats = ConverseCaller(calls, plan, settings, seed=seed).run().turns
+        stats = ConverseCaller(calls, plan, settings, seed=seed, api_key=api_key).run().turns
     except Exception as exc:  # noqa: BLE001 - a bench counts what went wrong, it does not stop
         stats = [TurnRecord("converse", "", 0, time.time(), status="failed", error=CLIENT_ERROR,
                             error_message=f"{type(exc).__name__}: {exc}")]
@@ -251,28 +258,38 @@ def one_call(target: str, clip: np.ndarray, turns: int, max_new_tokens: int, gre
 
 
 def run_level(target: str, clip: np.ndarray, concurrency: int, turns: int, max_new_tokens: int,
-              greedy: bool, seed: int, turn_timeout: float) -> tuple[list[TurnRecord], float]:
+              greedy: bool, seed: int, turn_timeout: float,
+              api_key: str | None = None) -> tuple[list[TurnRecord], float]:
     """`concurrency` calls at once (a thread each: the caller uses gRPC's blocking API)."""
     t0 = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda k: one_call(target, clip, turns, max_new_tokens, greedy, seed + k,
-                                                   turn_timeout), range(concurrency)))
+                                                   turn_timeout, api_key=api_key), range(concurrency)))
     return [stat for stats in results for stat in stats], time.monotonic() - t0
 
 
-def wait_healthy(target: str, timeout: float) -> None:
+def wait_healthy(target: str, timeout: float, api_key: str | None = None) -> None:
+    """The server answers its health check and takes the API key (None: FUNCHAT_API_KEY); BenchError
+    otherwise."""
     deadline = time.monotonic() + timeout
     while (reason := unreachable_reason(target, timeout_s=2.0)) is not None:
         if time.monotonic() > deadline:
             raise BenchError(f"no funchat server answers its health check at {target} ({reason})")
         time.sleep(0.5)
+    try:
+        reason = auth_problem(target, api_key)
+    except ValueError as exc:  # a malformed FUNCHAT_API_KEY
+        raise BenchError(str(exc)) from None
+    if reason:
+        raise BenchError(reason)
 
 
 def run_cluster(target: str, clip: np.ndarray, levels: list[int], turns: int, max_new_tokens: int,
-                greedy: bool, seed: int, turn_timeout: float) -> tuple[list[dict], dict]:
-    wait_healthy(target, 10.0)
+                greedy: bool, seed: int, turn_timeout: float,
+                api_key: str | None = None) -> tuple[list[dict], dict]:
+    wait_healthy(target, 10.0, api_key)
     log("cluster: warm-up turn")
-    warm = one_call(target, clip, 1, max_new_tokens, greedy, seed, turn_timeout)
+    warm = one_call(target, clip, 1, max_new_tokens, greedy, seed, turn_timeout, api_key=api_key)
     if warm[0].error:
         log(f"warning: the warm-up turn failed: {warm[0].error}: {warm[0].error_message}")
     warm_row = {"first_audio_ms": None if warm[0].first_audio_s is None else 1e3 * warm[0].first_audio_s,
@@ -280,7 +297,7 @@ def run_cluster(target: str, clip: np.ndarray, levels: list[int], turns: int, ma
                 "error": f"{warm[0].error}: {warm[0].error_message}" if warm[0].error else ""}
     rows = []
     for c in levels:
-        records, elapsed = run_level(target, clip, c, turns, max_new_tokens, greedy, seed, turn_timeout)
+        records, elapsed = run_level(target, clip, c, turns, max_new_tokens, greedy, seed, turn_timeout, api_key)
         level = {"concurrency": c, **turn_summary(records), "elapsed_s": elapsed}
         rows.append(level)
         log(f"cluster: {c} call(s) x {turns} turns in {elapsed:.1f} s: first audio p50 "
@@ -351,7 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="torch threads of the in-process oracle (default 1, as each model service has)")
     ap.add_argument("--no-oracle", action="store_true", help="skip the oracle baseline")
     ap.add_argument("--server", default=None, metavar="HOST:PORT",
-                    help="bench a running stack's public API instead of starting one")
+                    help="bench a running stack's public API instead of starting one (the calls send the API key "
+                         "in FUNCHAT_API_KEY)")
     ap.add_argument("--max-calls", type=int, default=16, help="FUNCHAT_MAX_CALLS of the stack started (>= 16)")
     ap.add_argument("--start-timeout", type=float, default=180.0, help="seconds for each part of the stack to start")
     ap.add_argument("--turn-timeout", type=float, default=120.0, help="seconds for one reply before it is an error")
@@ -418,15 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     stack = None
     try:
         if args.server:
-            target = args.server
+            target, api_key = args.server, None  # FUNCHAT_API_KEY
         else:
             log("stack: starting redis-server, 4 tritonservers, the orchestrator")
             t0 = time.monotonic()
             stack = start_stack(checkpoint, max_calls, args.start_timeout)
-            target = stack.target
+            target, api_key = stack.target, stack.api_key
             report["settings"]["stack_start_s"] = time.monotonic() - t0
         rows, warm = run_cluster(target, clip, args.concurrency, args.turns, args.max_new_tokens, args.greedy,
-                                 args.seed, args.turn_timeout)
+                                 args.seed, args.turn_timeout, api_key)
     except BenchError as exc:
         log(f"error: {exc}")
         return 2

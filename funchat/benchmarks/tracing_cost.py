@@ -3,12 +3,13 @@
     python -m funchat.benchmarks.tracing_cost [--checkpoint DIR] [--rounds 8] [--turns 3]
         [--max-new-tokens 64] [--json OUT]
 
-One stack (the same as `make bench-e2e` starts) with every process exporting to an OTLP/gRPC
-receiver in this process (funchat.dev.otlp_receiver) and FUNCHAT_TRACING_SAMPLE_RATIO=0: a call
-is traced only when it sends a sampled `traceparent`, as a caller's trace would. The calls
-alternate, traced and untraced, one at a time (ABBA order, so that drift in the machine's load
-falls on both alike). Each call is `--turns` greedy Converse turns of the same clip (manual commit;
-the load generator's caller, as in bench-e2e). First audio = commit sent -> first audio_delta.
+One stack (the same as `make bench-e2e` starts, API key file and key included) with every process
+exporting to an OTLP/gRPC receiver in this process (funchat.dev.otlp_receiver) and
+FUNCHAT_TRACING_SAMPLE_RATIO=0: a call is traced only when it sends a sampled `traceparent`, as a
+caller's trace would. The calls alternate, traced and untraced, one at a time (ABBA order, so that
+drift in the machine's load falls on both alike). Each call is `--turns` greedy Converse turns of
+the same clip (manual commit; the load generator's caller, as in bench-e2e). First audio = commit
+sent -> first audio_delta.
 
 "Off" is a call no process samples: its spans are non-recording and nothing is sent to the model
 services, which is what tracing configured at ratio 0 costs; a process with no endpoint at all
@@ -71,18 +72,18 @@ def run(args) -> dict[str, Any]:
     stack = None
     try:
         stack = start_stack(checkpoint, 16, args.start_timeout)
-        wait_healthy(stack.target, 10.0)
+        wait_healthy(stack.target, 10.0, stack.api_key)
         log("warm-up: one traced and one untraced call")
         traced = _Traceparent()
-        one_call(stack.target, clip, 1, args.max_new_tokens, True, 0, args.turn_timeout, (traced,))
-        one_call(stack.target, clip, 1, args.max_new_tokens, True, 0, args.turn_timeout)
+        one_call(stack.target, clip, 1, args.max_new_tokens, True, 0, args.turn_timeout, (traced,), stack.api_key)
+        one_call(stack.target, clip, 1, args.max_new_tokens, True, 0, args.turn_timeout, api_key=stack.api_key)
         records: dict[str, list] = {"on": [], "off": []}
         order = ["on", "off", "off", "on"]
         for k in range(args.rounds):
             kind = order[k % 4]
             interceptors = (traced,) if kind == "on" else ()
             records[kind] += one_call(stack.target, clip, args.turns, args.max_new_tokens, True, 0,
-                                      args.turn_timeout, interceptors)
+                                      args.turn_timeout, interceptors, stack.api_key)
             log(f"round {k + 1}/{args.rounds}: tracing {kind}")
         time.sleep(2.0)  # the last batches of spans (sent every 500 ms)
         ours = set(traced.trace_ids)

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from funchat.api import pb, pb_grpc
 from funchat.client.audio import encode_audio
+from funchat.client.auth import auth_metadata, authed_stub, resolve_api_key
 from funchat.client.config import config_mode, input_format, session_config
 from funchat.client.conversation import Conversation
 from funchat.client.errors import FunchatClientError
@@ -22,13 +23,28 @@ class AsyncClient:
     on first use, in the loop it belongs to); `async with` closes it.
 
     timeout: deadline in seconds of each Respond / GetSession / DeleteSession / health RPC (None:
-    none). A Converse call has no deadline unless converse(timeout=) gives one: calls are long."""
+    none). A Converse call has no deadline unless converse(timeout=) gives one: calls are long.
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+    api_key: the API key every RPC sends (metadata `authorization: Bearer <key>`); None: the
+    environment's FUNCHAT_API_KEY, read here; "": none (a server with authentication then answers
+    UNAUTHENTICATED, raised as FunchatClientError). It is kept out of the repr."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None):
         self.target = target
         self.timeout = timeout
+        self._api_key = resolve_api_key(api_key) or ""  # "": none
+        self._metadata = auth_metadata(self._api_key)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.FunchatStub | None = None
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether the RPCs send an API key."""
+        return bool(self._metadata)
+
+    def __repr__(self) -> str:
+        key = "set" if self._metadata else "none"
+        return f"AsyncClient(target={self.target!r}, timeout={self.timeout!r}, api_key=<{key}>)"
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -38,8 +54,9 @@ class AsyncClient:
 
     @property
     def stub(self) -> pb_grpc.FunchatStub:
+        """The Funchat stub on the channel; each of its RPCs carries the API key."""
         if self._stub is None:
-            self._stub = pb_grpc.FunchatStub(self.channel)
+            self._stub = authed_stub(pb_grpc.FunchatStub(self.channel), self._api_key)
         return self._stub
 
     async def close(self) -> None:
@@ -55,7 +72,9 @@ class AsyncClient:
 
     def error(self, exc: grpc.aio.AioRpcError) -> FunchatClientError:
         """An RPC failure as FunchatClientError. UNAVAILABLE on a channel that is not connected means the
-        server could not be reached; UNAVAILABLE from a connected server is the server's own answer."""
+        server could not be reached; UNAVAILABLE from a connected server is the server's own answer.
+        UNAUTHENTICATED (no key, or one the server does not take) keeps the server's message, which says
+        what to send (and never holds the key)."""
         code = exc.code().name
         unreachable = (code == "UNAVAILABLE" and self._channel is not None
                        and self._channel.get_state() is not grpc.ChannelConnectivity.READY)
@@ -69,7 +88,8 @@ class AsyncClient:
         health = health_pb2_grpc.HealthStub(self.channel)
         try:
             answer = await health.Check(health_pb2.HealthCheckRequest(service=service),
-                                        timeout=self.timeout if self.timeout is not None else 5.0)
+                                        timeout=self.timeout if self.timeout is not None else 5.0,
+                                        metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return False

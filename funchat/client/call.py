@@ -91,7 +91,8 @@ async def stream_call(client: AsyncClient, config: pb.SessionConfig, audio16k: n
     at most timeout_s, then sends `end` and reads the call to its end.
 
     on_event(t, event) sees every event as it comes (t: seconds since the first chunk was sent;
-    the session_created event at 0).
+    the session_created event at 0). The call sends `client`'s API key (AsyncClient(api_key=...),
+    else FUNCHAT_API_KEY); a server that refuses it raises FunchatClientError UNAUTHENTICATED.
     """
     if not 1 <= chunk_ms <= 1000:
         raise ValueError(f"chunk_ms must be 1..1000 (the server takes at most 1 s per chunk), got {chunk_ms}")

@@ -60,7 +60,7 @@ class Conversation:
 
     async def start(self) -> pb.SessionCreated:
         """Open the call, send the config, wait for SessionCreated (FunchatClientError if refused)."""
-        self._call = self.client.stub.Converse(self._request_stream(), timeout=self.timeout)
+        self._call = self.client.stub.Converse(self._request_stream(), timeout=self.timeout)  # with the API key
         self._requests.put_nowait(pb.ClientEvent(session=self.config))
         item = await self._read()
         if item is None:

@@ -8,21 +8,29 @@ import numpy as np
 
 from funchat.api import pb
 from funchat.client.async_client import AsyncClient
+from funchat.client.auth import resolve_api_key
 from funchat.client.replies import Reply
 
 
 class Client:
     """Blocking wrapper of AsyncClient for one-shot calls. Each call runs in its own event loop
     (asyncio.run) with its own channel: simple and safe across threads, at the cost of a connection
-    per call. Not for use inside a running event loop (use AsyncClient there)."""
+    per call. Not for use inside a running event loop (use AsyncClient there).
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+    api_key: as AsyncClient's (None: FUNCHAT_API_KEY, read here; "": none); kept out of the repr."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None):
         self.target = target
         self.timeout = timeout
+        self._api_key = resolve_api_key(api_key) or ""  # "": none (not the environment's again)
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "none"
+        return f"Client(target={self.target!r}, timeout={self.timeout!r}, api_key=<{key}>)"
 
     def _run(self, method: str, *args, **kwargs):
         async def call():
-            async with AsyncClient(self.target, self.timeout) as client:
+            async with AsyncClient(self.target, self.timeout, api_key=self._api_key) as client:
                 return await getattr(client, method)(*args, **kwargs)
         return asyncio.run(call())
 

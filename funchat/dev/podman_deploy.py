@@ -12,6 +12,11 @@ plus the few values that podman needs (`podman_values`):
 - no registry is reachable here, so Redis is the local `localhost/funchat-redis` image
   (`services/redis/Dockerfile`).
 
+The chart's default `auth.mode: api_keys` mounts a Secret that the operator creates and the chart
+does not render (`<release>-api-keys`, the key file of `funchat keys create`): `up` makes it from the
+key file it is given (`api_keys_secret`; `--api-keys-file`, default $FUNCHAT_API_KEYS_FILE or
+.run/api_keys), and refuses to play a render whose pods use a Secret nobody provides.
+
 podman plays the Deployments, ConfigMaps and PersistentVolumeClaims (as named volumes), and the
 Redis StatefulSet as the one-replica Deployment it amounts to (`as_podman_workloads`: podman 4.3
 ignores StatefulSets). The chart's Secrets become podman secrets made here (`podman_secret_payload`): podman
@@ -23,7 +28,7 @@ itself, inside each container (as the kubelet would against the pod), in Kuberne
 startupProbe until it passes (at most failureThreshold tries, periodSeconds apart), then the
 readinessProbe.
 
-    python -m funchat.dev.podman_deploy up [--checkpoint checkpoints/tiny] [--port 50071]
+    python -m funchat.dev.podman_deploy up [--checkpoint checkpoints/tiny] [--port 50071] [--api-keys-file F]
     python -m funchat.dev.podman_deploy down
 """
 
@@ -343,6 +348,31 @@ def podman_secret_payload(secret: dict, uses: set[str]) -> bytes:
                       "podman 4.3 can give a Secret to pods as env or as a volume, not both")
 
 
+def api_keys_secret(objects: list[dict], keys_file: Path) -> dict | None:
+    """The Secret the orchestrator mounts for its API keys (auth.mode api_keys), holding `keys_file`
+    under the key FUNCHAT_API_KEYS_FILE names in the mount, as `kubectl create secret generic <name>
+    --from-file=<key>=<file>` would make it; None when the render mounts none (auth.mode off)."""
+    for _, spec in pod_templates(objects):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if not env.get("FUNCHAT_API_KEYS_FILE"):
+                continue
+            path = Path(env["FUNCHAT_API_KEYS_FILE"])
+            mount = next((m for m in c.get("volumeMounts", []) if Path(m["mountPath"]) == path.parent), None)
+            if mount is None or "secret" not in volumes.get(mount["name"], {}):
+                raise DeployError(f"container {c['name']}: FUNCHAT_API_KEYS_FILE={path} is not in a Secret volume")
+            try:
+                content = keys_file.read_bytes()
+            except OSError as exc:
+                raise DeployError(f"API key file {keys_file}: {exc.strerror}; create one with `funchat keys "
+                                  f"create --tenant NAME --keys-file {keys_file}`") from None
+            return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": volumes[mount["name"]]["secret"]["secretName"]},
+                    "data": {path.name: base64.b64encode(content).decode()}}
+    return None
+
+
 def fill_volume(name: str, source: Path) -> None:
     """A named volume (what kube play mounts for claim `name`) holding a copy of `source`, readable by
     the pods' non-root user."""
@@ -364,11 +394,22 @@ def fill_volume(name: str, source: Path) -> None:
         podman("volume", "import", name, str(archive))
 
 
-def up(checkpoint: Path, port: int = DEFAULT_PORT, run_dir: Path | None = None, timeout: float = 600.0) -> dict:
-    """Render, play and wait until every container is ready; returns the state `down` needs."""
+def up(checkpoint: Path, port: int = DEFAULT_PORT, run_dir: Path | None = None, timeout: float = 600.0,
+       api_keys_file: Path | None = None) -> dict:
+    """Render, play and wait until every container is ready; returns the state `down` needs.
+    api_keys_file: the key file (`funchat.api_keys.create_key`) given to the orchestrator as the
+    API-keys Secret the chart mounts (module docstring)."""
     run_dir = run_dir or STATE_FILE.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     objects = render(port)
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    keys_secret = api_keys_secret(objects, api_keys_file) if api_keys_file is not None else None
+    if keys_secret is not None:
+        secrets.append(keys_secret)
+    unprovided = sorted(set(secret_uses(objects)) - {s["metadata"]["name"] for s in secrets})
+    if unprovided:
+        raise DeployError(f"the pods use Secrets {unprovided} that neither the chart nor this run provides "
+                          "(the API keys: pass api_keys_file / --api-keys-file)")
     missing = [i for i in sorted(images_of(objects)) if podman("image", "exists", i, check=False).returncode]
     if missing:
         raise DeployError(f"images missing: {missing}; build them with `make deploy-images`")
@@ -385,7 +426,6 @@ def up(checkpoint: Path, port: int = DEFAULT_PORT, run_dir: Path | None = None, 
         podman("network", "create", NETWORK)
     for claim in claims:
         fill_volume(claim, checkpoint)
-    secrets = [o for o in objects if o["kind"] == "Secret"]
     uses = secret_uses(objects)
     state["secrets"] = [s["metadata"]["name"] for s in secrets]
     for secret in secrets:
@@ -434,11 +474,19 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "tiny")
     p_up.add_argument("--port", type=int, default=DEFAULT_PORT)
     p_up.add_argument("--timeout", type=float, default=600.0)
+    p_up.add_argument("--api-keys-file", type=Path, default=None,
+                      help="the API key file given to the orchestrator as its Secret (default: "
+                           "$FUNCHAT_API_KEYS_FILE, else .run/api_keys; `funchat keys create` makes one)")
     sub.add_parser("down", help="remove what `up` started")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            state = up(args.checkpoint, args.port, timeout=args.timeout)
+            from funchat.api_keys import DEFAULT_KEYS_FILE, default_keys_file
+
+            keys = args.api_keys_file or default_keys_file()
+            if keys == DEFAULT_KEYS_FILE:  # .run/api_keys of the checkout, as `make up` makes it
+                keys = REPO / keys
+            state = up(args.checkpoint, args.port, timeout=args.timeout, api_keys_file=keys)
             print(f"ready in {state['all_ready_s']:.1f} s; public API on {state['target']} "
                   f"(not played: {', '.join(state['skipped'])})")
         else:

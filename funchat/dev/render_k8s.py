@@ -15,7 +15,8 @@ k8s/overlays/<profile>/ is generated here and never edited by hand (k8s/README.m
   overlay gives the profile's render object for object (tests/unit/test_k8s_manifests.py).
 
 Left out on purpose, so that the output is the same on every run and holds no secret: the
-Secrets the chart generates with random values (the README says how to create them), Helm's own
+Secrets the chart generates with random values (the README says how to create them, and the API-key
+Secret, which the chart never renders), Helm's own
 labels (helm.sh/chart, app.kubernetes.io/managed-by: Helm: these objects are not Helm's) and
 NOTES.txt.
 """
@@ -175,14 +176,51 @@ def by_component(objects: list[dict]) -> dict[str, list[dict]]:
 
 
 def prerequisites(rendered: Render) -> list[str]:
-    """What the manifests use but do not create: the left-out Secrets, and PVCs that pods mount
-    without the render creating them."""
+    """What the manifests use but do not create: the left-out Secrets, the Secrets the chart never
+    renders (the operator's, e.g. the API keys), and PVCs that pods mount without the render
+    creating them."""
     lines = [f"Secret {s['metadata']['name']} (key {', '.join(sorted(s.get('data') or {}))})"
              for s in rendered.secrets]
+    made = {s["metadata"]["name"] for s in rendered.secrets}
+    lines += [f"Secret {name} (key {', '.join(sorted(keys))})" if keys else f"Secret {name}"
+              for name, keys in sorted(_secret_keys(rendered.objects).items()) if name not in made]
     created = {o["metadata"]["name"] for o in rendered.objects if o["kind"] == "PersistentVolumeClaim"}
     claims = sorted(set(_claim_names(rendered.objects)) - created)
     lines += [f"PersistentVolumeClaim {c} (the checkpoint)" for c in claims]
     return lines
+
+
+def _pod_specs(node):
+    """Every pod spec (a map with `containers`) in node, however deep (Deployments, RayService groups)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield node
+        for value in node.values():
+            yield from _pod_specs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _pod_specs(item)
+
+
+def _secret_keys(objects: list[dict]) -> dict[str, set[str]]:
+    """Secret name -> the keys the pods read: secretKeyRef keys, and the files of a mounted Secret
+    that an env value names (a path directly under the volume's mountPath)."""
+    keys: dict[str, set[str]] = {}
+    for spec in _pod_specs(objects):
+        secret_volumes = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            mounted = {m["mountPath"].rstrip("/"): secret_volumes[m["name"]]
+                       for m in c.get("volumeMounts", []) if m["name"] in secret_volumes}
+            for name in mounted.values():
+                keys.setdefault(name, set())
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    keys.setdefault(ref["name"], set()).add(ref["key"])
+                folder, _, file = str(e.get("value", "")).rpartition("/")
+                if folder in mounted:
+                    keys[mounted[folder]].add(file)
+    return keys
 
 
 def _claim_names(node):
@@ -201,7 +239,8 @@ def base_files(rendered: Render) -> dict[str, str]:
     files = {name: HEADER + dump(objs) for name, objs in by_component(rendered.objects).items()}
     kustomization = {**KUSTOMIZATION, "namespace": NAMESPACE, "resources": list(files)}
     about = ["The chart helm/funchat rendered with its default values (release and namespace funchat).",
-             "Create first (not generated: the chart's Secrets are random, and none belongs in git):"]
+             "Create first (not generated: the chart's Secrets are random, the API keys are the operator's",
+             "(`funchat keys create`, k8s/README.md), and none belongs in git):"]
     about += [f"  {line}" for line in prerequisites(rendered)]
     files["kustomization.yaml"] = HEADER + comment(about) + dump([kustomization])
     return files

@@ -11,8 +11,19 @@ API), `"orchestrator_metrics"` (its Prometheus /metrics, host:port), `"redis"` a
 (the directory in use). The parts' pids go to
 `<run_dir>/stack.json`, which `down` reads. A resume-token key is created once in
 `<run_dir>/resume_secret` (mode 0600); the orchestrator reads it there (FUNCHAT_RESUME_SECRET_FILE).
+
+API keys: the first `up` creates the key file `<run_dir>/api_keys` with one key for the tenant
+"dev" (funchat.api_keys.create_key) and writes that key to `<run_dir>/api_key` (mode 0600); later
+`up`s keep both (delete them for a new key). The orchestrator authenticates every call against the
+key file (FUNCHAT_API_KEYS_FILE, re-read when it changes: `funchat keys create --tenant NAME
+--keys-file .run/api_keys` adds keys to the running stack); endpoints.json names the key's file
+("api_key_file"); `up` prints how to use it (`export FUNCHAT_API_KEY=$(cat .run/api_key)`), and its
+own health checks, `make run`'s demo and `make loadtest` read it from there. With FUNCHAT_AUTH=off
+in this shell the orchestrator takes calls without a key (the files are made all the same).
+
 The orchestrator's settings are FUNCHAT_* environment variables (services/orchestrator/README.md):
-the ones set in this shell are passed on, the stack sets checkpoint, endpoints, Redis and ports.
+the ones set in this shell are passed on (not FUNCHAT_API_KEY, a client's), the stack sets
+checkpoint, endpoints, Redis, ports and the key file.
 """
 
 from __future__ import annotations
@@ -54,17 +65,49 @@ def resume_secret_file(run_dir: Path) -> Path:
     return path
 
 
-async def _health(target: str, timeout: float = 2.0) -> bool:
+API_KEYS_FILE = "api_keys"  # the key file the orchestrator reads
+API_KEY_FILE = "api_key"    # the dev tenant's key, for the clients
+DEV_TENANT = "dev"
+
+
+def api_key_files(run_dir: Path) -> tuple[Path, Path]:
+    """(<run_dir>/api_keys, <run_dir>/api_key): the key file and a key of tenant "dev" in it, created
+    once (mode 0600) so that the key stays valid across `make up`s. When either is missing a new key
+    is made (added to the key file, or to a new one)."""
+    from funchat.api_keys import create_key
+
+    keys_file, key_file = run_dir / API_KEYS_FILE, run_dir / API_KEY_FILE
+    if keys_file.exists() and key_file.exists() and key_file.read_text().strip():
+        return keys_file, key_file
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key, _ = create_key(keys_file, DEV_TENANT)
+    key_file.unlink(missing_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return keys_file, key_file
+
+
+def read_api_key(run_dir: Path) -> str:
+    """The local stack's key (<run_dir>/api_key), "" when there is none."""
+    try:
+        return (run_dir / API_KEY_FILE).read_text().strip()
+    except OSError:
+        return ""
+
+
+async def _health(target: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
     from funchat.client import AsyncClient, FunchatClientError
     try:
-        async with AsyncClient(target, timeout=timeout) as client:
+        async with AsyncClient(target, timeout=timeout, api_key=api_key) as client:
             return await client.health()
     except FunchatClientError:  # e.g. Ray's proxy up before the application: not ready yet
         return False
 
 
-def api_healthy(target: str, timeout: float = 2.0) -> bool:
-    return asyncio.run(_health(target, timeout))
+def api_healthy(target: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
+    """The API's gRPC health check says SERVING (it needs no key; api_key, None: FUNCHAT_API_KEY)."""
+    return asyncio.run(_health(target, timeout, api_key))
 
 
 @dataclass
@@ -116,16 +159,21 @@ class OrchestratorProcess:
 
 
 def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeout: float = 180.0,
-                       metrics_port: int | None = None) -> OrchestratorProcess:
+                       metrics_port: int | None = None, api_key: str | None = None) -> OrchestratorProcess:
     """Start `python -m funchat.orchestrator.app` in its own process group; wait for its health check.
-    env: its FUNCHAT_* settings (checkpoint, endpoints, redis_url, the resume secret, ...), over
-    this process's environment; the gRPC port is `grpc_port`, Ray's HTTP proxy gets a free port and
-    so does /metrics unless `metrics_port` is given."""
+    env: its FUNCHAT_* settings (checkpoint, endpoints, redis_url, the resume secret, the API key
+    file FUNCHAT_API_KEYS_FILE or FUNCHAT_AUTH=off, ...), over this process's environment (less
+    FUNCHAT_API_KEY: a client's key is no server's business); the gRPC port is `grpc_port`, Ray's HTTP
+    proxy gets a free port and so does /metrics unless `metrics_port` is given. api_key: the key the
+    health check sends (None: FUNCHAT_API_KEY; the check needs none)."""
+    from funchat.client.auth import API_KEY_ENV
+
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "orchestrator.log"
     metrics_port = free_port() if metrics_port is None else metrics_port
     full_env = {**os.environ, **env, "FUNCHAT_GRPC_PORT": str(grpc_port), "FUNCHAT_HTTP_PORT": str(free_port()),
                 "FUNCHAT_METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
+    full_env.pop(API_KEY_ENV, None)
     venv_bin = str(Path(sys.executable).parent)
     full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
     with open(log, "ab") as out:
@@ -137,7 +185,7 @@ def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeo
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise StackError(f"the orchestrator exited with code {proc.returncode}; log {log}:\n{tail(log)}")
-        if api_healthy(orch.target):
+        if api_healthy(orch.target, api_key=api_key):
             return orch
         time.sleep(0.5)
     orch.stop()
@@ -177,23 +225,36 @@ def cmd_up(args: argparse.Namespace) -> int:
                "FUNCHAT_ENDPOINTS": json.dumps({k: endpoints[k] for k in ModelEndpoints.model_fields}),
                # the key is the file; a FUNCHAT_RESUME_SECRET inherited from the shell would conflict
                "FUNCHAT_RESUME_SECRET_FILE": str(resume_secret_file(run_dir)), "FUNCHAT_RESUME_SECRET": ""}
+        keys_file, key_file = api_key_files(run_dir)
+        env["FUNCHAT_API_KEYS_FILE"] = str(keys_file)
         if args.replicas is not None:
             env["FUNCHAT_REPLICAS"] = str(args.replicas)
-        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout)
+        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout, api_key=read_api_key(run_dir))
         started.update(orchestrator_pid=orch.pid)
         print(f"orchestrator      {orch.target} (Ray Serve gRPC)  pid {orch.pid}  log {orch.log}", flush=True)
         print(f"orchestrator      http://{orch.metrics_target}/metrics (Prometheus, all replicas)", flush=True)
         endpoints.update(orchestrator=orch.target, orchestrator_metrics=orch.metrics_target, redis=redis.url,
-                         checkpoint=str(checkpoint))
+                         checkpoint=str(checkpoint), api_key_file=str(key_file))
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
         (run_dir / STACK_FILE).write_text(json.dumps(started, indent=2) + "\n")
         print(f"endpoints: {run_dir / 'endpoints.json'}")
+        print(f"api key           {_shown(key_file)} (tenant {DEV_TENANT}; key file {_shown(keys_file)}); "
+              f"for funchat chat/call and your clients:\n"
+              f"                  export FUNCHAT_API_KEY=$(cat {_shown(key_file)})")
         return 0
     except Exception as exc:  # leave nothing half-started behind
         print(f"error: {exc}", file=sys.stderr)
         (run_dir / STACK_FILE).write_text(json.dumps(started, indent=2) + "\n")
         cmd_down(args)
         return 2
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (.run/api_key), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -220,7 +281,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         pid = state.get(key)
         print(f"{name:17s} {'running' if pid and _alive(pid) else 'stopped'}" + (f"  pid {pid}" if pid else ""))
     if endpoints.get("orchestrator"):
-        ok = api_healthy(endpoints["orchestrator"])
+        ok = api_healthy(endpoints["orchestrator"], api_key=read_api_key(run_dir))
         print(f"api               {endpoints['orchestrator']}  {'SERVING' if ok else 'not serving'}")
     return subprocess.call([sys.executable, "-m", "funchat.dev.tritonserver", "status", "--run-dir", str(run_dir)])
 

@@ -17,12 +17,15 @@ Modules, in the order a load test uses them:
 - records: TurnRecord / CallRecord, what was measured;
 - stats: percentiles, turn summaries, SLOs, goodput, the largest concurrency that holds;
 - shapes: steady / step / spike schedules; report: summary.json; plot: its PNG;
-- probe: is a server answering at all.
+- probe: is a server answering at all, and does it take the API key.
+
+Every caller sends the API key (`authorization: Bearer <key>`) from FUNCHAT_API_KEY unless given
+one (`api_key=`); funchat.client.auth has the helpers.
 """
 
 from funchat.loadgen.converse import ConverseCaller
 from funchat.loadgen.plan import Shares, TurnPlan, plan_call
-from funchat.loadgen.probe import unreachable_reason
+from funchat.loadgen.probe import auth_problem, unreachable_reason
 from funchat.loadgen.records import BEHAVIOURS, CallRecord, TurnRecord
 from funchat.loadgen.report import build_summary
 from funchat.loadgen.respond import respond_call
@@ -33,7 +36,7 @@ from funchat.loadgen.utterances import Utterance, UtteranceError, load_utterance
 
 __all__ = [
     "BEHAVIOURS", "SHAPES", "CallRecord", "CallerSettings", "ConverseCaller", "Schedule", "Shares", "Slo",
-    "TurnPlan", "TurnRecord", "Utterance", "UtteranceError", "build_summary", "call_misses", "goodput",
-    "largest_holding", "load_utterances", "percentile", "plan_call", "respond_call", "turn_summary",
+    "TurnPlan", "TurnRecord", "Utterance", "UtteranceError", "auth_problem", "build_summary", "call_misses",
+    "goodput", "largest_holding", "load_utterances", "percentile", "plan_call", "respond_call", "turn_summary",
     "unreachable_reason",
 ]

@@ -37,6 +37,7 @@ import numpy as np
 
 from funchat.api import pb, pb_grpc
 from funchat.client.audio import encode_audio
+from funchat.client.auth import authed_stub
 from funchat.loadgen.plan import TurnPlan
 from funchat.loadgen.records import (BARGE_IN, BARGE_IN_IGNORED, CLIENT_ERROR, HANG_UP, LISTEN, NO_TURN, SILENT,
                                      TIMEOUT, CallRecord, TurnRecord)
@@ -104,16 +105,17 @@ class _Received:
 
 class ConverseCaller:
     """Play `plan` as one Converse call on `channel`; run() returns the CallRecord. on_turn(record)
-    is called (from run's thread) as each turn's measurements are final."""
+    is called (from run's thread) as each turn's measurements are final. api_key: the API key the
+    call sends (None: $FUNCHAT_API_KEY; "": none)."""
 
     def __init__(self, channel: grpc.Channel, plan: list[TurnPlan], settings: CallerSettings = CallerSettings(),
                  seed: int | None = None, on_turn: Callable[[TurnRecord], None] | None = None,
-                 call_id: str | None = None):
+                 call_id: str | None = None, api_key: str | None = None):
         if not plan:
             raise ValueError("an empty plan: a call needs at least one turn")
         if any(p.behaviour != LISTEN for p in plan) and not (settings.realtime and settings.server_vad):
             raise ValueError("barge-in, silence and hang-up need a live caller (realtime with server VAD)")
-        self.stub = pb_grpc.FunchatStub(channel)
+        self.stub = authed_stub(pb_grpc.FunchatStub(channel), api_key)
         self.plan, self.settings, self.seed = plan, settings, seed
         self.on_turn = on_turn
         self.call_id = call_id or uuid.uuid4().hex[:12]

@@ -1,10 +1,15 @@
-"""Is a funchat server answering at a target? One line saying why not, for a load test that must
-not start against nothing."""
+"""Is a funchat server answering at a target, and does it take our API key? One line saying why
+not, for a load test that must not start against nothing (or get nothing but UNAUTHENTICATED)."""
 
 from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from funchat.api import pb, pb_grpc
+from funchat.client.auth import API_KEY_ENV, authed_stub, resolve_api_key
+
+PROBE_SESSION_ID = "sess_loadtest_key_probe"  # no such session: the answer is NOT_FOUND once the key is taken
 
 
 def unreachable_reason(target: str, timeout_s: float = 5.0) -> str | None:
@@ -30,4 +35,30 @@ def unreachable_reason(target: str, timeout_s: float = 5.0) -> str | None:
         channel.close()
     if answer.status != health_pb2.HealthCheckResponse.SERVING:
         return f"{target} is not serving (health: {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)})"
+    return None
+
+
+def auth_problem(target: str, api_key: str | None = None, timeout_s: float = 5.0,
+                 source: str = API_KEY_ENV) -> str | None:
+    """None when `target` takes the API key (api_key, None: $FUNCHAT_API_KEY; "": none), or needs
+    none; else why not, in one line (never the key; `source` says where it came from). The probe is
+    a GetSession of a session that does not exist: a server that authenticates the call answers
+    NOT_FOUND; UNAUTHENTICATED comes first. Only UNAUTHENTICATED is a problem here
+    (unreachable_reason tells the rest)."""
+    key = resolve_api_key(api_key)
+    channel = grpc.insecure_channel(target)
+    try:
+        authed_stub(pb_grpc.FunchatStub(channel), key or "").GetSession(
+            pb.GetSessionRequest(session_id=PROBE_SESSION_ID), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return None
+        details = " ".join((exc.details() or "").split())
+        if key:
+            return (f"{target} refused the API key from {source} (UNAUTHENTICATED: {details}); "
+                    f"set {API_KEY_ENV} to an active key of this server")
+        return (f"{target} needs an API key (UNAUTHENTICATED: {details}); set {API_KEY_ENV} to a key of this "
+                f"server (`make up` writes one to .run/api_key)")
+    finally:
+        channel.close()
     return None

@@ -10,6 +10,7 @@ import grpc
 
 from funchat.api import pb, pb_grpc
 from funchat.client.audio import encode_audio
+from funchat.client.auth import authed_stub
 from funchat.loadgen.records import CallRecord, TurnRecord
 from funchat.loadgen.replies import ReplyTracker
 from funchat.loadgen.settings import CallerSettings
@@ -17,8 +18,9 @@ from funchat.loadgen.utterances import Utterance
 
 
 def respond_call(channel: grpc.Channel, utterance: Utterance, settings: CallerSettings = CallerSettings(),
-                 seed: int | None = None, call_id: str | None = None) -> CallRecord:
-    """One Respond RPC (deadline: settings.turn_timeout_s) -> a CallRecord of one turn."""
+                 seed: int | None = None, call_id: str | None = None, api_key: str | None = None) -> CallRecord:
+    """One Respond RPC (deadline: settings.turn_timeout_s) -> a CallRecord of one turn. api_key: the
+    API key it sends (None: $FUNCHAT_API_KEY; "": none)."""
     call_id = call_id or uuid.uuid4().hex[:12]
     request = pb.RespondRequest(config=settings.session(seed), audio=encode_audio(utterance.audio, "pcm16"))
     record = TurnRecord("respond", call_id, 0, time.time())
@@ -26,7 +28,8 @@ def respond_call(channel: grpc.Channel, utterance: Utterance, settings: CallerSe
     response_id = ""
     sent_at = time.monotonic()
     try:
-        for event in pb_grpc.FunchatStub(channel).Respond(request, timeout=settings.turn_timeout_s):
+        stub = authed_stub(pb_grpc.FunchatStub(channel), api_key)
+        for event in stub.Respond(request, timeout=settings.turn_timeout_s):
             t = time.monotonic()
             kind = event.WhichOneof("event")
             if kind == "error" and not record.error:

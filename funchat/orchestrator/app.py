@@ -33,6 +33,7 @@ from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
 from funchat import tracing
+from funchat.api_keys import KeyFileError, KeyStore
 from funchat.orchestrator import metrics
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, env_name
@@ -174,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         # starting Ray when they cannot be used
         settings.read_resume_secret()
         settings.tracing_config()
-    except SettingsError as exc:
+        if settings.auth == "api_keys":
+            KeyStore(settings.api_keys_file)  # readable and well-formed, or refused here
+    except (SettingsError, KeyFileError) as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
+    if settings.auth == "off":
+        print("orchestrator: WARNING: FUNCHAT_AUTH=off: the API answers anyone, without API keys (development "
+              "only)", file=sys.stderr, flush=True)
     os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")  # Ray's own knob, inherited by its processes
     # Ray's gRPC proxy otherwise accepts messages up to 2 GiB, read in full before any check of ours
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.max_message_bytes)

@@ -92,3 +92,13 @@ class InputAudioStream:
         if self.resampler is not None:
             samples = self.resampler.resample_chunk(samples).astype(np.float32)
         return samples
+
+    def flush(self) -> np.ndarray:
+        """At the end of a turn: the samples the resampler still holds (its delay, up to ~0.1 s at
+        8 kHz), and a fresh stream for the next turn. Without it a manual turn loses its last
+        samples to the start of the next one."""
+        if self.resampler is None:
+            return np.zeros(0, np.float32)
+        tail = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True).astype(np.float32)
+        self.resampler = soxr.ResampleStream(self.fmt.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return tail

@@ -62,6 +62,11 @@ def _bad(message: str) -> ApiError:
     return ApiError("INVALID_ARGUMENT", message, "session")
 
 
+def quoted(text: str, limit: int = 64) -> str:
+    """A caller's string as a refusal quotes it: cut, so an error never echoes megabytes back."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def parse_config(cfg: pb.SessionConfig, voices: set[str], max_new_tokens: int) -> CallConfig:
     """SessionConfig -> CallConfig; raises ApiError(INVALID_ARGUMENT) naming the bad field.
     The fields are checked in this order, so a config with several problems names the first."""
@@ -90,7 +95,7 @@ def parse_config(cfg: pb.SessionConfig, voices: set[str], max_new_tokens: int) -
 
 def _voice(voice: str, voices: set[str]) -> str:
     if voice and voice not in voices:
-        raise _bad(f"unknown voice {voice!r}; available: {', '.join(sorted(voices))}")
+        raise _bad(f"unknown voice {quoted(voice)}; available: {', '.join(sorted(voices))}")
     return voice
 
 
@@ -103,13 +108,13 @@ def _tools(tools) -> list[dict]:
         try:
             params = json.loads(tool.parameters_json, parse_constant=_no_constant) if tool.parameters_json \
                 else {"type": "object", "properties": {}}
-        except (json.JSONDecodeError, ValueError) as exc:  # ValueError: NaN / Infinity (not JSON)
-            raise _bad(f"tools[{i}] ({tool.name}): parameters_json is not valid JSON: {exc}") from None
+        except ValueError as exc:  # a JSONDecodeError, or NaN / Infinity (no JSON values)
+            raise _bad(f"tools[{i}] ({quoted(tool.name)}): parameters_json is not valid JSON: {exc}") from None
         except RecursionError:  # "[[[[..." deeper than Python's decoder goes
-            raise _bad(f"tools[{i}] ({tool.name}): parameters_json is nested too deeply") from None
+            raise _bad(f"tools[{i}] ({quoted(tool.name)}): parameters_json is nested too deeply") from None
         if not isinstance(params, dict):
-            raise _bad(f"tools[{i}] ({tool.name}): parameters_json must be a JSON object (a JSON Schema), got "
-                       f"{type(params).__name__}")
+            raise _bad(f"tools[{i}] ({quoted(tool.name)}): parameters_json must be a JSON object (a JSON "
+                       f"Schema), got {type(params).__name__}")
         out.append({"type": "function", "function": {"name": tool.name, "description": tool.description,
                                                      "parameters": params}})
     return out

@@ -21,7 +21,7 @@ from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
 from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
-from funchat.orchestrator.call_config import CallConfig
+from funchat.orchestrator.call_config import CallConfig, quoted
 from funchat.orchestrator.errors import ApiError, store_call
 from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
 from funchat.orchestrator.outbox import END, Outbox
@@ -44,11 +44,12 @@ class _Limit:
 class ConverseCall:
     """One Converse call's state: input audio, turn detection, the reply in progress."""
 
-    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, trace_parent=None):
+    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, trace_parent=None,
+                 tenant: str = ""):
         """trace_parent: the caller's trace context (from the RPC's metadata), the parent of every
-        turn's trace; None: each turn starts a trace of its own."""
+        turn's trace; None: each turn starts a trace of its own. tenant: the caller's (traces)."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
-        self.trace_parent = trace_parent
+        self.trace_parent, self.tenant = trace_parent, tenant
         self.settings = service.settings
         self.outbox = Outbox()
         self.audio = InputAudioStream(cfg.input_format, self.settings.max_chunk_ms)
@@ -149,6 +150,9 @@ class ConverseCall:
             for ev in self.detector.flush():
                 await self.on_vad(ev)
             return
+        tail = self.audio.flush()  # what the resampler still holds belongs to this turn, not the next
+        if tail.size:
+            self.buffer_audio(tail)
         if not self.buffered:
             self.error("INVALID_ARGUMENT", "empty turn: no audio since the last commit", "commit")
             return
@@ -157,6 +161,7 @@ class ConverseCall:
         await self.start_turn(audio)
 
     async def on_clear(self, event: pb.ClientEvent) -> None:
+        self.audio.flush()
         self.buffer, self.buffered = [], 0
         if self.detector is not None:
             self.detector.reset()
@@ -170,7 +175,7 @@ class ConverseCall:
     async def on_playback(self, event: pb.ClientEvent) -> None:
         ack = event.playback
         if self.response is None or ack.response_id != self.response.response_id:
-            self.error("INVALID_ARGUMENT", f"playback ack for {ack.response_id!r}, which is not the current "
+            self.error("INVALID_ARGUMENT", f"playback ack for {quoted(ack.response_id)}, which is not the current "
                                            "response", "playback")
             return
         self.response.played_ms = max(self.response.played_ms or 0, int(ack.played_ms))
@@ -258,7 +263,7 @@ class ConverseCall:
     def turn_trace(self, stopped: SpeechStopped | None) -> TurnTrace:
         """The turn's trace start. A VAD turn's speech ended `silence` ago in the caller's audio, which
         arrives in real time: the vad.end_of_turn span covers that wait."""
-        trace = TurnTrace(parent=self.trace_parent)
+        trace = TurnTrace(parent=self.trace_parent, tenant=self.tenant)
         if stopped is not None:
             decided_ms = stopped.audio_offset_ms + len(stopped.audio) * 1000 // SAMPLE_RATE
             silence_ms = max(0, decided_ms - stopped.audio_end_ms)

@@ -91,6 +91,7 @@ class TurnTrace:
     ended_ns: int = field(default_factory=time.time_ns)  # when the caller's turn ended (commit or VAD decision)
     speech_ended_ns: int | None = None  # a VAD turn: when the speech ended (the decision came after the silence)
     vad: dict = field(default_factory=dict)  # the vad.end_of_turn span's attributes
+    tenant: str = ""  # the caller's (an attribute of the turn's span)
 
 
 class Exchange:
@@ -114,7 +115,8 @@ class Exchange:
         with tracing.tracer().start_as_current_span(
                 "funchat.turn", context=tr.parent or otel_context.Context(), kind=tracing.SpanKind.SERVER,
                 start_time=tr.speech_ended_ns or tr.ended_ns, record_exception=True, set_status_on_exception=True,
-                attributes={"funchat.session_id": self.session_id, "funchat.response_id": self.response.response_id,
+                attributes={"funchat.tenant": tr.tenant, "funchat.session_id": self.session_id,
+                            "funchat.response_id": self.response.response_id,
                             "funchat.mode": self.cfg.mode, "funchat.audio_ms": len(self.audio16k) * 1000 // SAMPLE_RATE}
                 ) as self.span:
             if tr.speech_ended_ns is not None:

@@ -6,6 +6,12 @@ the full-duplex call (`converse.ConverseCall`), `Respond` a single exchange (`ex
 end an RPC set its status code and details after an `error` event; errors of one event are sent as
 an `error` event and the call goes on.
 
+Authentication: with FUNCHAT_AUTH=api_keys (the default) every RPC but the health check carries
+`authorization: Bearer <key>` metadata; the key file (FUNCHAT_API_KEYS_FILE, `funchat.api_keys`)
+names the key's tenant, and a missing, wrong or revoked key ends the RPC with UNAUTHENTICATED.
+Sessions belong to the tenant that created them: another tenant's session id or resume token is
+answered as one that does not exist.
+
 Traces: a caller may send W3C trace context (`traceparent` metadata); each turn's trace is then a
 child of it (`exchange.TurnTrace`). Respond is one `funchat.Respond` span over the RPC with the
 turn under it; in Converse every turn is a trace of its own.
@@ -24,6 +30,7 @@ import numpy as np
 
 from funchat import tracing
 from funchat.api import pb
+from funchat.api_keys import AuthError, KeyStore
 from funchat.checkpoint_files import voice_names
 from funchat.orchestrator.audio_input import AudioFormatError, decode_utterance
 from funchat.orchestrator.call_config import PROTO_MODES, CallConfig, parse_config
@@ -47,6 +54,8 @@ class FunchatService:
         self.endpoints = settings.endpoints.model_dump()
         self.voices = voice_names(settings.checkpoint)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
+        # KeyFileError (missing or malformed file) refuses to start: no replica serves without its keys
+        self.keys = KeyStore(settings.api_keys_file) if settings.auth == "api_keys" else None
         self.calls = 0
         self._services: ModelServices | None = None
         self._store: SessionStore | None = None
@@ -73,6 +82,19 @@ class FunchatService:
             self._runner = TurnRunner(self.info, self.services)
         return self._runner
 
+    # ---- authentication ----
+
+    def tenant_of(self, ctx) -> str:
+        """The calling tenant, from the RPC's `authorization` metadata; "" when authentication is off.
+        Raises ApiError UNAUTHENTICATED saying what to send (never echoing a key)."""
+        if self.keys is None:
+            return ""
+        metadata = getattr(ctx, "invocation_metadata", None)
+        try:
+            return self.keys.authenticate_metadata(metadata() if callable(metadata) else None)
+        except AuthError as exc:
+            raise ApiError("UNAUTHENTICATED", str(exc)) from None
+
     # ---- admission ----
 
     def admit(self) -> None:
@@ -89,28 +111,31 @@ class FunchatService:
 
     # ---- sessions ----
 
-    async def open_session(self, cfg: CallConfig, resume_token: str = "", session_id: str = ""
+    async def open_session(self, cfg: CallConfig, tenant: str, resume_token: str = "", session_id: str = ""
                            ) -> tuple[SessionRecord, bool]:
-        """A new session, or the one a resume token / id names (its history kept, its config replaced)."""
+        """A new session of `tenant`, or that tenant's session a resume token / id names (its history
+        kept, its config replaced)."""
         if resume_token:
-            session_id = await store_call(self.store.verify_resume_token(resume_token))
+            session_id = await store_call(self.store.verify_resume_token(resume_token, tenant=tenant))
         if session_id:
-            record = await store_call(self.store.get(session_id))
+            record = await store_call(self.store.get(session_id, tenant=tenant))
             await store_call(self.store.update_config(session_id, asdict(cfg)))
             record.config = asdict(cfg)
             return record, True
-        return await store_call(self.store.create(asdict(cfg))), False
+        return await store_call(self.store.create(asdict(cfg), tenant=tenant)), False
 
     def session_created(self, record: SessionRecord, resumed: bool) -> pb.ServerEvent:
         return pb.ServerEvent(session_created=pb.SessionCreated(
-            session_id=record.session_id, resume_token=self.store.issue_resume_token(record.session_id),
+            session_id=record.session_id,
+            resume_token=self.store.issue_resume_token(record.session_id, tenant=record.tenant),
             resumed=resumed, turns=len(record.turns), expires_in_s=self.settings.session_ttl_s))
 
     async def GetSession(self, request: pb.GetSessionRequest, ctx=None) -> pb.Session:
         try:
+            tenant = self.tenant_of(ctx)
             if not request.session_id:
                 raise ApiError("INVALID_ARGUMENT", "session_id is empty")
-            record = await store_call(self.store.get(request.session_id))
+            record = await store_call(self.store.get(request.session_id, tenant=tenant))
         except ApiError as exc:
             exc.end_rpc(ctx)
             return pb.Session()
@@ -124,9 +149,10 @@ class FunchatService:
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, ctx=None) -> pb.DeleteSessionResponse:
         try:
+            tenant = self.tenant_of(ctx)
             if not request.session_id:
                 raise ApiError("INVALID_ARGUMENT", "session_id is empty")
-            deleted = await store_call(self.store.delete(request.session_id))
+            deleted = await store_call(self.store.delete(request.session_id, tenant=tenant))
             if not deleted:
                 raise ApiError("NOT_FOUND", f"no session {request.session_id!r} (never created, deleted or expired)")
         except ApiError as exc:
@@ -151,6 +177,8 @@ class FunchatService:
         trace.parent = tracing.in_span(span)
         admitted = False
         try:
+            trace.tenant = tenant = self.tenant_of(ctx)
+            span.set_attribute("funchat.tenant", tenant)
             cfg = parse_config(request.config, self.voices, self.settings.max_new_tokens)
             if request.config.resume_token:
                 raise ApiError("INVALID_ARGUMENT", "Respond takes session_id, not a resume token (that is for "
@@ -159,7 +187,7 @@ class FunchatService:
             self.admit()
             admitted = True
             with tracing.within(span):  # the store's spans join the RPC's
-                record, resumed = await self.open_session(cfg, session_id=request.session_id)
+                record, resumed = await self.open_session(cfg, tenant, session_id=request.session_id)
             span.set_attribute("funchat.session_id", record.session_id)
             yield self.session_created(record, resumed)
             response = Response.new()
@@ -201,6 +229,9 @@ class FunchatService:
                 first = await stream.__anext__()
             except StopAsyncIteration:
                 return
+            # After the first read: a call refused before the client's first write lands can reach
+            # grpc's asyncio client as INTERNAL instead of this status (grpc/grpc#36066)
+            tenant = self.tenant_of(ctx)
             kind = first.WhichOneof("event")
             if kind != "session":
                 raise ApiError("FAILED_PRECONDITION", f"the first event of a call must be `session` (the config), "
@@ -208,9 +239,9 @@ class FunchatService:
             cfg = parse_config(first.session, self.voices, self.settings.max_new_tokens)
             self.admit()
             admitted = True
-            record, resumed = await self.open_session(cfg, resume_token=first.session.resume_token)
+            record, resumed = await self.open_session(cfg, tenant, resume_token=first.session.resume_token)
             yield self.session_created(record, resumed)
-            call = ConverseCall(self, record.session_id, cfg, trace_parent=caller_trace(ctx))
+            call = ConverseCall(self, record.session_id, cfg, trace_parent=caller_trace(ctx), tenant=tenant)
             reader = asyncio.create_task(call.read(stream))
             try:
                 while (item := await call.outbox.get()) is not END:

@@ -9,7 +9,7 @@ elsewhere with a resume token.
 Key layout (`prefix` defaults to "funchat:"; `<id>` is the session id, [A-Za-z0-9_-]{1,128}):
 
     {prefix}session:<id>              string  JSON meta: {"v": 1, "session_id", "created_at",
-                                              "config", "state", "active", "owner"}
+                                              "config", "state", "active", "owner", "tenant"}
     {prefix}session:<id>:turns        list    one JSON object per turn, oldest first: {"role",
                                               "text", "n_groups", "audio_ms", "truncated",
                                               "tool_calls", "response_id", "audio"}, where "audio"
@@ -29,10 +29,15 @@ and EXECs; when another writer (or an expiry) touched a watched key in between, 
 the write starts over from the read. Reads of a whole session use the same WATCH, so the turns and
 their audio rows always come from one version.
 
-Resume tokens `v1.<session_id>.<issued_at>.<mac>` (issued_at: Unix seconds; mac: unpadded
-base64url HMAC-SHA256 of "<session_id>|<issued_at>" keyed with the secret shared by every
+Sessions belong to a tenant (the caller's API key names it; "" without authentication), recorded
+at creation: `get(session_id, tenant=...)` and `delete` refuse another tenant's session exactly as
+a session that does not exist, so a session id alone reveals nothing.
+
+Resume tokens `v2.<session_id>.<issued_at>.<mac>` (issued_at: Unix seconds; mac: unpadded
+base64url HMAC-SHA256 of "<tenant>|<session_id>|<issued_at>" keyed with the secret shared by every
 replica, the orchestrator's FUNCHAT_RESUME_SECRET) let a caller take its session to any replica.
-A token is good for `ttl_s` seconds after it was issued, and only while its session exists.
+A token is good for `ttl_s` seconds after it was issued, only while its session exists, and only
+for the tenant it was issued to (checked by the MAC: another tenant's token does not verify).
 
 Each Redis operation's latency is recorded by its name (`metrics.session_store_op`); inside a traced
 turn it is also a span, `session_store.<op>`.
@@ -67,7 +72,7 @@ from funchat.orchestrator import metrics
 STATES = ("idle", "listening", "responding")
 ROLES = ("user", "assistant", "tool")
 AUDIO_DTYPE = "<f4"  # little-endian float32 on every machine, whatever the host's byte order
-TOKEN_VERSION = "v1"
+TOKEN_VERSION = "v2"
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no ":" (keys) and no "." (tokens)
 ISSUED_AT = re.compile(r"[0-9]{1,12}")
 CLOCK_SKEW_S = 300     # a token issued this far in the future (another replica's clock) is still accepted
@@ -131,6 +136,7 @@ class SessionRecord:
     state: str = "idle"                    # "idle" | "listening" | "responding"
     active: dict | None = None             # the turn in progress (opaque), None between turns
     owner: str | None = None               # the orchestrator replica serving the call
+    tenant: str = ""                       # who created it (the API key's tenant; "" without auth)
     expires_in_s: float | None = None      # filled on read from the meta key's TTL
 
 
@@ -239,8 +245,9 @@ class SessionStore:
     # ---- reads ----
 
     @_store_op
-    async def get(self, session_id: str) -> SessionRecord:
-        """The whole session, its audio rows included. Raises SessionNotFound."""
+    async def get(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        """The whole session, its audio rows included. tenant: the caller's; another tenant's session
+        is not found (None: no check, for the store's own callers). Raises SessionNotFound."""
         self._check_id(session_id)
         meta_key, turns_key = self._meta_key(session_id), self._turns_key(session_id)
         with self._reachable():
@@ -265,12 +272,15 @@ class SessionStore:
                     raise SessionError(f"session {session_id}: could not read a consistent version after "
                                        f"{WATCH_ATTEMPTS} attempts (too many concurrent writes)")
         meta = json.loads(raw)
+        if tenant is not None and meta.get("tenant", "") != tenant:
+            raise SessionNotFound(f"no session {session_id!r} (never created, deleted or expired)")
         if any(b is None for b in blobs):  # keys removed behind the store's back
             raise SessionNotFound(f"no session {session_id!r} (its audio rows expired or were deleted)")
         blob_iter = iter(blobs)
         turns = [_decode_turn(doc, next(blob_iter) if doc.get("audio") is not None else None) for doc in docs]
         return SessionRecord(session_id=meta["session_id"], created_at=meta["created_at"], config=meta["config"],
                              turns=turns, state=meta["state"], active=meta["active"], owner=meta["owner"],
+                             tenant=meta.get("tenant", ""),
                              expires_in_s=pttl / 1000.0 if pttl >= 0 else None)
 
     @_store_op
@@ -293,17 +303,17 @@ class SessionStore:
     # ---- writes ----
 
     @_store_op
-    async def create(self, config: dict, session_id: str | None = None) -> SessionRecord:
-        """A new, empty session ("idle"). session_id: a new random one when None; a given one must be
-        unused (SessionError otherwise) and match [A-Za-z0-9_-]{1,128} (ValueError otherwise)."""
+    async def create(self, config: dict, session_id: str | None = None, tenant: str = "") -> SessionRecord:
+        """A new, empty session ("idle") of `tenant`. session_id: a new random one when None; a given
+        one must be unused (SessionError otherwise) and match [A-Za-z0-9_-]{1,128} (ValueError otherwise)."""
         if session_id is None:
             session_id = secrets.token_hex(16)
         elif not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             raise ValueError(f"session id {session_id!r} must match [A-Za-z0-9_-]{{1,128}}")
         record = SessionRecord(session_id=session_id, created_at=time.time(), config=config,
-                               expires_in_s=float(self.ttl_s))
+                               expires_in_s=float(self.ttl_s), tenant=tenant)
         meta = _dumps({"v": META_VERSION, "session_id": session_id, "created_at": record.created_at,
-                       "config": config, "state": record.state, "active": None, "owner": None})
+                       "config": config, "state": record.state, "active": None, "owner": None, "tenant": tenant})
         meta_key = self._meta_key(session_id)
         with self._reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -420,8 +430,9 @@ class SessionStore:
         await self._write(session_id, lambda pipe, meta, stored: None)
 
     @_store_op
-    async def delete(self, session_id: str) -> bool:
-        """Remove the session and all its keys. False when there was no such session."""
+    async def delete(self, session_id: str, tenant: str | None = None) -> bool:
+        """Remove the session and all its keys. False when there was no such session (or, with
+        `tenant`, when it is another tenant's: then nothing is removed)."""
         try:
             self._check_id(session_id)
         except SessionNotFound:
@@ -432,7 +443,11 @@ class SessionStore:
                 for _ in range(WATCH_ATTEMPTS):
                     try:
                         await pipe.watch(meta_key, turns_key)
-                        existed = bool(await pipe.exists(meta_key))
+                        raw = await pipe.get(meta_key)
+                        if raw is not None and tenant is not None and json.loads(raw).get("tenant", "") != tenant:
+                            await pipe.unwatch()
+                            return False
+                        existed = raw is not None
                         docs = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
                         pipe.multi()
                         pipe.delete(meta_key, turns_key, *self._audio_keys(session_id, docs))
@@ -448,30 +463,33 @@ class SessionStore:
 
     # ---- resume tokens ----
 
-    def _mac(self, session_id: str, issued_at: int) -> str:
-        digest = hmac.new(self._secret, f"{session_id}|{issued_at}".encode(), hashlib.sha256).digest()
+    def _mac(self, tenant: str, session_id: str, issued_at: int) -> str:
+        digest = hmac.new(self._secret, f"{tenant}|{session_id}|{issued_at}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
-    def issue_resume_token(self, session_id: str, issued_at: int | None = None) -> str:
-        """`v1.<session_id>.<issued_at>.<mac>`; issued_at defaults to now (Unix seconds)."""
+    def issue_resume_token(self, session_id: str, issued_at: int | None = None, tenant: str = "") -> str:
+        """`v2.<session_id>.<issued_at>.<mac>`, good for `tenant` only; issued_at defaults to now (Unix
+        seconds)."""
         if not SESSION_ID.fullmatch(session_id):
             raise ValueError(f"session id {session_id!r} must match [A-Za-z0-9_-]{{1,128}}")
         issued_at = int(time.time()) if issued_at is None else int(issued_at)
-        return f"{TOKEN_VERSION}.{session_id}.{issued_at}.{self._mac(session_id, issued_at)}"
+        return f"{TOKEN_VERSION}.{session_id}.{issued_at}.{self._mac(tenant, session_id, issued_at)}"
 
-    async def verify_resume_token(self, token: str) -> str:
-        """-> the session id. Raises InvalidResumeToken (malformed, forged or altered) or
-        ExpiredResumeToken (older than ttl_s, or its session has expired or was deleted)."""
+    async def verify_resume_token(self, token: str, tenant: str = "") -> str:
+        """-> the session id, for a token issued to `tenant`. Raises InvalidResumeToken (malformed,
+        forged, altered, or another tenant's) or ExpiredResumeToken (older than ttl_s, or its
+        session has expired or was deleted)."""
         parts = token.split(".") if isinstance(token, str) else []
         if (len(parts) != 4 or parts[0] != TOKEN_VERSION or not SESSION_ID.fullmatch(parts[1])
                 or not ISSUED_AT.fullmatch(parts[2])):
-            raise InvalidResumeToken("malformed resume token: expected v1.<session_id>.<issued_at>.<mac> as "
+            raise InvalidResumeToken("malformed resume token: expected v2.<session_id>.<issued_at>.<mac> as "
                                      "issued in session_created")
         session_id, issued_at, mac = parts[1], int(parts[2]), parts[3]
         # Constant-time comparison: the time taken must not tell how much of a guessed MAC is right.
-        if not hmac.compare_digest(self._mac(session_id, issued_at).encode(), mac.encode()):
-            raise InvalidResumeToken("forged or altered resume token: its signature does not match (signed with "
-                                     "another FUNCHAT_RESUME_SECRET, or modified)")
+        if not hmac.compare_digest(self._mac(tenant, session_id, issued_at).encode(), mac.encode()):
+            raise InvalidResumeToken("forged or altered resume token: its signature does not match (issued to "
+                                     "another API key's tenant, signed with another FUNCHAT_RESUME_SECRET, or "
+                                     "modified)")
         age = time.time() - issued_at
         if age < -CLOCK_SKEW_S:
             raise InvalidResumeToken(f"resume token issued {-age:.0f} s in the future: check the replicas' clocks")

@@ -13,6 +13,7 @@ deployment argument, which Ray records.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,6 +57,11 @@ class OrchestratorSettings(BaseSettings):
                                      description="HMAC key of resume tokens, the same on every replica")
     resume_secret_file: Path | None = Field(None, description="a file holding the resume-token key (instead of "
                                                               "FUNCHAT_RESUME_SECRET), e.g. a mounted Secret")
+    auth: Literal["api_keys", "off"] = Field("api_keys", description="api_keys: every RPC but the health check needs "
+                                                                     "`authorization: Bearer <key>` from the key file; "
+                                                                     "off: no authentication (development only)")
+    api_keys_file: Path | None = Field(None, description="the API key file (`funchat keys create`), re-read when it "
+                                                         "changes; required unless FUNCHAT_AUTH=off")
     session_ttl_s: int = Field(3600, description="sessions expire this long after their last write")
     max_calls: int = Field(16, description="admission limit per replica (calls in flight)")
     max_new_tokens: int = Field(512, description="reply length cap (the context caps it too)")
@@ -91,6 +97,13 @@ class OrchestratorSettings(BaseSettings):
     replica_cpus: float = Field(0.25, description="Ray CPUs per replica (2-core machines: <= 0.5)")
     ray_cpus: int = Field(2, description="CPUs of the local Ray cluster that `python -m funchat.orchestrator.app` "
                                          "starts")
+
+    @model_validator(mode="after")
+    def _keys_when_authenticating(self) -> OrchestratorSettings:
+        if self.auth == "api_keys" and self.api_keys_file is None:
+            raise ValueError("FUNCHAT_API_KEYS_FILE is not set: create keys with `funchat keys create --tenant NAME "
+                             "--keys-file FILE` and point it there (or set FUNCHAT_AUTH=off, for development only)")
+        return self
 
     @model_validator(mode="after")
     def _longest_turn_fits_a_message(self) -> OrchestratorSettings:

@@ -3,7 +3,10 @@ with `podman kube play` (funchat.dev.podman_deploy), ready through the chart's o
 greedy spoken turn through the published public API whose tokens equal the in-process oracle's.
 
 Needs the three local images (`make deploy-images`) and podman; the checkpoint volume gets this
-session's tiny checkpoint, the same one the oracle loads.
+session's tiny checkpoint, the same one the oracle loads. The chart authenticates callers by default
+(auth.mode api_keys): the run makes a key file with funchat.api_keys.create_key and gives it to the
+orchestrator as the Secret an operator would create; the turns send that key, and a call without it
+(or with a key not in the file) is refused UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import json
 import shutil
 import time
 
+import grpc
 import numpy as np
 import pytest
 
+from funchat.api import pb, pb_grpc
+from funchat.api_keys import create_key
 from funchat.audio_io import load_audio
 from funchat.client import Client
 from funchat.client.config import session_config
@@ -33,9 +39,11 @@ if shutil.which("podman") is None:
 def deployed(tiny_checkpoint, tmp_path_factory):
     port = free_port()
     run_dir = tmp_path_factory.mktemp("podman-deploy")
-    state = podman_deploy.up(tiny_checkpoint, port, run_dir=run_dir, timeout=600)
+    keys_file = run_dir / "api_keys"
+    key, _ = create_key(keys_file, "deploy-test")
+    state = podman_deploy.up(tiny_checkpoint, port, run_dir=run_dir, timeout=600, api_keys_file=keys_file)
     try:
-        yield state
+        yield {**state, "api_key": key, "run_dir": run_dir}
     finally:
         podman_deploy.down(state)
 
@@ -50,7 +58,7 @@ def test_the_rendered_chart_answers_a_greedy_turn_like_the_oracle(deployed, tiny
     speech = load_audio(example_wav)[: 16000 * 4]
     config = session_config(greedy=True, seed=0, max_new_tokens=MAX_NEW, turn_detection="manual")
     t0 = time.monotonic()
-    reply = Client(deployed["target"], timeout=120).respond(speech, config)
+    reply = Client(deployed["target"], timeout=120, api_key=deployed["api_key"]).respond(speech, config)
     turn_s = time.monotonic() - t0
     ref = tiny_pipeline.respond(pcm16_samples(speech), gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
     assert reply.status == "completed", reply.errors
@@ -68,7 +76,7 @@ def test_the_session_is_in_the_in_chart_redis(deployed, example_wav):
     """The turn's session went to the StatefulSet's Redis (AUTH from the chart's Secret), and a
     second turn continues it."""
     speech = load_audio(example_wav)[: 16000 * 2]
-    client = Client(deployed["target"], timeout=120)
+    client = Client(deployed["target"], timeout=120, api_key=deployed["api_key"])
     first = client.respond(speech, session_config(greedy=True, seed=0, max_new_tokens=8, turn_detection="manual"))
     session = client.get_session(first.session_id)
     assert session.session_id == first.session_id and len(session.turns) >= 1
@@ -76,3 +84,22 @@ def test_the_session_is_in_the_in_chart_redis(deployed, example_wav):
                             session_id=first.session_id)
     assert second.status == "completed"
     assert len(client.get_session(first.session_id).turns) > len(session.turns)
+
+
+def test_calls_without_the_key_are_unauthenticated(deployed, example_wav):
+    """The key file reached the orchestrator through the Secret: its key opens the tenant's session,
+    no key or a key not in the file gets UNAUTHENTICATED (the health check needs none: the probes)."""
+    speech = load_audio(example_wav)[: 16000]
+    config = session_config(greedy=True, seed=0, max_new_tokens=4, turn_detection="manual")
+    session_id = Client(deployed["target"], timeout=120, api_key=deployed["api_key"]).respond(speech, config).session_id
+    stranger, _ = create_key(deployed["run_dir"] / "other" / "api_keys", "stranger")  # well-formed, not deployed
+    with grpc.insecure_channel(deployed["target"]) as channel:
+        stub = pb_grpc.FunchatStub(channel)
+        request = pb.GetSessionRequest(session_id=session_id)
+        assert stub.GetSession(request, timeout=30, metadata=(("authorization", f"Bearer {deployed['api_key']}"),)
+                               ).session_id == session_id
+        for metadata in ((), (("authorization", f"Bearer {stranger}"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetSession(request, timeout=30, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+            assert deployed["api_key"] not in (err.value.details() or "")

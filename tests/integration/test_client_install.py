@@ -1,6 +1,6 @@
 """`funchat[client]` alone: a fresh venv with only `pip install '.[client]'` has no torch, and its
-`funchat chat` talks to a running stack (redis-server, the four tritonservers, the orchestrator)
-without importing torch or any model code.
+`funchat chat` talks to a running stack (redis-server, the four tritonservers, the orchestrator,
+which takes only calls with an API key) without importing torch or any model code.
 
 The venv is made with the machine's pip configuration (and pip's cache), from a copy of the
 sources: pip builds in the source folder, and the checkout is not ours to write into.
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
@@ -41,10 +42,15 @@ def venv_env(venv: Path) -> dict[str, str]:
     return env
 
 
-def run_in(venv: Path, cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_in(venv: Path, cmd: list[str], cwd: Path, timeout: float = 600,
+           api_key: str | None = None) -> subprocess.CompletedProcess:
+    """cmd in the venv; api_key: its FUNCHAT_API_KEY (None: none, whatever this shell has)."""
     # cwd is never the checkout: `python -c` puts cwd first on sys.path, where ./funchat would shadow
     # the installed package.
-    return subprocess.run(cmd, capture_output=True, text=True, env=venv_env(venv), cwd=cwd, timeout=timeout)
+    env = {k: v for k, v in venv_env(venv).items() if k != "FUNCHAT_API_KEY"}
+    if api_key is not None:
+        env["FUNCHAT_API_KEY"] = api_key
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +71,10 @@ def client_venv(tmp_path_factory, copy_sources) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
+    """-> (target, orchestrator log, API key)"""
     run_dir = tmp_path_factory.mktemp("client-install-stack")
+    keys_file, key = make_api_key(run_dir, "dev")
     redis_server = start_redis(run_dir)
     cluster = orch = None
     try:
@@ -74,9 +82,10 @@ def stack(tiny_checkpoint, tmp_path_factory):
                                 run_dir=run_dir / "triton", timeout=180)
         env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
                "FUNCHAT_RESUME_SECRET": "test-secret-" + "0" * 20,
-               "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints)}
+               "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints), "FUNCHAT_AUTH": "api_keys",
+               "FUNCHAT_API_KEYS_FILE": str(keys_file)}
         orch = start_orchestrator(run_dir, env, free_port(), timeout=180)
-        yield orch
+        yield SimpleNamespace(target=orch.target, log=orch.log, key=key)
     finally:
         if orch is not None:
             orch.stop()
@@ -100,10 +109,25 @@ def test_funchat_chat_writes_the_spoken_reply(client_venv, stack, example_wav, t
     out = tmp_path / "reply.wav"
     proc = run_in(client_venv, [str(client_venv / "bin" / "funchat"), "chat", "--server", stack.target,
                                 "--input", str(example_wav), "--output", str(out), "--greedy", "--seed", "0",
-                                "--max-new-tokens", str(MAX_NEW)], cwd=tmp_path)
+                                "--max-new-tokens", str(MAX_NEW)], cwd=tmp_path, api_key=stack.key)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\norchestrator log {stack.log}"
     info = sf.info(str(out))
     assert info.samplerate == 24000 and info.frames > 0, proc.stdout
+
+
+def test_funchat_chat_without_a_key_says_what_to_set(client_venv, stack, example_wav, tmp_path):
+    funchat = str(client_venv / "bin" / "funchat")
+    proc = run_in(client_venv, [funchat, "chat", "--server", stack.target, "--input", str(example_wav)], cwd=tmp_path)
+    assert proc.returncode == 2, f"{proc.stdout}\n{proc.stderr}"
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "answered UNAUTHENTICATED" in proc.stderr
+    assert "no API key was sent: set FUNCHAT_API_KEY" in proc.stderr
+    # the key from a file (--api-key-file) gets past authentication: an unknown session is NOT_FOUND
+    key_file = tmp_path / "api_key"
+    key_file.write_text(stack.key + "\n")
+    proc = run_in(client_venv, [funchat, "chat", "--server", stack.target, "--input", str(example_wav),
+                                "--api-key-file", str(key_file), "--session", "sess_nobody"], cwd=tmp_path)
+    assert proc.returncode == 2 and "answered NOT_FOUND" in proc.stderr, proc.stderr
+    assert stack.key.rsplit("_", 1)[1] not in proc.stderr + proc.stdout
 
 
 CHAT_AND_LIST_MODULES = """
@@ -120,7 +144,7 @@ def test_chat_imports_neither_torch_nor_model_code(client_venv, stack, example_w
     code = CHAT_AND_LIST_MODULES.format(forbidden=FORBIDDEN)
     proc = run_in(client_venv, [str(client_venv / "bin" / "python"), "-c", code, "chat", "--server", stack.target,
                                 "--input", str(example_wav), "--output", str(tmp_path / "reply.wav"), "--greedy",
-                                "--seed", "0", "--max-new-tokens", str(MAX_NEW)], cwd=tmp_path)
+                                "--seed", "0", "--max-new-tokens", str(MAX_NEW)], cwd=tmp_path, api_key=stack.key)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, proc.stdout

@@ -5,13 +5,17 @@ and the Ray Serve orchestrator on 127.0.0.1 (tiny checkpoint, short replies).
   and one Respond call, with what each measured checked against what the server did;
 - loadtests/run.py (what `make loadtest` runs) with both Locust users and barge-ins: Locust's CSV
   files and HTML report, summary.json, plot.png; a generous SLO passes, an impossible one fails;
-- an unreachable target: exit code 2 and one line.
+- an unreachable target, no API key or a refused one: exit code 2 and one line.
+
+The orchestrator takes only calls with an API key: the module's callers and loadtests/run.py send
+the one in FUNCHAT_API_KEY, set for the module (a key of the stack's key file).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +42,9 @@ VAD_SILENCE_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
     run_dir = tmp_path_factory.mktemp("loadtest-stack")
+    keys_file, key = make_api_key(run_dir, "loadtest")
     redis_server = start_redis(run_dir)
     cluster = None
     orch = None
@@ -48,9 +53,13 @@ def stack(tiny_checkpoint, tmp_path_factory):
                                 run_dir=run_dir / "triton", timeout=180)
         env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
                "FUNCHAT_RESUME_SECRET": "loadtest-secret-" + "0" * 20,
-               "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints), "FUNCHAT_MAX_CALLS": "8"}
-        orch = start_orchestrator(run_dir, env, free_port(), timeout=180)
-        yield orch.target
+               "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints), "FUNCHAT_MAX_CALLS": "8",
+               "FUNCHAT_AUTH": "api_keys", "FUNCHAT_API_KEYS_FILE": str(keys_file)}
+        with pytest.MonkeyPatch.context() as mp:
+            # the callers', and run.py's (start_orchestrator keeps it from the server)
+            mp.setenv("FUNCHAT_API_KEY", key)
+            orch = start_orchestrator(run_dir, env, free_port(), timeout=180)
+            yield orch.target
     finally:
         if orch is not None:
             orch.stop()
@@ -116,9 +125,11 @@ def test_a_call_to_nothing_fails_with_its_grpc_status(sentences):
 
 # -- make loadtest ---------------------------------------------------------------------------------
 
-def run_loadtest(target: str, out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([*RUN, "--host", target, "--out", str(out), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+def run_loadtest(target: str, out: Path, *args: str, timeout: float = 240, env: dict | None = None
+                 ) -> subprocess.CompletedProcess:
+    # --endpoints: never the key of a `make up` stack of this checkout (.run/)
+    return subprocess.run([*RUN, "--host", target, "--out", str(out), "--endpoints", str(out / "none.json"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_loadtest_with_both_users_and_barge_ins_writes_every_output_and_passes_a_generous_slo(stack, tmp_path):
@@ -178,3 +189,19 @@ def test_an_unreachable_target_is_one_line_and_exit_code_2(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
     assert proc.stderr.startswith("loadtest: no target: ")
+
+
+def test_no_key_or_a_refused_one_is_one_line_and_exit_code_2(stack, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FUNCHAT_API_KEY"}
+    proc = run_loadtest(stack, tmp_path, "--duration", "5", timeout=60, env=env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"loadtest: {stack} needs an API key (UNAUTHENTICATED: ")
+    assert line.endswith("set FUNCHAT_API_KEY to a key of this server (`make up` writes one to .run/api_key)")
+    wrong = "fck_aaaaaaaaaa_" + "a" * 52
+    proc = run_loadtest(stack, tmp_path, "--duration", "5", timeout=60, env={**env, "FUNCHAT_API_KEY": wrong})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"loadtest: {stack} refused the API key from FUNCHAT_API_KEY (UNAUTHENTICATED: ")
+    assert "a" * 52 not in line
+    assert not (tmp_path / "summary.json").exists()

@@ -1,8 +1,8 @@
 """The orchestrator's Prometheus metrics, end to end: the stack as `make up` starts it
 (`funchat.dev.stack up`: redis-server, four tritonservers, the Ray Serve orchestrator with two
 replicas) and a real Prometheus (Debian's `prometheus`) scraping the orchestrator's endpoint from
-`endpoints.json` and the four tritonservers' metrics ports. Calls go through the public gRPC API;
-every value is read back through Prometheus' HTTP API.
+`endpoints.json` and the four tritonservers' metrics ports. Calls go through the public gRPC API,
+with the API key `up` made (<run_dir>/api_key); every value is read back through Prometheus' HTTP API.
 
 FUNCHAT_MAX_CALLS=1 per replica: two calls held open are on different replicas, so the active
 calls Prometheus reads are the sum over both replica processes (the multiprocess directory).
@@ -26,6 +26,7 @@ import yaml
 
 from funchat.api import pb, pb_grpc
 from funchat.audio_io import load_audio
+from funchat.client import authed_stub
 from funchat.dev import stack as dev_stack
 from funchat.dev.tritonserver import free_port
 
@@ -82,7 +83,8 @@ def cluster(tiny_checkpoint, tmp_path_factory):
         servers = json.loads((run_dir / "triton" / "servers.json").read_text())
         prometheus, address = start_prometheus(run_dir, endpoints["orchestrator_metrics"],
                                                {model: info["metrics"] for model, info in servers.items()})
-        yield {"endpoints": endpoints, "prometheus": address, "run_dir": run_dir}
+        yield {"endpoints": endpoints, "prometheus": address, "run_dir": run_dir,
+               "api_key": dev_stack.read_api_key(run_dir)}
     finally:
         if prometheus is not None:
             prometheus.terminate()
@@ -126,9 +128,9 @@ def config() -> pb.SessionConfig:
 class Call:
     """A Converse call: events sent when asked, server events read one at a time."""
 
-    def __init__(self, channel: grpc.aio.Channel):
+    def __init__(self, channel: grpc.aio.Channel, api_key: str):
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.rpc = pb_grpc.FunchatStub(channel).Converse(self._requests())
+        self.rpc = authed_stub(pb_grpc.FunchatStub(channel), api_key).Converse(self._requests())
 
     async def _requests(self):
         while (event := await self.queue.get()) is not None:
@@ -152,6 +154,11 @@ class Call:
 
 
 def test_make_up_names_the_metrics_endpoint_and_it_serves_the_orchestrator_metrics(cluster):
+    # and the API key's file, made once in the run dir (owner only)
+    key_file = cluster["run_dir"] / "api_key"
+    assert cluster["endpoints"]["api_key_file"] == str(key_file) and cluster["api_key"].startswith("fck_")
+    for path in (key_file, cluster["run_dir"] / "api_keys"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
     address = cluster["endpoints"]["orchestrator_metrics"]
     assert address.startswith("127.0.0.1:")
     text = _http_get(f"http://{address}/metrics")
@@ -175,7 +182,7 @@ def test_calls_over_the_limit_are_counted_refused_and_active_calls_sum_every_rep
             # Calls until both replicas hold one, then one more, which no replica can take. Serve's
             # router may send a call to the full replica (its queue lengths are cached): refused, retried.
             for _ in range(30):
-                call = Call(channel)
+                call = Call(channel, cluster["api_key"])
                 await call.send(pb.ClientEvent(session=config()))
                 try:
                     await call.until("session_created")
@@ -210,7 +217,7 @@ def test_a_greedy_turn_is_read_back_through_prometheus_with_triton_metrics(clust
 
     async def main():
         async with grpc.aio.insecure_channel(cluster["endpoints"]["orchestrator"]) as channel:
-            call = Call(channel)
+            call = Call(channel, cluster["api_key"])
             await call.send(pb.ClientEvent(session=config()))
             await call.until("session_created")
             for k in range(0, len(speech), 8000):
@@ -219,7 +226,8 @@ def test_a_greedy_turn_is_read_back_through_prometheus_with_triton_metrics(clust
             events = await call.until("response_done")
             await call.hang_up()
             with pytest.raises(grpc.aio.AioRpcError) as missing:
-                await pb_grpc.FunchatStub(channel).GetSession(pb.GetSessionRequest(session_id="nope"))
+                await authed_stub(pb_grpc.FunchatStub(channel), cluster["api_key"]).GetSession(
+                    pb.GetSessionRequest(session_id="nope"))
             return events, missing.value
 
     events, missing = asyncio.run(main())

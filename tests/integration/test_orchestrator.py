@@ -4,12 +4,19 @@
 Every exactness check compares with the in-process oracle (`ReferencePipeline`) under greedy
 decoding: the same text and speech tokens, and audio within float tolerance of the oracle's tokens
 run through the vocoder in process.
+
+API keys: the orchestrator reads a key file in the run dir; every client of this module sends a key
+of the tenant "dev" through FUNCHAT_API_KEY (set for the module, as a user's shell would), except
+where a test gives its own (none, a wrong, a revoked or another tenant's key).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,9 +24,12 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from funchat.api import pb, pb_grpc
+from funchat.api_keys import revoke_key
 from funchat.audio_io import load_audio
+from funchat.client import authed_stub
 from funchat.oracle.generation import GenerationConfig
 from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import start_orchestrator
@@ -33,25 +43,35 @@ SECRET = "test-secret-" + "0" * 20
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
     run_dir = tmp_path_factory.mktemp("stack")
+    keys_file, key = make_api_key(run_dir, "dev")
     redis_server = start_redis(run_dir)
     cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"},
                                     "llm": {"idle_timeout_s": "30"}}, run_dir=run_dir / "triton", timeout=180)
     env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
            "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
-           "FUNCHAT_MAX_CALLS": "6", "FUNCHAT_MAX_NEW_TOKENS": "512"}
+           "FUNCHAT_MAX_CALLS": "6", "FUNCHAT_MAX_NEW_TOKENS": "512", "FUNCHAT_AUTH": "api_keys",
+           "FUNCHAT_API_KEYS_FILE": str(keys_file)}
     port = free_port()
     state = {"redis": redis_server, "cluster": cluster, "env": env, "run_dir": run_dir, "port": port,
-             "target": f"127.0.0.1:{port}", "orch": None}
+             "target": f"127.0.0.1:{port}", "orch": None, "keys_file": keys_file, "key": key,
+             "keys": [key]}  # every key this module made (none may show up in a log)
     try:
-        state["orch"] = start_orchestrator(run_dir, env, port, timeout=180)
-        yield state
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUNCHAT_API_KEY", key)  # the clients' (start_orchestrator keeps it from the server)
+            state["orch"] = start_orchestrator(run_dir, env, port, timeout=180)
+            yield state
     finally:
         if state["orch"] is not None:  # the current one: a test may have restarted it
             state["orch"].stop()
         cluster.stop()
         redis_server.stop()
+
+
+def funchat_stub(channel, api_key: str | None = None):
+    """A FunchatStub whose calls send `api_key` (None: FUNCHAT_API_KEY, the dev tenant's here; "": none)."""
+    return authed_stub(pb_grpc.FunchatStub(channel), api_key)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +98,11 @@ def config(manual=True, greedy=True, seed=0, max_new=MAX_NEW, resume_token="", m
 
 
 class Caller:
-    """A scripted Converse client: send events whenever, read server events as they come."""
+    """A scripted Converse client: send events whenever, read server events as they come. api_key: as
+    funchat_stub's."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, api_key: str | None = None):
+        self.api_key = api_key
         self.channel = grpc.aio.insecure_channel(target)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.call = None
@@ -94,7 +116,7 @@ class Caller:
                 if item is None:
                     return
                 yield item
-        self.call = pb_grpc.FunchatStub(self.channel).Converse(requests())
+        self.call = funchat_stub(self.channel, self.api_key).Converse(requests())
         await self.send(first)
         return self
 
@@ -197,7 +219,7 @@ def test_two_greedy_turns_through_converse_equal_the_oracle(stack, tiny_pipeline
 
     async def get():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            return await pb_grpc.FunchatStub(ch).GetSession(pb.GetSessionRequest(session_id=created.session_id))
+            return await funchat_stub(ch).GetSession(pb.GetSessionRequest(session_id=created.session_id))
     session = asyncio.run(get())
     assert [t.role for t in session.turns] == ["user", "assistant", "user", "assistant"]
     assert session.turns[1].text == ref1.text and session.turns[3].text == ref2.text
@@ -279,7 +301,7 @@ def test_barge_in_cancels_drops_audio_and_cuts_the_history(stack, tiny_pipeline,
 
     async def get():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            return await pb_grpc.FunchatStub(ch).GetSession(pb.GetSessionRequest(session_id=created.session_id))
+            return await funchat_stub(ch).GetSession(pb.GetSessionRequest(session_id=created.session_id))
     session = asyncio.run(get())
     assert [t.role for t in session.turns] == ["user", "assistant", "user", "assistant"]
     assert session.turns[1].truncated and session.turns[1].text == interrupted.kept_text
@@ -292,7 +314,7 @@ def test_respond_unary_multi_turn_and_session_calls(stack, tiny_pipeline, speech
 
     async def main():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            stub = pb_grpc.FunchatStub(ch)
+            stub = funchat_stub(ch)
             first = [e async for e in stub.Respond(pb.RespondRequest(config=cfg, audio=pcm16_bytes(a)))]
             sid = first[0].session_created.session_id
             second = [e async for e in stub.Respond(pb.RespondRequest(config=cfg, audio=pcm16_bytes(b),
@@ -347,7 +369,7 @@ def test_expired_session_and_resume_token(stack, speech):
 
     async def main():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            stub = pb_grpc.FunchatStub(ch)
+            stub = funchat_stub(ch)
             with pytest.raises(grpc.aio.AioRpcError) as get_err:
                 await stub.GetSession(pb.GetSessionRequest(session_id=created.session_id))
             caller = await Caller(stack["target"]).start(
@@ -368,8 +390,8 @@ def test_expired_session_and_resume_token(stack, speech):
 # ---- bad input: a precise status, and the call (or server) stays usable ----
 
 
-async def _fatal(target: str, first: pb.ClientEvent) -> tuple[grpc.aio.AioRpcError, list]:
-    caller = await Caller(target).start(first)
+async def _fatal(target: str, first: pb.ClientEvent, api_key: str | None = None) -> tuple[grpc.aio.AioRpcError, list]:
+    caller = await Caller(target, api_key).start(first)
     events = []
     try:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -387,7 +409,7 @@ async def _fatal(target: str, first: pb.ClientEvent) -> tuple[grpc.aio.AioRpcErr
     (pb.ClientEvent(session=pb.SessionConfig(input_audio_format=pb.AudioFormat(sample_rate_hz=4000))),
      grpc.StatusCode.INVALID_ARGUMENT, "sample rate"),
     (pb.ClientEvent(session=pb.SessionConfig(voice="nobody")), grpc.StatusCode.INVALID_ARGUMENT, "unknown voice"),
-    (pb.ClientEvent(session=pb.SessionConfig(resume_token="v1.abc.123.forged")), grpc.StatusCode.INVALID_ARGUMENT,
+    (pb.ClientEvent(session=pb.SessionConfig(resume_token="v2.abc.123.forged")), grpc.StatusCode.INVALID_ARGUMENT,
      "forged"),
     (pb.ClientEvent(session=pb.SessionConfig(resume_token="garbage")), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     (pb.ClientEvent(session=pb.SessionConfig(generation=pb.Generation(top_p=1.5))), grpc.StatusCode.INVALID_ARGUMENT,
@@ -462,7 +484,7 @@ def test_nan_float32_audio_is_refused(stack):
 def test_unknown_session_and_bad_respond_requests(stack, speech):
     async def main():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            stub = pb_grpc.FunchatStub(ch)
+            stub = funchat_stub(ch)
             errs = []
             for call in (lambda: stub.GetSession(pb.GetSessionRequest(session_id="nope")),
                          lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id="nope"))):
@@ -490,7 +512,7 @@ def test_oversized_respond_requests_are_refused_before_decoding(stack):
     FUNCHAT_MAX_MESSAGE_BYTES (16 MiB) by the proxy itself. The server keeps serving."""
     async def main():
         async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            stub = pb_grpc.FunchatStub(ch)
+            stub = funchat_stub(ch)
             errs = []
             for audio in (b"\0\1" * (61 * 16000), b"\0" * (17 << 20)):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -529,9 +551,6 @@ def test_calls_over_the_admission_limit_are_refused_then_admitted_again(stack):
 
 
 def test_cli_chat_and_call_through_the_api(stack, tiny_checkpoint, tmp_path, example_wav):
-    import subprocess
-    import sys
-
     import soundfile as sf
 
     cli = [str(Path(sys.executable).parent / "funchat")]
@@ -559,3 +578,187 @@ def test_cli_chat_and_call_through_the_api(stack, tiny_checkpoint, tmp_path, exa
     bad = subprocess.run(cli + ["chat", "--server", "127.0.0.1:1", "--input", str(example_wav)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot reach" in bad.stderr
+
+
+
+# ---- API keys: who may call, and whose sessions they see ----
+
+NO_KEY_WORDS = "authorization: Bearer"  # the UNAUTHENTICATED message says what to send
+
+
+async def _every_rpc(target: str, api_key: str | None, session_id: str = "nope",
+                     audio: bytes = b"\0\0" * 16000) -> dict[str, grpc.aio.AioRpcError | None]:
+    """GetSession, DeleteSession, Respond (on `session_id`) and Converse with `api_key`: each one's
+    error (None when it succeeded; a Converse that opens is ended at once)."""
+    errs: dict[str, grpc.aio.AioRpcError | None] = {}
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = funchat_stub(ch, api_key)
+        calls = {"GetSession": lambda: stub.GetSession(pb.GetSessionRequest(session_id=session_id)),
+                 "DeleteSession": lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id))}
+        for name, call in calls.items():
+            try:
+                await call()
+                errs[name] = None
+            except grpc.aio.AioRpcError as exc:
+                errs[name] = exc
+        try:
+            async for _ in stub.Respond(pb.RespondRequest(config=config(max_new=1), audio=audio,
+                                                          session_id=session_id)):
+                pass
+            errs["Respond"] = None
+        except grpc.aio.AioRpcError as exc:
+            errs["Respond"] = exc
+    caller = await Caller(target, api_key).start(pb.ClientEvent(session=config()))
+    try:
+        await caller.until("session_created", timeout=30)
+        errs["Converse"] = None
+    except grpc.aio.AioRpcError as exc:
+        errs["Converse"] = exc
+    finally:
+        await caller.send(pb.ClientEvent(end=pb.SessionEnd()))
+        await caller.close()
+    return errs
+
+
+def _codes(errs) -> dict[str, str]:
+    return {name: (err.code().name if err is not None else "OK") for name, err in errs.items()}
+
+
+async def _get_session_code(target: str, api_key: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(target) as ch:
+        try:
+            await funchat_stub(ch, api_key).GetSession(pb.GetSessionRequest(session_id="nope"))
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _wait_for(target: str, api_key: str, code: grpc.StatusCode, timeout: float = 10.0, times: int = 4) -> float:
+    """Poll GetSession of a session that does not exist with `api_key` until it answers `code` `times`
+    in a row (every replica has reloaded the key file: it re-reads it every 2 s); -> seconds taken."""
+    t0 = time.monotonic()
+    streak = 0
+    while streak < times:
+        answer = asyncio.run(_get_session_code(target, api_key))
+        streak = streak + 1 if answer == code else 0
+        assert time.monotonic() - t0 < timeout, f"still {answer.name} after {timeout:g} s, expected {code.name}"
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def test_every_rpc_but_the_health_check_needs_a_key(stack, example_wav):
+    errs = asyncio.run(_every_rpc(stack["target"], ""))
+    assert _codes(errs) == dict.fromkeys(("GetSession", "DeleteSession", "Respond", "Converse"), "UNAUTHENTICATED")
+    for name, err in errs.items():
+        assert NO_KEY_WORDS in err.details(), (name, err.details())
+
+    async def health():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:  # no key at all
+            return await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert asyncio.run(health()).status == health_pb2.HealthCheckResponse.SERVING
+
+    # the key is taken: the same calls get past authentication (no such session)
+    assert _codes(asyncio.run(_every_rpc(stack["target"], None))) == {
+        "GetSession": "NOT_FOUND", "DeleteSession": "NOT_FOUND", "Respond": "NOT_FOUND", "Converse": "OK"}
+
+    # `funchat chat` without a key: one line saying what to set
+    env = {k: v for k, v in os.environ.items() if k != "FUNCHAT_API_KEY"}
+    chat = subprocess.run([str(Path(sys.executable).parent / "funchat"), "chat", "--server", stack["target"],
+                           "--input", str(example_wav)], capture_output=True, text=True, env=env, timeout=120)
+    assert chat.returncode == 2 and len(chat.stderr.strip().splitlines()) == 1, chat.stderr
+    assert "answered UNAUTHENTICATED" in chat.stderr and "set FUNCHAT_API_KEY" in chat.stderr
+
+
+@pytest.mark.parametrize("authorization", [
+    "Bearer fck_aaaaaaaaaa_" + "a" * 52,   # well-formed, no such key
+    "Bearer not-a-key",                    # not a key at all
+    "Basic dXNlcjpwYXNz",                  # another scheme
+    "fck_aaaaaaaaaa_" + "a" * 52,          # the key without "Bearer"
+])
+def test_a_wrong_key_is_unauthenticated(stack, authorization):
+    async def main():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            stub = pb_grpc.FunchatStub(ch)  # the metadata as given, nothing added
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetSession(pb.GetSessionRequest(session_id="nope"),
+                                      metadata=(("authorization", authorization),))
+            with pytest.raises(grpc.aio.AioRpcError) as twice:
+                await stub.GetSession(pb.GetSessionRequest(session_id="nope"),
+                                      metadata=(("authorization", f"Bearer {stack['key']}"),
+                                                ("authorization", f"Bearer {stack['key']}")))
+            return err.value, twice.value
+
+    err, twice = asyncio.run(main())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()
+    assert authorization.split()[-1] not in err.details()  # never repeated
+    assert twice.code() == grpc.StatusCode.UNAUTHENTICATED  # exactly one authorization entry
+
+
+def test_a_new_key_is_taken_and_a_revoked_one_refused_without_a_restart(stack, make_api_key):
+    _, key = make_api_key(stack["run_dir"], "dev")  # the key file the orchestrator reads
+    stack["keys"].append(key)
+    took = _wait_for(stack["target"], key, grpc.StatusCode.NOT_FOUND)
+    print(f"a new key was taken after {took:.1f} s")
+    entry, was_active = revoke_key(stack["keys_file"], key)
+    assert was_active
+    took = _wait_for(stack["target"], key, grpc.StatusCode.UNAUTHENTICATED)
+    print(f"a revoked key was refused after {took:.1f} s")
+    errs = asyncio.run(_every_rpc(stack["target"], key))
+    assert set(_codes(errs).values()) == {"UNAUTHENTICATED"}
+    assert all(entry.key_id in e.details() and key.rsplit("_", 1)[1] not in e.details() for e in errs.values())
+    assert asyncio.run(_get_session_code(stack["target"], stack["key"])) == grpc.StatusCode.NOT_FOUND  # others stay
+
+
+def test_another_tenant_sees_none_of_a_tenants_sessions(stack, make_api_key, speech):
+    _, other = make_api_key(stack["run_dir"], "other")
+    stack["keys"].append(other)
+    _wait_for(stack["target"], other, grpc.StatusCode.NOT_FOUND)
+
+    async def open_session():
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=config()))
+        created = (await caller.until("session_created"))[-1].session_created
+        await caller.send(pb.ClientEvent(end=pb.SessionEnd()))
+        while await caller.next() is not None:
+            pass
+        await caller.close()
+        return created
+
+    created = asyncio.run(open_session())  # the dev tenant's
+    audio = pcm16_bytes(pcm16_samples(speech[:16000]))
+    theirs = asyncio.run(_every_rpc(stack["target"], other, created.session_id, audio))
+    nobody = asyncio.run(_every_rpc(stack["target"], other, "sess_nobody", audio))
+    assert _codes(theirs) == {"GetSession": "NOT_FOUND", "DeleteSession": "NOT_FOUND", "Respond": "NOT_FOUND",
+                              "Converse": "OK"}
+    for name in ("GetSession", "DeleteSession", "Respond"):  # as if it did not exist: the same answer
+        assert theirs[name].details() == nobody[name].details().replace("sess_nobody", created.session_id), name
+
+    # the owner still has it (DeleteSession by the other tenant removed nothing)
+    async def get(api_key=None):
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            return await funchat_stub(ch, api_key).GetSession(pb.GetSessionRequest(session_id=created.session_id))
+    assert asyncio.run(get()).session_id == created.session_id
+
+    # the resume token is the dev tenant's: refused to the other one, honoured for its owner
+    err, events = asyncio.run(_fatal(stack["target"], pb.ClientEvent(session=config(resume_token=created.resume_token)),
+                                     other))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "resume token" in err.details(), err.details()
+    assert kinds(events) == ["error"]
+
+    async def resume():
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=config(resume_token=created.resume_token)))
+        again = (await caller.until("session_created"))[-1].session_created
+        await caller.close()
+        return again
+    again = asyncio.run(resume())
+    assert again.resumed and again.session_id == created.session_id
+
+
+def test_no_key_secret_is_in_any_log(stack):
+    """Last in this module: every key it made (sent, wrong, revoked, another tenant's) has been used."""
+    secrets = [key.rsplit("_", 1)[1].encode() for key in stack["keys"]]
+    logs = [p for p in stack["run_dir"].rglob("*") if p.is_file() and p.name != "api_keys"]
+    assert any(p.name == "orchestrator.log" for p in logs)
+    for path in logs:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret not in data, f"an API key's secret is in {path}"

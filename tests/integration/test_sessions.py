@@ -199,7 +199,7 @@ def test_resume_tokens(redis_server):
                "other session": f"{v}.{'0' * 32}.{issued}.{mac}",
                "other time": f"{v}.{tid}.{int(issued) - 1}.{mac}",
                "other secret": other.issue_resume_token(sid),
-               "empty": "", "garbage": "not-a-token", "v2": f"v2.{tid}.{issued}.{mac}",
+               "empty": "", "garbage": "not-a-token", "v1": f"v1.{tid}.{issued}.{mac}",
                "extra part": token + ".x", "bad time": f"{v}.{tid}.12x.{mac}"}
         for name, t in bad.items():
             try:
@@ -218,8 +218,37 @@ def test_resume_tokens(redis_server):
     assert "expired" in results.pop("too old")
     for name in ("tampered mac", "other session", "other time", "other secret"):
         assert "forged" in results[name], (name, results[name])
-    for name in ("empty", "garbage", "v2", "extra part", "bad time"):
+    for name in ("empty", "garbage", "v1", "extra part", "bad time"):
         assert "malformed" in results[name], (name, results[name])
+
+
+def test_a_session_is_its_tenants_alone(redis_server):
+    """Another tenant's session is not found (get, delete), and a resume token works only for the
+    tenant it was issued to; the owner still has everything."""
+    async def body(store):
+        sid = (await store.create(CONFIG, tenant="acme")).session_id
+        await store.append_turns(sid, [HistoryTurn(role="user", text="hello")])
+        token = store.issue_resume_token(sid, tenant="acme")
+        refused = {}
+        for name, call in (("get", lambda: store.get(sid, tenant="other")),
+                           ("get, no tenant", lambda: store.get(sid, tenant="")),
+                           ("token", lambda: store.verify_resume_token(token, tenant="other"))):
+            try:
+                await call()
+                refused[name] = "accepted"
+            except (SessionNotFound, InvalidResumeToken) as exc:
+                refused[name] = f"{type(exc).__name__}: {exc}"
+        deleted_by_other = await store.delete(sid, tenant="other")
+        owner = await store.get(sid, tenant="acme")
+        return sid, refused, deleted_by_other, owner, await store.verify_resume_token(token, tenant="acme"), \
+            await store.delete(sid, tenant="acme")
+
+    sid, refused, deleted_by_other, owner, resumed, deleted = run_with_store(redis_server.url, body)
+    assert refused["get"] == refused["get, no tenant"] == \
+        f"SessionNotFound: no session {sid!r} (never created, deleted or expired)"  # as if it did not exist
+    assert refused["token"].startswith("InvalidResumeToken: forged or altered") and "tenant" in refused["token"]
+    assert deleted_by_other is False and owner.tenant == "acme" and [t.text for t in owner.turns] == ["hello"]
+    assert resumed == sid and deleted is True
 
 
 def test_delete(redis_server, plain):

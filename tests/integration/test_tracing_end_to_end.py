@@ -8,6 +8,9 @@ service of `opentelemetry-proto`, funchat.dev.otlp_receiver).
   Respond RPC's span; a Converse turn that the server VAD ends has its `vad.end_of_turn` span; the
   spans of all four model services arrive in the caller's trace.
 - A collector that is down: the turn is served, with the same tokens.
+
+Calls through the public API send the key `up` made (<run_dir>/api_key); the in-process service
+runs without authentication (FUNCHAT_AUTH=off: its calls have no gRPC context to carry a key).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from opentelemetry.trace import SpanKind
 from funchat import tracing
 from funchat.api import pb, pb_grpc
 from funchat.audio_io import load_audio
+from funchat.client import authed_stub
 from funchat.dev import stack as dev_stack
 from funchat.dev.otlp_receiver import OtlpReceiver
 from funchat.dev.tritonserver import free_port
@@ -54,7 +58,8 @@ def stack(tiny_checkpoint, tmp_path_factory, receiver):
     try:
         assert rc == 0, (run_dir / "orchestrator.log").read_text()[-5000:] if (run_dir / "orchestrator.log").exists() \
             else "the stack did not start"
-        yield {"endpoints": json.loads((run_dir / "endpoints.json").read_text()), "run_dir": run_dir}
+        yield {"endpoints": json.loads((run_dir / "endpoints.json").read_text()), "run_dir": run_dir,
+               "api_key": dev_stack.read_api_key(run_dir)}
     finally:
         dev_stack.main(["down", *args])
 
@@ -79,7 +84,7 @@ def in_process_service(stack) -> FunchatService:
     e = stack["endpoints"]
     settings = OrchestratorSettings.load(
         checkpoint=e["checkpoint"], endpoints={m: e[m] for m in MODELS}, redis_url=e["redis"],
-        resume_secret=(stack["run_dir"] / "resume_secret").read_text().strip(), max_new_tokens=MAX_NEW)
+        resume_secret=(stack["run_dir"] / "resume_secret").read_text().strip(), max_new_tokens=MAX_NEW, auth="off")
     return FunchatService(settings)
 
 
@@ -145,7 +150,7 @@ def test_one_turn_span_tree_and_the_model_services_join_it(stack, receiver, spee
         assert clients[s.parent_span_id].startswith(model + "."), (s, clients[s.parent_span_id])
 
 
-async def _converse_vad_turn(target: str, audio: np.ndarray, traceparent: str) -> list[pb.ServerEvent]:
+async def _converse_vad_turn(target: str, audio: np.ndarray, traceparent: str, api_key: str) -> list[pb.ServerEvent]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def requests():
@@ -154,7 +159,8 @@ async def _converse_vad_turn(target: str, audio: np.ndarray, traceparent: str) -
 
     events = []
     async with grpc.aio.insecure_channel(target) as channel:
-        call = pb_grpc.FunchatStub(channel).Converse(requests(), metadata=(("traceparent", traceparent),))
+        call = authed_stub(pb_grpc.FunchatStub(channel), api_key).Converse(requests(),
+                                                                           metadata=(("traceparent", traceparent),))
         queue.put_nowait(pb.ClientEvent(session=greedy_config(manual=False)))
         silence = np.zeros(16000, np.float32)
         for start in range(0, len(audio) + len(silence), 8000):  # 500 ms chunks, speech then 1 s of silence
@@ -175,7 +181,7 @@ def test_spans_of_every_process_arrive_over_otlp_in_the_callers_trace(stack, rec
 
     async def call_respond():
         async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.FunchatStub(channel)
+            stub = authed_stub(pb_grpc.FunchatStub(channel), stack["api_key"])  # the key, and the traceparent below
             request = pb.RespondRequest(config=greedy_config(), audio=pcm16(speech[:32000]))
             return [e async for e in stub.Respond(request, metadata=(("traceparent", traceparent),))]
 
@@ -196,7 +202,8 @@ def test_spans_of_every_process_arrive_over_otlp_in_the_callers_trace(stack, rec
 
     # Converse with the server VAD: the turn starts where the speech ended, the VAD's wait under it
     trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
-    events = asyncio.run(_converse_vad_turn(target, speech[:32000], f"00-{trace_id}-{caller_span}-01"))
+    events = asyncio.run(_converse_vad_turn(target, speech[:32000], f"00-{trace_id}-{caller_span}-01",
+                                            stack["api_key"]))
     assert done_of(events).status == "completed", [e.WhichOneof("event") for e in events]
     got = [s for s in receiver.wait_for(lambda received: {"funchat.turn", "vad.end_of_turn"} <= {
         s.name for s in received if s.trace_id == trace_id}) if s.trace_id == trace_id]

@@ -1,21 +1,25 @@
-"""funchat.client without a server: configs, audio bytes, reply assembly, the `chat` / `call` flags.
+"""funchat.client without a funchat server: configs, audio bytes, reply assembly, the `chat` / `call`
+flags, and the API key on the wire (against a stand-in gRPC server in this process that checks it).
 
-Calls against a running server are in the integration tests.
+Calls against a running funchat server are in the integration tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
+import grpc
 import numpy as np
 import pytest
 import soundfile as sf
 
-from funchat.api import pb
+from funchat.api import pb, pb_grpc
 from funchat.cli import main as cli_main
-from funchat.client import (AsyncClient, Conversation, FunchatClientError, Reply, collect_reply, decode_pcm16,
-                            describe_event, encode_audio, session_config)
+from funchat.client import (API_KEY_ENV, AsyncClient, Client, Conversation, FunchatClientError, Reply,
+                            auth_metadata, authed_stub, collect_reply, decode_pcm16, describe_event, encode_audio,
+                            resolve_api_key, session_config, stream_call)
 from funchat.client.call import Player
 from funchat.oracle.pipeline import TurnResult
 
@@ -323,3 +327,183 @@ def test_cli_unreachable_server_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"funchat chat: error: cannot reach funchat server at 127.0.0.1:{port} (UNAVAILABLE)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+KEY = "fck_abcdefgh23_" + "k" * 52  # the key the stand-in takes (tests/conftest.py)
+SECRET = KEY.rsplit("_", 1)[1]
+REFUSED = "missing authorization metadata: send `authorization: Bearer <key>`"
+
+
+def test_resolve_api_key_env_default_explicit_and_none(monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, f"  {KEY}\n")
+    assert resolve_api_key() == KEY  # from the environment, whitespace dropped (a key read from a file)
+    assert resolve_api_key("fck_other") == "fck_other"  # given: the environment is not read
+    assert resolve_api_key("") is None  # "": none, whatever the environment says
+    monkeypatch.delenv(API_KEY_ENV)
+    assert resolve_api_key() is None
+    assert auth_metadata(KEY) == (("authorization", f"Bearer {KEY}"),) and auth_metadata(None) == ()
+    for bad in (f"Bearer {KEY}", f"{KEY}\u00e9", "two words"):
+        with pytest.raises(ValueError, match="one word") as info:
+            resolve_api_key(bad)
+        assert SECRET not in str(info.value) and "two words" not in str(info.value)
+    monkeypatch.setenv(API_KEY_ENV, f"{KEY} x")
+    with pytest.raises(ValueError, match=r"\$FUNCHAT_API_KEY holds"):
+        resolve_api_key()
+
+
+def test_every_rpc_of_the_async_client_sends_the_key(stand_in):
+    async def main():
+        async with AsyncClient(stand_in.target, timeout=10, api_key=KEY) as client:
+            assert await client.health()
+            session = await client.get_session("sess_1")
+            deleted = await client.delete_session("sess_1")
+            reply = await client.respond(np.zeros(1600, np.float32), session_config())
+            async with client.converse(session_config(turn_detection="manual")) as call:
+                await call.send_audio(np.zeros(1600, np.float32))
+                await call.commit()
+                conversed = await call.next_reply()
+            return session, deleted, reply, conversed
+
+    session, deleted, reply, conversed = asyncio.run(main())
+    assert session.session_id == "sess_1" and deleted and reply.text == "hi" and conversed.text == "hi"
+    assert stand_in.seen == [(m, [f"Bearer {KEY}"]) for m in ("Check", "GetSession", "DeleteSession", "Respond",
+                                                            "Converse")]  # once each, never twice
+
+
+def test_the_sync_client_and_stream_call_take_the_key_from_the_environment(stand_in, monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    client = Client(stand_in.target, timeout=10)
+    assert client.respond(np.zeros(1600, np.float32)).text == "hi"
+    assert client.get_session("s").session_id == "s" and client.delete_session("s") and client.health()
+
+    async def call():
+        async with AsyncClient(stand_in.target) as c:
+            return await stream_call(c, session_config(turn_detection="manual"), np.zeros(1600, np.float32),
+                                     realtime=False, timeout_s=10)
+
+    result = asyncio.run(call())
+    assert [r.text for r in result.replies] == ["hi"]
+    assert {m for m, _ in stand_in.seen} == {"Respond", "GetSession", "DeleteSession", "Check", "Converse"}
+    assert all(values == [f"Bearer {KEY}"] for _, values in stand_in.seen), stand_in.seen
+
+
+def test_no_key_or_a_wrong_one_is_unauthenticated_with_the_servers_message(stand_in, monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    wrong = "fck_abcdefgh23_" + "w" * 52
+    for api_key, sent in (("", []), (wrong, [f"Bearer {wrong}"])):
+        stand_in.seen.clear()
+        with pytest.raises(FunchatClientError) as info:
+            Client(stand_in.target, timeout=10, api_key=api_key).respond(np.zeros(1600, np.float32))
+        assert info.value.code == "UNAUTHENTICATED" and info.value.message == REFUSED
+        assert not info.value.unreachable
+        assert "w" * 52 not in str(info.value) and SECRET not in str(info.value)
+        assert stand_in.seen == [("Respond", sent)]
+
+        async def converse():
+            async with AsyncClient(stand_in.target, api_key=api_key) as client:
+                async with client.converse(session_config()):
+                    pass
+
+        with pytest.raises(FunchatClientError, match="UNAUTHENTICATED: missing authorization metadata"):
+            asyncio.run(converse())
+    assert Client(stand_in.target, timeout=10, api_key="").health()  # the health check needs no key
+
+
+def test_the_key_is_in_no_repr(monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    for client in (AsyncClient("127.0.0.1:1"), Client("127.0.0.1:1"), AsyncClient("127.0.0.1:1", api_key=KEY)):
+        assert SECRET not in repr(client) and "api_key=<set>" in repr(client)
+        assert SECRET not in str(vars(client).get("target"))
+    assert "api_key=<none>" in repr(AsyncClient("127.0.0.1:1", api_key="")) and "<none>" in repr(Client(api_key=""))
+    stub = authed_stub(pb_grpc.FunchatStub(grpc.insecure_channel("127.0.0.1:1")), KEY)
+    assert SECRET not in repr(stub.Respond) and SECRET not in repr(vars(stub))
+    conversation = Conversation(AsyncClient("127.0.0.1:1", api_key=KEY), session_config())
+    assert SECRET not in repr(conversation)
+
+
+def test_authed_stub_keeps_the_callers_metadata(stand_in):
+    seen = {}
+
+    class Echo(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            seen["metadata"] = list(details.metadata)
+            return continuation(details, request)
+
+    with grpc.insecure_channel(stand_in.target) as channel:
+        stub = authed_stub(pb_grpc.FunchatStub(grpc.intercept_channel(channel, Echo())), KEY)
+        stub.GetSession(pb.GetSessionRequest(session_id="x"), metadata=(("traceparent", "00-ab-cd-01"),), timeout=10)
+        _, call = stub.GetSession.with_call(pb.GetSessionRequest(session_id="y"), timeout=10)
+        assert call.code() == grpc.StatusCode.OK
+    assert seen["metadata"] == [("authorization", f"Bearer {KEY}")]
+    assert [m for m, _ in stand_in.seen] == ["GetSession", "GetSession"]
+    assert all(v == [f"Bearer {KEY}"] for _, v in stand_in.seen)
+    plain = pb_grpc.FunchatStub(grpc.insecure_channel("127.0.0.1:1"))
+    assert authed_stub(plain, "") is plain  # no key: the stub as it was
+
+
+def _wav(tmp_path):
+    wav = tmp_path / "in.wav"
+    sf.write(wav, np.zeros(1600, np.float32), 16000)
+    return wav
+
+
+@pytest.mark.parametrize("command", ["chat", "call"])
+def test_cli_sends_the_key_of_the_environment_or_the_key_file(command, stand_in, tmp_path, monkeypatch, capsys):
+    extra = ["--no-realtime", "--timeout", "10"] if command == "call" else ["--timeout", "10"]
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    assert cli_main([command, "--server", stand_in.target, "--input", str(_wav(tmp_path)), *extra]) == 0, \
+        capsys.readouterr().err
+    monkeypatch.delenv(API_KEY_ENV)
+    key_file = tmp_path / "api_key"
+    key_file.write_text(KEY + "\n")
+    assert cli_main([command, "--server", stand_in.target, "--input", str(_wav(tmp_path)), "--api-key-file",
+                     str(key_file), *extra]) == 0, capsys.readouterr().err
+    assert stand_in.seen and all(v == [f"Bearer {KEY}"] for _, v in stand_in.seen)
+    assert SECRET not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["chat", "call"])
+def test_cli_unauthenticated_says_what_to_set(command, stand_in, tmp_path, monkeypatch, capsys):
+    extra = ["--no-realtime", "--timeout", "10"] if command == "call" else ["--timeout", "10"]
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert cli_main([command, "--server", stand_in.target, "--input", str(_wav(tmp_path)), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"funchat {command}: error: funchat server at {stand_in.target} answered "
+                          f"UNAUTHENTICATED: {REFUSED}; no API key was sent: set FUNCHAT_API_KEY")
+    assert len(err.strip().splitlines()) == 1
+    wrong = "fck_abcdefgh23_" + "w" * 52
+    monkeypatch.setenv(API_KEY_ENV, wrong)
+    assert cli_main([command, "--server", stand_in.target, "--input", str(_wav(tmp_path)), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "the API key from $FUNCHAT_API_KEY was refused; set FUNCHAT_API_KEY" in err and "w" * 52 not in err
+
+
+def test_cli_api_key_file_problems_exit_2_without_the_content(tmp_path, capsys):
+    wav = _wav(tmp_path)
+    base = ["chat", "--server", "127.0.0.1:1", "--input", str(wav), "--api-key-file"]
+    assert cli_main(base + [str(tmp_path / "missing")]) == 2
+    assert "cannot read the API key file" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n")
+    assert cli_main(base + [str(tmp_path / "empty")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    (tmp_path / "two").write_text(f"{KEY} {KEY}\n")
+    assert cli_main(base + [str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold a key alone" in err and SECRET not in err
+
+
+def test_cli_has_no_flag_for_the_key_itself(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["chat", "--help"])
+    out = capsys.readouterr().out
+    assert "--api-key-file" in out and "FUNCHAT_API_KEY" in out
+    for flag in (["--api-key", KEY], [f"--api-key={KEY}"]):  # not taken for an abbreviation of --api-key-file
+        with pytest.raises(SystemExit) as info:
+            cli_main(["chat", "--server", "127.0.0.1:1", "--input", "x.wav", *flag])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "there is no --api-key flag" in err and "FUNCHAT_API_KEY" in err and SECRET not in err

@@ -201,6 +201,10 @@ SCENARIOS = {
     "tracing-rayservice": deep_merge(TRACING, {"orchestrator": {"mode": "rayservice", "rayService": {
         "workerReplicas": 1}}}),
     "tracing-kserve": deep_merge(TRACING, {"kserve": {"enabled": True}}),
+    "auth-off": {"auth": {"mode": "off"}},
+    "auth-rayservice": {"orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1},
+                                         "settings": {"max_message_bytes": 33554432}},
+                        "auth": {"apiKeysSecret": {"name": "tenant-keys", "key": "keys.json"}}},
     "everything-off": {"networkPolicy": {"enabled": False},
                        "modelServiceDefaults": {"podDisruptionBudget": {"enabled": False}},
                        "orchestrator": {"podDisruptionBudget": {"enabled": False}},
@@ -307,6 +311,16 @@ def test_schema_closes_every_object():
      "/modelStorage/download/files/0/path", ""),
     ({"orchestrator": {"settings": {"redis_url": "redis://x"}}}, "/orchestrator/settings", ""),
     ({"orchestrator": {"settings": {"metrics_port": 1}}}, "/orchestrator/settings", ""),  # orchestrator.metricsPort
+    ({"orchestrator": {"settings": {"auth": "off"}}}, "/orchestrator/settings", ""),  # auth.mode
+    ({"orchestrator": {"settings": {"api_keys_file": "/k"}}}, "/orchestrator/settings", ""),  # auth.apiKeysSecret
+    ({"orchestrator": {"settings": {"max_message_bytes": 65536}}}, "/orchestrator/settings/max_message_bytes",
+     "minimum"),
+    ({"orchestrator": {"settings": {"idle_timeout_s": 0}}}, "/orchestrator/settings/idle_timeout_s", ""),
+    ({"auth": {"mode": "none"}}, "/auth/mode", "must be one of"),
+    ({"auth": {"mode": False}}, "/auth/mode", ""),  # YAML's bare `off`
+    ({"auth": {"apiKeysSecret": {"name": "Tenant_Keys"}}}, "/auth/apiKeysSecret/name", "pattern"),
+    ({"auth": {"apiKeysSecret": {"key": "a/b"}}}, "/auth/apiKeysSecret/key", "pattern"),
+    ({"auth": {"keys": []}}, "/auth", "'keys' not allowed"),
     ({"orchestrator": {"metricsPort": 70000}}, "/orchestrator/metricsPort", "maximum"),
     ({"orchestrator": {"metricsPort": "9464"}}, "/orchestrator/metricsPort", "want integer"),
     ({"modelStorage": {"download": {"baseUrl": "s3://bucket/ckpt"}}}, "/modelStorage/download/baseUrl", "pattern"),
@@ -674,21 +688,57 @@ def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
 def test_orchestrator_settings_accept_the_rendered_environment(tmp_path, monkeypatch, no_funchat_env):
     from funchat.orchestrator.settings import OrchestratorSettings
 
-    objs = objects()
-    cm = one(objs, "ConfigMap", f"{PREFIX}-orchestrator")["data"]
-    env = env_of(container(one(objs, "Deployment", f"{PREFIX}-orchestrator")["spec"]["template"]["spec"],
-                           "orchestrator"))
-    secret = tmp_path / "resume-secret"
-    secret.write_text("k" * 40)
-    for k, v in cm.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FUNCHAT_REDIS_URL", env["FUNCHAT_REDIS_URL"])
-    monkeypatch.setenv("FUNCHAT_REDIS_PASSWORD", "pw")  # what the kubelet sets from the secretKeyRef
-    monkeypatch.setenv("FUNCHAT_RESUME_SECRET_FILE", str(secret))
-    settings = OrchestratorSettings.load()
+    settings = _load_rendered_settings(objects(), tmp_path, monkeypatch)
     assert settings.redis_url == f"redis://{PREFIX}-redis:6379/0"
     assert settings.redis_password.get_secret_value() == "pw"
     assert settings.max_calls == 16 and settings.metrics_port == 9464
+    assert settings.auth == "api_keys" and settings.api_keys_file == tmp_path / "api-keys" / "api_keys"
+    assert settings.max_message_bytes == 16 << 20
+
+
+def _load_rendered_settings(objs: list[dict], tmp_path: Path, monkeypatch):
+    """OrchestratorSettings from the orchestrator container's rendered ConfigMap and env, as the
+    kubelet would give them: secretKeyRefs as values, each file of a mounted Secret (a path under a
+    Secret volume's mountPath) under tmp_path/<volume>/ instead."""
+    from funchat.api_keys import create_key
+    from funchat.orchestrator.settings import OrchestratorSettings
+
+    name = f"{PREFIX}-orchestrator"
+    cm = one(objs, "ConfigMap", name)["data"]
+    spec = one(objs, "Deployment", name)["spec"]["template"]["spec"]
+    orch = container(spec, "orchestrator")
+    secret_volumes = {v["name"] for v in spec["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m["name"] for m in orch["volumeMounts"] if m["name"] in secret_volumes}
+    for k, v in cm.items():
+        monkeypatch.setenv(k, v)
+    for e in orch["env"]:
+        value = e.get("value")
+        if "valueFrom" in e:
+            assert e["name"] == "FUNCHAT_REDIS_PASSWORD", e
+            value = "pw"  # what the kubelet sets from the secretKeyRef
+        elif e["name"] in ("FUNCHAT_RESUME_SECRET_FILE", "FUNCHAT_API_KEYS_FILE"):
+            path = Path(value)
+            assert str(path.parent) in mounts, f"{e['name']}={value} is not in a mounted Secret"
+            local = tmp_path / mounts[str(path.parent)] / path.name
+            local.parent.mkdir(exist_ok=True)
+            if e["name"] == "FUNCHAT_API_KEYS_FILE":
+                create_key(local, "acme")
+            else:
+                local.write_text("k" * 40)
+            value = str(local)
+        monkeypatch.setenv(e["name"], value)
+    return OrchestratorSettings.load()
+
+
+def test_orchestrator_settings_accept_the_rendered_environment_without_auth(tmp_path, monkeypatch,
+                                                                             no_funchat_env):
+    values = {"auth": {"mode": "off"}, "orchestrator": {"settings": {
+        "max_message_bytes": 33554432, "idle_timeout_s": 120, "max_call_s": 7200.5}}}
+    settings = _load_rendered_settings(objects(values), tmp_path, monkeypatch)
+    assert settings.auth == "off" and settings.api_keys_file is None
+    # whole numbers stay whole (not 3.3554432e+07, what toString makes of a float64 of 8 digits)
+    assert settings.max_message_bytes == 33554432 and settings.idle_timeout_s == 120
+    assert settings.max_call_s == 7200.5
 
 
 def test_rayservice_mode():
@@ -728,6 +778,85 @@ def test_rayservice_mode():
     assert deployment["deployments"][0]["num_replicas"] == 3
     assert deployment["deployments"][0]["max_ongoing_requests"] == 24
     assert "workerGroupSpecs" not in one(scaled, "RayService", name)["spec"]["rayClusterConfig"]
+
+
+# -- API keys (auth) -------------------------------------------------------------------------
+
+def orchestrator_pods(objs: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(pod, pod spec, container) of every orchestrator container: the Deployment's, the Ray head's
+    and workers'."""
+    return [(pod, spec, c) for pod, spec in pod_specs(objs) for c in spec["containers"]
+            if c["name"] in ("orchestrator", "ray-head", "ray-worker")]
+
+
+@pytest.mark.parametrize("scenario, secret, key, pods", [
+    ("defaults", f"{PREFIX}-api-keys", "api_keys", 1),
+    ("profile-dev-cpu", f"{PREFIX}-api-keys", "api_keys", 1),
+    ("rayservice", f"{PREFIX}-api-keys", "api_keys", 2),  # the head and the worker group
+    ("auth-rayservice", "tenant-keys", "keys.json", 2),
+])
+def test_api_keys_secret_is_mounted_as_a_directory_in_every_orchestrator_container(scenario, secret, key, pods):
+    objs = objects(SCENARIOS[scenario])
+    found = orchestrator_pods(objs)
+    assert len(found) == pods
+    for pod, spec, c in found:
+        env = env_of(c)
+        assert env["FUNCHAT_AUTH"] == "api_keys", pod
+        volume = next(v for v in spec["volumes"] if v["name"] == "api-keys")
+        # the whole Secret, not items or a subPath: the kubelet's updates must reach the file
+        assert volume["secret"] == {"secretName": secret, "defaultMode": 0o400, "optional": False}, pod
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "api-keys")
+        assert mount == {"name": "api-keys", "mountPath": "/etc/funchat/api-keys", "readOnly": True}, pod
+        assert env["FUNCHAT_API_KEYS_FILE"] == f"/etc/funchat/api-keys/{key}", pod
+    # the operator's Secret: never rendered (its keys exist only where `funchat keys create` ran)
+    assert not find(objs, "Secret", secret)
+    cm = one(objs, "ConfigMap", f"{PREFIX}-orchestrator")["data"]
+    assert not {"FUNCHAT_AUTH", "FUNCHAT_API_KEYS_FILE"} & set(cm)
+
+
+@pytest.mark.parametrize("extra", [{}, {"orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1}}}])
+def test_auth_off_renders_no_keys_and_warns(extra):
+    values = deep_merge(SCENARIOS["auth-off"], extra)
+    objs = objects(values)
+    found = orchestrator_pods(objs)
+    assert found
+    for pod, spec, c in found:
+        env = env_of(c)
+        assert env["FUNCHAT_AUTH"] == "off" and "FUNCHAT_API_KEYS_FILE" not in env, pod
+        assert all(v["name"] != "api-keys" for v in spec["volumes"]), pod
+        assert all(m["name"] != "api-keys" for m in c["volumeMounts"]), pod
+    assert 'value: "off"' in "".join(render(values).values())  # a string: a bare off is YAML's false
+    notes = render(values)["funchat/templates/NOTES.txt"]
+    assert "WARNING: auth.mode is off" in notes and "FUNCHAT_API_KEY=" not in notes
+
+
+def test_notes_tell_how_to_create_and_rotate_the_keys():
+    notes = render()["funchat/templates/NOTES.txt"]
+    assert "funchat keys create --tenant NAME --keys-file api_keys" in notes
+    assert f"kubectl -n {NAMESPACE} create secret generic {PREFIX}-api-keys --from-file=api_keys=api_keys" in notes
+    assert "--dry-run=client -o yaml | kubectl apply -f -" in notes and "without a restart" in notes
+    assert "export FUNCHAT_API_KEY=" in notes and "WARNING" not in notes
+    notes = render(SCENARIOS["auth-rayservice"])["funchat/templates/NOTES.txt"]
+    assert "create secret generic tenant-keys --from-file=keys.json=api_keys" in notes
+
+
+@pytest.mark.parametrize("scenario, size", [("rayservice", "16777216"), ("auth-rayservice", "33554432")])
+def test_ray_pods_get_the_grpc_message_limit(scenario, size):
+    """No `python -m funchat.orchestrator.app` in the Ray pods to export FUNCHAT_MAX_MESSAGE_BYTES to
+    Ray Serve's proxy: the chart sets RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on the head and the workers."""
+    objs = objects(SCENARIOS[scenario])
+    found = orchestrator_pods(objs)
+    assert {pod for pod, _, _ in found} >= {"head", "orchestrator"}
+    for pod, _, c in found:
+        assert env_of(c)["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == size, pod
+    from funchat.orchestrator.settings import OrchestratorSettings
+
+    cm = one(objs, "ConfigMap", f"{PREFIX}-orchestrator")["data"]
+    default = OrchestratorSettings.model_fields["max_message_bytes"].default
+    assert int(cm.get("FUNCHAT_MAX_MESSAGE_BYTES", default)) == int(size)  # what the replicas enforce
+    # the Deployment's process exports it itself (funchat/orchestrator/app.py)
+    dep = orchestrator_pods(objects())
+    assert "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE" not in env_of(dep[0][2])
 
 
 # -- redis, secrets, network, monitoring -----------------------------------------------------

@@ -223,3 +223,33 @@ def test_check_names_a_hand_edited_file(tmp_path, capsys):
 
 def test_output_is_the_same_on_every_run():
     assert render_k8s.generate() == render_k8s.generate()
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_kustomization_lists_every_secret_to_create_first(folder):
+    """The generated Secrets (left out) and the operator's API-key Secret (never rendered) are in the
+    header of each kustomization.yaml, and k8s/README.md says how to create each of them."""
+    header = (K8S / folder / "kustomization.yaml").read_text().split("apiVersion:")[0]
+    used = {v["secret"]["secretName"] for o in built(folder) for v in _secret_volumes(o)}
+    assert used == {"funchat-resume", "funchat-api-keys"}
+    for line in ("Secret funchat-resume (key resume-secret)", "Secret funchat-redis (key redis-password)",
+                 "Secret funchat-api-keys (key api_keys)"):
+        assert f"#   {line}\n" in header
+    readme = (K8S / "README.md").read_text()
+    assert "funchat keys create --tenant NAME --keys-file api_keys" in readme
+    assert "create secret generic funchat-api-keys --from-file=api_keys=api_keys" in readme
+    # as the manifests read it: the key file FUNCHAT_API_KEYS_FILE names, in the mounted directory
+    orch = by_ident(built(folder))[("Deployment", "funchat-orchestrator")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in orch["containers"][0]["env"]}
+    assert env["FUNCHAT_API_KEYS_FILE"] == "/etc/funchat/api-keys/api_keys"
+
+
+def _secret_volumes(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("secret"), dict) and "name" in node:
+            yield node
+        for value in node.values():
+            yield from _secret_volumes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _secret_volumes(item)

@@ -64,3 +64,11 @@ def test_both_run_the_locustfile_from_the_configmap_on_a_read_only_root():
         assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
         assert mounts["tmp"] == "/tmp" and "emptyDir" in volumes["tmp"]  # espeak's cache, the summary
     assert "--locustfile=/mnt/locust/locustfile.py" in (REPO / "loadtests" / "Dockerfile").read_text()
+
+
+def test_the_workers_send_the_api_key_of_the_loadtest_secret():
+    env = {e["name"]: e for e in container("funchat-locust-worker")["env"]}
+    assert env["FUNCHAT_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "funchat-loadtest-key", "key": "api_key"}
+    assert "value" not in env["FUNCHAT_API_KEY"]  # never the key itself in the manifest
+    # the master makes no calls: no key there
+    assert all(e["name"] != "FUNCHAT_API_KEY" for e in container("funchat-locust-master").get("env", []))

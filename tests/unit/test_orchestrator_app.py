@@ -18,7 +18,12 @@ ENDPOINTS = {"audio_tokenizer": "a:1", "llm": "b:2", "refined_head": "c:3", "voc
 SECRET = "resume-key-" + "x" * 20
 
 
-pytestmark = pytest.mark.usefixtures("no_funchat_env")
+pytestmark = pytest.mark.usefixtures("no_funchat_env", "a_keys_file")
+
+
+@pytest.fixture
+def a_keys_file(no_funchat_env, monkeypatch):
+    monkeypatch.setenv("FUNCHAT_API_KEYS_FILE", "/etc/funchat/api-keys/api_keys")  # authentication is on
 
 
 def test_the_deployment_is_bound_without_the_secret():

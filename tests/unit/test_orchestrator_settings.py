@@ -14,7 +14,36 @@ ENDPOINTS = {"audio_tokenizer": "a:1", "llm": "b:2", "refined_head": "c:3", "voc
 SECRET = "resume-key-" + "x" * 20
 
 
-pytestmark = pytest.mark.usefixtures("no_funchat_env")
+pytestmark = pytest.mark.usefixtures("no_funchat_env", "a_keys_file")
+
+
+@pytest.fixture
+def a_keys_file(no_funchat_env, monkeypatch):
+    """Authentication is on by default and needs a key file named (its contents are read by the
+    service, not by the settings)."""
+    monkeypatch.setenv("FUNCHAT_API_KEYS_FILE", "/etc/funchat/api-keys/api_keys")
+
+
+def test_authentication_needs_a_key_file_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("FUNCHAT_API_KEYS_FILE")
+    with pytest.raises(SettingsError) as err:
+        OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS)
+    assert "FUNCHAT_API_KEYS_FILE is not set" in str(err.value) and "FUNCHAT_AUTH=off" in str(err.value)
+    assert OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS, auth="off").api_keys_file is None
+    monkeypatch.setenv("FUNCHAT_AUTH", "none")
+    with pytest.raises(SettingsError, match="FUNCHAT_AUTH"):
+        OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS)
+
+
+def test_limits_that_cannot_work_together_are_refused():
+    with pytest.raises(SettingsError, match="FUNCHAT_MAX_MESSAGE_BYTES=16777216 cannot carry a Respond of "
+                                            "FUNCHAT_MAX_TURN_S=120 s"):
+        OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS, max_turn_s=120)
+    assert OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS, max_turn_s=120,
+                                     max_message_bytes=32 << 20).max_turn_s == 120
+    for name, value in (("idle_timeout_s", 0), ("max_call_s", -1)):
+        with pytest.raises(SettingsError, match=f"FUNCHAT_{name.upper()}"):
+            OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS, **{name: value})
 
 
 def test_missing_checkpoint_and_endpoints_name_their_variables():

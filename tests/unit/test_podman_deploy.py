@@ -69,7 +69,7 @@ def test_only_host_ports_stay_and_shm_is_podmans_own(rendered):
 
 def test_secrets_are_stored_in_the_form_their_use_needs(rendered):
     uses = pd.secret_uses(rendered)
-    assert uses == {"funchat-redis": {"env"}, "funchat-resume": {"volume"}}
+    assert uses == {"funchat-redis": {"env"}, "funchat-resume": {"volume"}, "funchat-api-keys": {"volume"}}
     redis_secret = workload(rendered, "Secret", "funchat-redis")
     env_payload = json.loads(pd.podman_secret_payload(redis_secret, {"env"}))
     assert env_payload == redis_secret["data"]  # a flat map of base64 values
@@ -79,6 +79,30 @@ def test_secrets_are_stored_in_the_form_their_use_needs(rendered):
     assert volume_payload["data"][key] == base64.b64decode(resume["data"][key]).decode()  # plain
     with pytest.raises(pd.DeployError, match="not both"):
         pd.podman_secret_payload(resume, {"env", "volume"})
+
+
+def test_the_api_keys_secret_is_made_from_the_key_file(rendered, tmp_path):
+    from funchat.api_keys import KeyStore, create_key
+
+    keys_file = tmp_path / "keys" / "api_keys"
+    key, entry = create_key(keys_file, "deploy")
+    secret = pd.api_keys_secret(rendered, keys_file)
+    # what the orchestrator mounts: the name of its Secret volume, the key FUNCHAT_API_KEYS_FILE names
+    assert secret["metadata"]["name"] == "funchat-api-keys" and list(secret["data"]) == ["api_keys"]
+    assert base64.b64decode(secret["data"]["api_keys"]) == keys_file.read_bytes()
+    payload = json.loads(pd.podman_secret_payload(secret, pd.secret_uses(rendered)["funchat-api-keys"]))
+    played = tmp_path / "played"  # the file kube play writes into the Secret's volume: plain
+    played.write_text(payload["data"]["api_keys"])
+    assert KeyStore(played).verify_key(key) == "deploy"
+    with pytest.raises(pd.DeployError, match="funchat keys create"):
+        pd.api_keys_secret(rendered, tmp_path / "missing")
+    assert pd.api_keys_secret([o for o in rendered if o["kind"] != "Deployment"], keys_file) is None
+
+
+def test_up_refuses_a_render_whose_secret_nobody_provides(tmp_path):
+    # before any podman command: the API-keys Secret is the operator's, so the run must bring it
+    with pytest.raises(pd.DeployError, match=r"\['funchat-api-keys'\].*api_keys_file"):
+        pd.up(tmp_path / "checkpoint", PORT, run_dir=tmp_path / "run")
 
 
 def test_probe_commands_follow_the_chart(rendered):

@@ -55,14 +55,15 @@ def test_config_from_env_and_precise_errors_that_never_show_a_header_value():
 def test_orchestrator_settings_carry_tracing_but_never_the_headers_as_deployment_args():
     settings = OrchestratorSettings.load(checkpoint="/ckpt", endpoints={m: "h:1" for m in (
         "audio_tokenizer", "llm", "refined_head", "vocoder")}, tracing_endpoint="c:4317",
-        tracing_headers="api-key=s3cret", tracing_sample_ratio=0.5)
+        tracing_headers="api-key=s3cret", tracing_sample_ratio=0.5, auth="off")
     assert settings.tracing_config().headers == (("api-key", "s3cret"),)
     args = settings.deployment_args()
     assert args["tracing_endpoint"] == "c:4317" and "tracing_headers" not in args
     assert "s3cret" not in repr(settings)
     with pytest.raises(SettingsError, match="FUNCHAT_TRACING_SAMPLE_RATIO"):
-        OrchestratorSettings.load(checkpoint="/ckpt", endpoints=args["endpoints"], tracing_sample_ratio=2)
-    bad = OrchestratorSettings.load(checkpoint="/ckpt", endpoints=args["endpoints"], tracing_headers="nokey")
+        OrchestratorSettings.load(checkpoint="/ckpt", endpoints=args["endpoints"], tracing_sample_ratio=2, auth="off")
+    bad = OrchestratorSettings.load(checkpoint="/ckpt", endpoints=args["endpoints"], tracing_headers="nokey",
+                                    auth="off")
     with pytest.raises(SettingsError, match="FUNCHAT_TRACING_HEADERS"):
         bad.tracing_config()
 

@@ -91,6 +91,28 @@ seccompProfile:
 {{- define "funchat.resumeSecretName" -}}
 {{- default (printf "%s-resume" (include "funchat.fullname" .)) .Values.secrets.resume.existingSecret -}}
 {{- end -}}
+{{/* The operator's Secret holding the API key file (auth.mode api_keys); never created by the chart. */}}
+{{- define "funchat.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "funchat.fullname" .)) .Values.auth.apiKeysSecret.name -}}
+{{- end -}}
+{{/* Where the orchestrator containers mount that Secret: a directory, so that the kubelet's updates
+reach the file (a subPath mount would keep the first version). */}}
+{{- define "funchat.apiKeysMountPath" -}}
+/etc/funchat/api-keys
+{{- end -}}
+{{/* The orchestrator's largest gRPC message (FUNCHAT_MAX_MESSAGE_BYTES; the settings' default). */}}
+{{- define "funchat.maxMessageBytes" -}}
+{{- int64 (default 16777216 .Values.orchestrator.settings.max_message_bytes) -}}
+{{- end -}}
+{{/* A FUNCHAT_* setting's value as a string: a whole number without the exponent that a float64
+(every number in values) gets from toString past 6 digits (16777216 -> "1.6777216e+07"). */}}
+{{- define "funchat.settingValue" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) -}}
+{{- int64 . | toString -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
 {{- define "funchat.redisSecretName" -}}
 {{- default (printf "%s-redis" (include "funchat.fullname" .)) .Values.redis.internal.existingSecret -}}
 {{- end -}}

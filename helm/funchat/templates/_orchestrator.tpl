@@ -9,6 +9,19 @@ env:
     value: {{ include "funchat.redisUrl" . | quote }}
   - name: FUNCHAT_RESUME_SECRET_FILE
     value: /etc/funchat/resume/{{ .Values.secrets.resume.key }}
+  - name: FUNCHAT_AUTH
+    value: {{ .Values.auth.mode | quote }}
+  {{- if eq .Values.auth.mode "api_keys" }}
+  # the key file, re-read when the kubelet updates the Secret (no restart)
+  - name: FUNCHAT_API_KEYS_FILE
+    value: {{ include "funchat.apiKeysMountPath" . }}/{{ .Values.auth.apiKeysSecret.key }}
+  {{- end }}
+  {{- if eq .Values.orchestrator.mode "rayservice" }}
+  # Ray Serve's gRPC proxy limit (2 GiB otherwise), which `python -m funchat.orchestrator.app` sets
+  # from FUNCHAT_MAX_MESSAGE_BYTES in mode deployment; the Ray pods have no such process
+  - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+    value: {{ include "funchat.maxMessageBytes" . | quote }}
+  {{- end }}
   {{- with include "funchat.tracingEnv" . }}
   {{- . | nindent 2 }}
   {{- end }}
@@ -22,6 +35,12 @@ env:
 - name: resume-secret
   mountPath: /etc/funchat/resume
   readOnly: true
+{{- if eq .Values.auth.mode "api_keys" }}
+# the whole Secret as a directory, no subPath: the kubelet's updates (key rotation) reach the file
+- name: api-keys
+  mountPath: {{ include "funchat.apiKeysMountPath" . }}
+  readOnly: true
+{{- end }}
 - name: shm
   mountPath: /dev/shm
 - name: tmp
@@ -36,6 +55,14 @@ env:
     defaultMode: 0400
     # explicit (the default): the pod waits for the key; also spares podman 4.3's kube play a crash
     optional: false
+{{- if eq .Values.auth.mode "api_keys" }}
+- name: api-keys
+  secret:
+    # created by the operator (NOTES.txt): the pod waits for it
+    secretName: {{ include "funchat.apiKeysSecretName" . }}
+    defaultMode: 0400
+    optional: false
+{{- end }}
 - name: shm
   emptyDir:
     medium: Memory
