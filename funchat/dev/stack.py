@@ -5,7 +5,8 @@ on 127.0.0.1, in the background.
     python -m funchat.dev.stack status
     python -m funchat.dev.stack down
 
-`up` returns when every part answers (Redis PING, Triton model readiness, the API's gRPC health
+redis-server keeps an append-only file in `<run_dir>/redis/` (as the chart's does), so sessions
+survive its restart. `up` returns when every part answers (Redis PING, Triton model readiness, the API's gRPC health
 check) and writes `<run_dir>/endpoints.json`: each model service, `"orchestrator"` (the public
 API), `"orchestrator_metrics"` (its Prometheus /metrics, host:port), `"redis"` and `"checkpoint"`
 (the directory in use). The parts' pids go to
@@ -210,7 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     started: dict = {"run_dir": str(run_dir)}
     redis = None
     try:
-        redis = start_redis(run_dir, port=args.redis_port or None)
+        # the append-only file on, as in the chart: sessions survive a redis-server restart
+        redis = start_redis(run_dir, port=args.redis_port or None, persist=True)
         started.update(redis_pid=redis.pid, redis_url=redis.url)
         print(f"redis-server      {redis.url}  pid {redis.pid}", flush=True)
         # one torch thread per service: on a small CPU machine the four services and the orchestrator

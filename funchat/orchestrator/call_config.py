@@ -27,6 +27,12 @@ SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "repetition_penalty")  # 
 MAX_SEED = 2**63 - 2
 MAX_TOP_K = 2**31 - 1
 MIN_DIVISOR = 1e-3
+# Text the prompt carries on every turn is re-tokenised each turn: bounded here, well above what
+# fits a real prompt (the context refuses the rest), so that megabytes are refused before any work.
+MAX_INSTRUCTIONS_CHARS = 16384
+MAX_TOOLS = 64
+MAX_TOOLS_JSON_BYTES = 65536  # all tools' names, descriptions and parameter schemas together
+MAX_FUNCTION_OUTPUT_BYTES = 65536  # one function_call_output (converse)
 
 
 @dataclass
@@ -72,6 +78,8 @@ def parse_config(cfg: pb.SessionConfig, voices: set[str], max_new_tokens: int) -
     The fields are checked in this order, so a config with several problems names the first."""
     if cfg.mode not in MODES:
         raise _bad(f"unknown mode {cfg.mode}; use MODE_SPEECH_TO_TEXT or MODE_SPEECH_TO_SPEECH")
+    if len(cfg.instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise _bad(f"instructions are {len(cfg.instructions)} characters, over the {MAX_INSTRUCTIONS_CHARS} limit")
     out = CallConfig(mode=MODES[cfg.mode].value, instructions=cfg.instructions.strip())
     out.voice = _voice(cfg.voice, voices)
     out.tools = _tools(cfg.tools)
@@ -101,6 +109,12 @@ def _voice(voice: str, voices: set[str]) -> str:
 
 def _tools(tools) -> list[dict]:
     """pb.Tool list -> the chat template's function descriptions."""
+    if len(tools) > MAX_TOOLS:
+        raise _bad(f"{len(tools)} tools, over the limit of {MAX_TOOLS}")
+    size = sum(len(t.name.encode()) + len(t.description.encode()) + len(t.parameters_json.encode()) for t in tools)
+    if size > MAX_TOOLS_JSON_BYTES:
+        raise _bad(f"the tools take {size} bytes (names, descriptions, parameters_json), over the "
+                   f"{MAX_TOOLS_JSON_BYTES}-byte limit")
     out = []
     for i, tool in enumerate(tools):
         if not tool.name:

@@ -21,7 +21,7 @@ from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
 from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
-from funchat.orchestrator.call_config import CallConfig, quoted
+from funchat.orchestrator.call_config import MAX_FUNCTION_OUTPUT_BYTES, CallConfig, quoted
 from funchat.orchestrator.errors import ApiError, store_call
 from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
 from funchat.orchestrator.outbox import END, Outbox
@@ -185,6 +185,11 @@ class ConverseCall:
         if not out.call_id:
             self.error("INVALID_ARGUMENT", "function_call_output needs the call_id of the FunctionCall",
                        "function_call_output")
+            return
+        size = len(out.output.encode())
+        if size > MAX_FUNCTION_OUTPUT_BYTES:
+            self.error("INVALID_ARGUMENT", f"function_call_output is {size} bytes, over the "
+                                           f"{MAX_FUNCTION_OUTPUT_BYTES}-byte limit: return less", "function_call_output")
             return
         try:
             await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(role="tool",

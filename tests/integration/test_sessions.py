@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 
 import numpy as np
@@ -308,6 +309,31 @@ def test_two_replicas_see_the_same_session(redis_server):
     assert got.owner == "replica-b" and got.turns[0].audio_rows.tobytes() == rows(6).tobytes()
     assert got.turns[1].text == "from b"
     assert sorted(t.text for t in got.turns[2:]) == [str(i) for i in range(8)]
+
+
+def test_sessions_survive_a_killed_redis_with_the_append_only_file(tmp_path):
+    """persist=True (`make up`'s default, as the chart's): kill -9 of redis-server, a new one on the
+    same directory and port, and the acknowledged session is all there (the AOF is fsynced every
+    second: writes older than that survive even a kill)."""
+    async def create(store):
+        sid = (await store.create(CONFIG, tenant="acme")).session_id
+        await store.append_turns(sid, [HistoryTurn(role="user", audio_rows=rows(6), n_groups=7),
+                                       HistoryTurn(role="assistant", text="kept")])
+        return sid
+
+    server = start_redis(tmp_path, persist=True)
+    try:
+        sid = run_with_store(server.url, create)
+        time.sleep(1.5)  # one appendfsync everysec period, and some
+        os.killpg(server.pid, signal.SIGKILL)
+        server.stop()
+        assert not server.alive()
+        server = start_redis(tmp_path, port=server.port, persist=True)
+        got = run_with_store(server.url, lambda store: store.get(sid, tenant="acme"))
+    finally:
+        server.stop()
+    assert got.turns[0].audio_rows.tobytes() == rows(6).tobytes() and got.turns[1].text == "kept"
+    assert got.tenant == "acme"
 
 
 def test_redis_server_stop_ends_the_process(tmp_path):
