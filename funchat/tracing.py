@@ -225,10 +225,12 @@ def tracer() -> trace.Tracer:
 
 
 @contextlib.contextmanager
-def child_span(name: str, attributes: Mapping[str, object] | None = None, kind: SpanKind = SpanKind.INTERNAL):
+def child_span(name: str | None, attributes: Mapping[str, object] | None = None,
+               kind: SpanKind = SpanKind.INTERNAL):
     """A span under the current one, made current; only when the current span is recording (work
-    outside a traced turn makes no stray one-span traces). Yields the span, or None."""
-    if not trace.get_current_span().is_recording():
+    outside a traced turn makes no stray one-span traces) and a name is given (None: untraced
+    work). Yields the span, or None."""
+    if name is None or not trace.get_current_span().is_recording():
         yield None
         return
     with tracer().start_as_current_span(name, kind=kind, attributes=dict(attributes or {})) as span:

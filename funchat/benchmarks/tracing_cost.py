@@ -46,21 +46,13 @@ class _Traceparent(grpc.StreamStreamClientInterceptor, grpc.UnaryStreamClientInt
         trace_id = secrets.token_hex(16)
         self.trace_ids.append(trace_id)
         metadata = list(details.metadata or []) + [("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else \
-            _Details(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
-                     details.compression)
+        return details._replace(metadata=metadata)  # grpc hands interceptors a namedtuple
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._metadata(details), request_iterator)
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._metadata(details), request)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
-        self.method, self.timeout, self.metadata = method, timeout, metadata
-        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
 def run(args) -> dict[str, Any]:

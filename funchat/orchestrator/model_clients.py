@@ -24,7 +24,6 @@ as one aggregated span (funchat.orchestrator.turn_runner).
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -72,7 +71,7 @@ class _Client:
         sequence_id / sequence_start / sequence_end."""
         metrics.model_queue(self.model, time.perf_counter() - ready_at)
         with tracing.child_span(span, {"funchat.model": self.model, "server.address": self.url, **(attributes or {})},
-                                kind=tracing.SpanKind.CLIENT) if span else _untraced() as traced:
+                                kind=tracing.SpanKind.CLIENT) as traced:
             try:
                 return await self._client.infer(self.model, inputs,
                                                 outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
@@ -92,11 +91,6 @@ class _Client:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-@contextlib.contextmanager
-def _untraced():
-    yield None
 
 
 def _input(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
