@@ -15,18 +15,20 @@ APT_PACKAGES ?= redis-server prometheus espeak-ng
 
 GRPC_PORT ?= 50051
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e bench-tracing loadtest triton-up triton-down clean help images base-image k8s deploy-images deploy-test
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e bench-tracing loadtest soak restart triton-up triton-down clean help images base-image k8s deploy-images deploy-test
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
 	@echo "make up           start redis-server, the Triton model services and the orchestrator (127.0.0.1:$(GRPC_PORT))"
 	@echo "make down         stop them"
+	@echo "make restart SERVICE=redis|audio_tokenizer|llm|refined_head|vocoder|orchestrator  restart one part of the running stack on the same ports"
 	@echo "make test         set up and run the whole test suite"
 	@echo "make bench-model  time each model stage (tiny and mid presets, CPU); table + JSON"
 	@echo "make bench-vocoder  vocoder real-time factor, first-chunk latency, cost per chunk along a long call"
 	@echo "make bench-triton each Triton model service vs the same module in process (1/4/16 calls)"
 	@echo "make bench-e2e    first audio and real-time factor through the public API at 1/2/4/8 calls vs the oracle"
 	@echo "make bench-tracing  first audio with tracing on vs off (calls alternating, one stack exporting to a local OTLP receiver)"
+	@echo "make soak         CALLS= live duplex calls for MINUTES= against the stack, memory of every process sampled; 0 errors and flat memory or it fails"
 	@echo "make loadtest     Locust against make up (or HOST=host:port): USERS= DURATION= SHAPE=steady|step|spike, SLOs; .run/loadtest/"
 	@echo "make triton-up    start one tritonserver per model service on 127.0.0.1 (.run/endpoints.json)"
 	@echo "make triton-down  stop them"
@@ -78,6 +80,12 @@ up: setup $(CHECKPOINT)/vocoder/model.safetensors
 down: setup
 	$(PY) -m funchat.dev.stack down
 
+# One part of the stack `make up` runs, stopped (or found crashed) and started again on the same ports
+# with the same settings; returns when it is ready (funchat/dev/stack.py, "restart").
+restart: setup
+	@test -n "$(SERVICE)" || { echo "usage: make restart SERVICE=redis|audio_tokenizer|llm|refined_head|vocoder|orchestrator" >&2; exit 2; }
+	$(PY) -m funchat.dev.stack restart $(SERVICE)
+
 # tests/deploy runs the chart in containers: it needs the images (deploy-images).
 test: setup deploy-images
 	FUNCHAT_SHARED=$(abspath $(SHARED)) CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" $(PY) -m pytest -q tests
@@ -120,6 +128,18 @@ loadtest: setup
 	    --first-audio-p95-ms $(FIRST_AUDIO_P95_MS) --max-underrun-turns $(MAX_UNDERRUN_TURNS) \
 	    --max-error-rate $(MAX_ERROR_RATE) --out $(RUN_DIR)/loadtest -- \
 	    --recording "$(if $(wildcard $(INPUT_WAV)),$(abspath $(INPUT_WAV)))" $(LOADTEST_ARGS)
+
+# The soak (funchat/dev/soak.py): the stack `make up` runs (started here when none runs, then stopped),
+# CALLS callers placing live duplex calls for MINUTES; table + bench-results/soak.json; the exit code
+# is the verdict (no error, no process whose memory keeps growing: MAX_SLOPE MB per minute).
+CALLS ?= 4
+MINUTES ?= 10
+MAX_SLOPE ?= 1.0
+soak: setup $(CHECKPOINT)/vocoder/model.safetensors
+	@mkdir -p bench-results
+	$(PY) -m funchat.dev.soak --calls $(CALLS) --minutes $(MINUTES) --max-slope-mb-per-min $(MAX_SLOPE) \
+	    --start-stack --stack-arg=--checkpoint=$(CHECKPOINT) --stack-arg=--grpc-port=$(GRPC_PORT) \
+	    $(if $(wildcard $(INPUT_WAV)),--recording $(abspath $(INPUT_WAV))) --json bench-results/soak.json
 
 triton-up: setup $(CHECKPOINT)/vocoder/model.safetensors
 	$(PY) -m funchat.dev.tritonserver up --checkpoint $(CHECKPOINT)

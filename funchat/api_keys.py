@@ -25,6 +25,11 @@ document, one key per line:
       ]
     }
 
+An optional "tenants" object overrides the server's default limits for some tenants (`funchat keys
+limits`; each field optional, FUNCHAT_TENANT_* give the rest; funchat.orchestrator.tenant_limits):
+
+      "tenants": {"acme": {"max_calls": 4, "rate_per_s": 2.5, "burst": 10}}
+
 `sha256` is the hex SHA-256 of the whole key (UTF-8); `created` and `revoked` are ISO 8601 UTC
 times; an entry with `revoked` (not null) authenticates nothing but stays, so the file keeps the
 key's history. A tenant name is 1-63 characters of a-z 0-9 _ . -, starting with a letter or a
@@ -38,6 +43,7 @@ The API:
     create_key(path, tenant) -> (key, KeyEntry)   # creates the file (and its folder) when missing
     revoke_key(path, key_id_or_key) -> (KeyEntry, was_active)
     list_keys(path) -> [KeyEntry]                 # KeyEntry: key_id, tenant, sha256, created, revoked
+    set_tenant_limits(path, tenant, max_calls=, rate_per_s=, burst=, clear=False) -> {field: value}
     default_keys_file() -> Path                   # $FUNCHAT_API_KEYS_FILE, else .run/api_keys
 
     # servers
@@ -46,6 +52,7 @@ The API:
     tenant = store.authenticate(authorization_value)  # "Bearer <key>", or None/"" when none was sent
     tenant = store.verify_key(key)                # the bare key
     store.refresh(force=False) -> bool            # the authenticate* calls do it; force: now
+    store.tenant_limits(tenant) -> {field: value} # the tenant's overrides ({} when none)
     # AuthError: answer UNAUTHENTICATED with str(exc), which says what is wrong and names at most
     # the key id; exc.reason ("missing", "malformed", "unknown") fits a metric label, exc.key_id a log.
 
@@ -83,6 +90,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -119,6 +127,9 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _ANY_KEY = re.compile(f"({KEY_PREFIX}_[{_ALPHABET}]{{{KEY_ID_CHARS}}}_)[A-Za-z0-9]+")  # for redact()
 
 HOW_TO_SEND = "send `authorization: Bearer <key>`"
+# The limits a key file may set per tenant, and what each must be
+TENANT_LIMITS = {"max_calls": "an integer >= 0 (0: no limit)", "rate_per_s": "a number >= 0 (0: no limit)",
+                 "burst": "an integer >= 1"}
 TENANT_RULE = "1-63 characters of a-z 0-9 _ . -, starting with a letter or a digit"
 KEY_ID_RULE = f"{KEY_ID_CHARS} characters of a-z 2-7, as `funchat keys list` shows them"
 
@@ -279,6 +290,38 @@ def _entry_from_json(i: int, raw: Any) -> KeyEntry:
 def parse_key_file(data: bytes) -> dict[str, KeyEntry]:
     """The entries of a key file's content by key id; KeyFileError when it is not a valid key file.
     (json's own messages give a line and column, never the text.)"""
+    return _parse_key_file(data)[0]
+
+
+def _check_limit(where: str, field: str, value: Any) -> int | float:
+    """A tenant limit's value, or KeyFileError saying what it must be (not repeating it)."""
+    if field not in TENANT_LIMITS:
+        raise KeyFileError(f"{where}: unknown limit {field!r}; known: {', '.join(TENANT_LIMITS)}")
+    valid = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+             and value >= (1 if field == "burst" else 0) and (field == "rate_per_s" or float(value).is_integer()))
+    if not valid:
+        raise KeyFileError(f"{where}: {field} must be {TENANT_LIMITS[field]}")
+    return value if field == "rate_per_s" else int(value)
+
+
+def _tenants_from_json(raw: Any) -> dict[str, dict[str, int | float]]:
+    """The "tenants" object of a key file: limits by tenant name; KeyFileError naming what is wrong."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise KeyFileError('"tenants" must be an object of tenant name -> limits')
+    tenants = {}
+    for tenant, limits in raw.items():
+        if TENANT.fullmatch(tenant) is None:
+            raise KeyFileError(f"tenants: a tenant name is {TENANT_RULE}")
+        if not isinstance(limits, dict):
+            raise KeyFileError(f"tenants.{tenant}: must be an object such as {{\"max_calls\": 4}}")
+        tenants[tenant] = {field: _check_limit(f"tenants.{tenant}", field, value) for field, value in limits.items()}
+    return tenants
+
+
+def _parse_key_file(data: bytes) -> tuple[dict[str, KeyEntry], dict[str, dict[str, int | float]]]:
+    """(entries by key id, limits by tenant) of a key file's content."""
     try:
         doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -293,18 +336,24 @@ def parse_key_file(data: bytes) -> dict[str, KeyEntry]:
         if entry.key_id in entries:
             raise KeyFileError(f"keys[{i}]: key id {entry.key_id} appears twice")
         entries[entry.key_id] = entry
-    return entries
+    return entries, _tenants_from_json(doc.get("tenants"))
 
 
-def format_key_file(entries: Iterable[KeyEntry]) -> str:
-    """A key file's text: one entry per line, so that it reads (and diffs) key by key."""
+def format_key_file(entries: Iterable[KeyEntry], tenants: Mapping[str, Mapping[str, int | float]] | None = None
+                    ) -> str:
+    """A key file's text: one entry per line, so that it reads (and diffs) key by key; then the
+    tenants' limits, one tenant per line, when there are any."""
     lines = [json.dumps(e.to_json(), ensure_ascii=False) for e in entries]
     body = ",\n".join("    " + line for line in lines)
-    return f'{{\n  "version": {FILE_VERSION},\n  "keys": [\n{body}{chr(10) if lines else ""}  ]\n}}\n'
+    text = f'{{\n  "version": {FILE_VERSION},\n  "keys": [\n{body}{chr(10) if lines else ""}  ]'
+    if tenants:
+        limits = ",\n".join(f"    {json.dumps(t)}: {json.dumps(dict(v))}" for t, v in sorted(tenants.items()))
+        text += f',\n  "tenants": {{\n{limits}\n  }}'
+    return text + "\n}\n"
 
 
-def _read_key_file(path: Path) -> tuple[dict[str, KeyEntry], tuple]:
-    """(entries, the file's signature); KeyFileError with the file's name."""
+def _read_key_file(path: Path) -> tuple[dict[str, KeyEntry], dict[str, dict[str, int | float]], tuple]:
+    """(entries, tenants' limits, the file's signature); KeyFileError with the file's name."""
     try:
         with open(path, "rb") as f:
             signature = _signature(os.fstat(f.fileno()))  # of the very file read, even if replaced meanwhile
@@ -315,7 +364,7 @@ def _read_key_file(path: Path) -> tuple[dict[str, KeyEntry], tuple]:
     except OSError as exc:
         raise KeyFileError(f"cannot read API key file {path}: {exc.strerror}") from None
     try:
-        return parse_key_file(data), signature
+        return (*_parse_key_file(data), signature)
     except KeyFileError as exc:
         raise KeyFileError(f"API key file {path}: {exc}") from None
 
@@ -338,12 +387,13 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_key_file(path: Path, entries: Iterable[KeyEntry]) -> None:
+def _write_key_file(path: Path, entries: Iterable[KeyEntry],
+                    tenants: Mapping[str, Mapping[str, int | float]] | None = None) -> None:
     """Replace the key file atomically: a temporary file (mode 0600) in its folder, os.replace."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(format_key_file(entries))
+            f.write(format_key_file(entries, tenants))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
@@ -354,11 +404,11 @@ def _write_key_file(path: Path, entries: Iterable[KeyEntry]) -> None:
         raise
 
 
-def _read_for_update(path: Path) -> dict[str, KeyEntry]:
-    """The entries of `path` for a write; a missing file is an empty one."""
+def _read_for_update(path: Path) -> tuple[dict[str, KeyEntry], dict[str, dict[str, int | float]]]:
+    """The entries and tenants' limits of `path` for a write; a missing file is an empty one."""
     if not path.exists():
-        return {}
-    return _read_key_file(path)[0]
+        return {}, {}
+    return _read_key_file(path)[:2]
 
 
 def create_key(path: str | Path, tenant: str) -> tuple[str, KeyEntry]:
@@ -367,14 +417,14 @@ def create_key(path: str | Path, tenant: str) -> tuple[str, KeyEntry]:
     path = Path(path)
     check_tenant(tenant)
     with _locked(path):
-        entries = _read_for_update(path)
+        entries, tenants = _read_for_update(path)
         key_id = _random_base32(KEY_ID_CHARS)
         while key_id in entries:  # 50 bits: a clash is all but impossible, yet cheap to rule out
             key_id = _random_base32(KEY_ID_CHARS)
         key = new_key(key_id)
         entry = KeyEntry(key_id=key_id, tenant=tenant, sha256=hash_key(key), created=_utc_now())
         entries[key_id] = entry
-        _write_key_file(path, entries.values())
+        _write_key_file(path, entries.values(), tenants)
     return key, entry
 
 
@@ -389,7 +439,7 @@ def revoke_key(path: str | Path, key_id: str) -> tuple[KeyEntry, bool]:
     if not isinstance(key_id, str) or KEY_ID.fullmatch(key_id) is None:
         raise KeyFileError(f"not a key id: a key id is {KEY_ID_RULE}")
     with _locked(path):
-        entries = _read_key_file(path)[0]
+        entries, tenants, _ = _read_key_file(path)
         entry = entries.get(key_id)
         if entry is None:
             raise KeyFileError(f"no key with id {key_id} in {path}")
@@ -397,13 +447,39 @@ def revoke_key(path: str | Path, key_id: str) -> tuple[KeyEntry, bool]:
             return entry, False
         entry = dataclasses.replace(entry, revoked=_utc_now())
         entries[key_id] = entry
-        _write_key_file(path, entries.values())
+        _write_key_file(path, entries.values(), tenants)
     return entry, True
+
+
+def set_tenant_limits(path: str | Path, tenant: str, clear: bool = False,
+                      **limits: int | float | None) -> dict[str, int | float]:
+    """Set some of a tenant's limits in the key file (`TENANT_LIMITS`; a limit given as None is left
+    as it is; `clear` removes the others first: without limits given, the server's defaults apply
+    to the tenant again); returns the
+    tenant's limits now. Servers take them within their reload interval, like keys. KeyFileError: an
+    invalid tenant name or value, or no file."""
+    path = Path(path)
+    check_tenant(tenant)
+    given = {field: _check_limit("limits", field, value) for field, value in limits.items() if value is not None}
+    with _locked(path):
+        entries, tenants, _ = _read_key_file(path)
+        current = {**({} if clear else tenants.get(tenant, {})), **given}
+        if current:
+            tenants[tenant] = current
+        else:
+            tenants.pop(tenant, None)
+        _write_key_file(path, entries.values(), tenants)
+    return current
 
 
 def list_keys(path: str | Path) -> list[KeyEntry]:
     """The key file's entries, in file order (oldest first), revoked ones included."""
     return list(_read_key_file(Path(path))[0].values())
+
+
+def tenant_limits(path: str | Path) -> dict[str, dict[str, int | float]]:
+    """The limits the key file sets, by tenant."""
+    return _read_key_file(Path(path))[1]
 
 
 # --- the server's view -------------------------------------------------------------------------
@@ -423,7 +499,8 @@ class KeyStore:
         self.reload_interval_s = reload_interval_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._keys, self._file_signature = _read_key_file(self.path)  # KeyFileError: a server must know its keys
+        # KeyFileError: a server must know its keys
+        self._keys, self._tenants, self._file_signature = _read_key_file(self.path)
         self._checked_at = clock()
         self._problem: str | None = None  # the last reload failure, logged once
         log.info("API key file %s: %s", self.path, self._summary())
@@ -460,13 +537,13 @@ class KeyStore:
         if current is not None and current == self._file_signature:
             return False
         try:
-            keys, signature = _read_key_file(self.path)
+            keys, tenants, signature = _read_key_file(self.path)
         except KeyFileError as exc:
             if current is not None:
                 self._file_signature = current  # do not re-read this bad version every interval
             self._report_problem(str(exc))
             return False
-        self._keys, self._file_signature = keys, signature
+        self._keys, self._tenants, self._file_signature = keys, tenants, signature
         if self._problem is not None:
             log.warning("API key file %s is valid again", self.path)
         self._problem = None
@@ -477,6 +554,10 @@ class KeyStore:
         if problem != self._problem:
             log.error("%s; keeping the keys loaded before: %s", problem, self._summary())
         self._problem = problem
+
+    def tenant_limits(self, tenant: str) -> dict[str, int | float]:
+        """The limits the key file sets for `tenant` ({} when none: the server's defaults apply)."""
+        return self._tenants.get(tenant, {})
 
     def verify_key(self, key: str) -> str:
         """The tenant of `key` (the key itself, not an authorization value); AuthError otherwise."""

@@ -203,6 +203,17 @@ def _api_key(args: argparse.Namespace) -> tuple[str, str]:
     return (key, f"${API_KEY_ENV}") if key else ("", "")
 
 
+def _tls(args: argparse.Namespace):
+    """chat/call's TLS: the flags, else the environment (FUNCHAT_TLS_CA_FILE, FUNCHAT_TLS_CLIENT_CERT_FILE /
+    _KEY_FILE, FUNCHAT_TLS=1); a TlsOptions, or False for plaintext."""
+    from funchat.client import TlsOptions
+
+    files = (args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+    if args.tls or any(files):
+        return TlsOptions(*(Path(f) if f else None for f in files))
+    return TlsOptions.from_env() or False
+
+
 def _server_error(exc, server: str, key_source: str = "") -> CommandError:
     """A FunchatClientError (the client's own error type, not a FunchatError) as the command's message.
     key_source: where the API key sent came from ("" when none was sent), for UNAUTHENTICATED."""
@@ -245,7 +256,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     audio = load_audio(args.input)
     config = _client_config(args)
     try:
-        client = Client(args.server, timeout=args.timeout, api_key=key)
+        client = Client(args.server, timeout=args.timeout, api_key=key, tls=_tls(args))
         reply = client.respond(audio, config, session_id=args.session)
     except FunchatClientError as exc:
         raise _server_error(exc, args.server, key_source) from None
@@ -290,6 +301,7 @@ def _cmd_call(args: argparse.Namespace) -> None:
     if not 1 <= args.chunk_ms <= 1000:
         raise ValueError(f"--chunk-ms must be 1..1000 (the server takes at most 1 s per chunk), got {args.chunk_ms}")
     key, key_source = _api_key(args)
+    tls = _tls(args)
     audio = load_audio(args.input)
     config = _client_config(args)
 
@@ -297,7 +309,7 @@ def _cmd_call(args: argparse.Namespace) -> None:
         print(f"{t:8.3f} s  {describe_event(event)}", flush=True)
 
     async def run():
-        async with AsyncClient(args.server, api_key=key) as client:
+        async with AsyncClient(args.server, api_key=key, tls=tls) as client:
             return await stream_call(client, config, audio, realtime=not args.no_realtime, chunk_ms=args.chunk_ms,
                                      trailing_silence_ms=args.trailing_silence_ms, on_event=show,
                                      timeout_s=args.timeout)
@@ -362,9 +374,21 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> None:
         print(f"key {entry.key_id} (tenant {entry.tenant}) was already revoked on {entry.revoked}")
 
 
+def _cmd_keys_limits(args: argparse.Namespace) -> None:
+    from funchat.api_keys import RELOAD_INTERVAL_S, set_tenant_limits
+
+    path = _keys_file(args)
+    limits = set_tenant_limits(path, args.tenant, clear=args.clear, max_calls=args.max_calls,
+                               rate_per_s=args.rate, burst=args.burst)
+    own = ", ".join(f"{field} {value:g}" for field, value in limits.items()) or "none (the server's defaults)"
+    print(f"tenant {args.tenant} in {path}: own limits {own}; servers reading this file apply them within "
+          f"{RELOAD_INTERVAL_S:g} s")
+
+
 def _add_keys_commands(sub) -> None:
-    """`funchat keys create|list|revoke`: the API key file (funchat.api_keys)."""
-    keys = sub.add_parser("keys", help="API keys: create, list or revoke the keys of a key file")
+    """`funchat keys create|list|revoke|limits`: the API key file (funchat.api_keys)."""
+    keys = sub.add_parser("keys", help="API keys: create, list or revoke the keys of a key file; set a tenant's "
+                                       "limits")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     file_help = "the key file (default: $FUNCHAT_API_KEYS_FILE, else .run/api_keys)"
 
@@ -382,12 +406,30 @@ def _add_keys_commands(sub) -> None:
     p.add_argument("--keys-file", default=None, help=file_help)
     p.set_defaults(func=_cmd_keys_revoke, command="keys revoke")
 
+    p = keys_sub.add_parser("limits", help="set a tenant's own limits (others keep the server's FUNCHAT_TENANT_* "
+                                           "defaults); prints the tenant's limits")
+    p.add_argument("--tenant", required=True, help="the tenant")
+    p.add_argument("--max-calls", type=int, default=None, help="calls at once across all servers (0: no limit)")
+    p.add_argument("--rate", type=float, default=None, help="RPCs per second, sustained (0: no limit)")
+    p.add_argument("--burst", type=int, default=None, help="RPCs at once after a quiet spell (>= 1)")
+    p.add_argument("--clear", action="store_true", help="remove the tenant's own limits (then the flags above)")
+    p.add_argument("--keys-file", default=None, help=file_help)
+    p.set_defaults(func=_cmd_keys_limits, command="keys limits")
+
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     """Flags `chat` and `call` share: the server, the API key's file and the session's settings."""
     p.add_argument("--server", required=True, type=_server_address, help="the funchat API, HOST:PORT")
     p.add_argument("--api-key-file", default=None, metavar="PATH", help=API_KEY_HELP)
     p.add_argument("--api-key", nargs="?", action=_RefuseKeyFlag, help=argparse.SUPPRESS)
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates (default: plaintext, "
+                                                      "unless FUNCHAT_TLS=1 or the files below are set)")
+    p.add_argument("--tls-ca-file", default=None, metavar="PEM",
+                   help="TLS, trusting this CA (default: $FUNCHAT_TLS_CA_FILE)")
+    p.add_argument("--tls-cert-file", default=None, metavar="PEM",
+                   help="client certificate for a server asking for one, mTLS (default: $FUNCHAT_TLS_CLIENT_CERT_FILE)")
+    p.add_argument("--tls-key-file", default=None, metavar="PEM",
+                   help="its private key (default: $FUNCHAT_TLS_CLIENT_KEY_FILE)")
     p.add_argument("--input", required=True, help="WAV or FLAC, any rate, mono or stereo")
     p.add_argument("--mode", choices=["s2t", "s2s"], default="s2s")
     p.add_argument("--greedy", action="store_true", help="argmax for text and speech (no sampling)")

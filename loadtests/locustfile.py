@@ -38,6 +38,7 @@ from locust import LoadTestShape, User, between, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from funchat.client.auth import API_KEY_ENV, resolve_api_key  # noqa: E402
+from funchat.client.tls import open_channel, resolve_tls  # noqa: E402
 from funchat.loadgen import (CallerSettings, CallRecord, ConverseCaller, Schedule, Shares, Slo,  # noqa: E402
                              TurnRecord, build_summary, call_misses, load_utterances, plan_call, respond_call)
 from funchat.loadgen.records import BARGE_IN_IGNORED  # noqa: E402
@@ -166,7 +167,7 @@ class FunchatUser(User):
         self.rng = random.Random(f"{options.seed}/{worker}/{next(COLLECTED.user_numbers)}")
         self.utterances = COLLECTED.load_utterances(options)
         self.api_key = resolve_api_key(None) or ""  # FUNCHAT_API_KEY ("": none)
-        self.channel = grpc.insecure_channel(self.host)
+        self.channel = open_channel(self.host, resolve_tls(None), aio=False)  # TLS as FUNCHAT_TLS* says
 
     def on_stop(self):
         self.channel.close()

@@ -178,3 +178,60 @@ def stand_in():
     server.start()
     yield servicer
     server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """Certificates for TLS tests, made with the `cryptography` package: two CAs ("ca", the one the
+    clients trust, and "other"), each with a server certificate for localhost / 127.0.0.1 and a
+    client certificate. Returns {"root": folder, "ca_file", "other_ca_file": PEM paths, "server",
+    "other_server", "client", "other_client": (cert, key) PEM paths, "issue": issue(ca_name, folder,
+    cn, client) for more}. Each pair is a folder holding tls.crt and tls.key, as a mounted
+    Kubernetes TLS Secret does."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def builder(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer).public_key(public_key)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1)))
+
+    cas = {}
+    root = tmp_path_factory.mktemp("pki")
+    for ca_name in ("ca", "other"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (builder(f"funchat test {ca_name}", name(f"funchat test {ca_name}"), key.public_key())
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        cas[ca_name] = (cert, key)
+        (root / f"{ca_name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(ca_name: str, folder: Path, cn: str = "localhost", client: bool = False) -> tuple[Path, Path]:
+        ca_cert, ca_key = cas[ca_name]
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        cert = builder(cn, ca_cert.subject, key.public_key()).add_extension(x509.ExtendedKeyUsage([usage]),
+                                                                             critical=False)
+        if not client:
+            cert = cert.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tls.crt").write_bytes(cert.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        (folder / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        return folder / "tls.crt", folder / "tls.key"
+
+    return {"root": root, "ca_file": root / "ca.pem", "other_ca_file": root / "other.pem", "issue": issue,
+            "server": issue("ca", root / "server"), "other_server": issue("other", root / "other-server"),
+            "client": issue("ca", root / "client", "caller", client=True),
+            "other_client": issue("other", root / "other-client", "stranger", client=True)}

@@ -20,6 +20,11 @@ UNAUTHENTICATED, raised as FunchatClientError with the server's message. The key
 a log record or an error message. `authed_stub(stub, api_key)` makes a generated stub of one's own
 send it too.
 
+TLS: Client and AsyncClient take `tls=True` (the system's root certificates) or
+`tls=TlsOptions(ca_file=, cert_file=, key_file=)` (a private CA, a client certificate for mTLS); by
+default the environment decides (FUNCHAT_TLS_CA_FILE, FUNCHAT_TLS_CLIENT_CERT_FILE /
+FUNCHAT_TLS_CLIENT_KEY_FILE, FUNCHAT_TLS=1; none of them: plaintext). See funchat.client.tls.
+
 Every failure of an RPC is raised as `FunchatClientError(code, message)`, `code` being the gRPC
 status name (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...); problems this client finds in what the
 server sent (a reply whose audio chunks are not numbered 0, 1, 2...) are raised the same way with
@@ -44,11 +49,13 @@ from funchat.client.errors import FunchatClientError
 from funchat.client.events import RESPONSE_EVENTS, describe_event, response_id_of
 from funchat.client.replies import Reply, collect_reply
 from funchat.client.sync_client import Client
+from funchat.client.tls import TlsOptions, open_channel, resolve_tls
 
 __all__ = [
     "ACK_INTERVAL_S", "API_KEY_ENV", "ENCODINGS", "INPUT_SAMPLE_RATE", "MAX_CHUNK_S", "MODES", "OUTPUT_SAMPLE_RATE",
     "RESPONSE_EVENTS", "TURN_DETECTION",
-    "AsyncClient", "CallResult", "Client", "Conversation", "FunchatClientError", "Reply",
+    "AsyncClient", "CallResult", "Client", "Conversation", "FunchatClientError", "Reply", "TlsOptions",
     "auth_metadata", "authed_stub", "collect_reply", "config_mode", "decode_pcm16", "describe_event",
-    "encode_audio", "resolve_api_key", "response_id_of", "session_config", "stream_call",
+    "encode_audio", "open_channel", "resolve_api_key", "resolve_tls", "response_id_of", "session_config",
+    "stream_call",
 ]

@@ -14,8 +14,9 @@ from funchat.client.audio import encode_audio
 from funchat.client.auth import auth_metadata, authed_stub, resolve_api_key
 from funchat.client.config import config_mode, input_format, session_config
 from funchat.client.conversation import Conversation
-from funchat.client.errors import FunchatClientError
+from funchat.client.errors import FunchatClientError, retry_after_s
 from funchat.client.replies import Reply, collect_reply
+from funchat.client.tls import TlsOptions, open_channel, resolve_tls
 
 
 class AsyncClient:
@@ -27,11 +28,16 @@ class AsyncClient:
 
     api_key: the API key every RPC sends (metadata `authorization: Bearer <key>`); None: the
     environment's FUNCHAT_API_KEY, read here; "": none (a server with authentication then answers
-    UNAUTHENTICATED, raised as FunchatClientError). It is kept out of the repr."""
+    UNAUTHENTICATED, raised as FunchatClientError). It is kept out of the repr.
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None):
+    tls: False plaintext; True TLS with the system's root certificates; TlsOptions a CA file and a
+    client certificate (mTLS); None: the environment's FUNCHAT_TLS* (funchat.client.tls), read here."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None,
+                 tls: bool | TlsOptions | None = None):
         self.target = target
         self.timeout = timeout
+        self.tls = resolve_tls(tls)
         self._api_key = resolve_api_key(api_key) or ""  # "": none
         self._metadata = auth_metadata(self._api_key)
         self._channel: grpc.aio.Channel | None = None
@@ -44,12 +50,13 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         key = "set" if self._metadata else "none"
-        return f"AsyncClient(target={self.target!r}, timeout={self.timeout!r}, api_key=<{key}>)"
+        return (f"AsyncClient(target={self.target!r}, timeout={self.timeout!r}, api_key=<{key}>, "
+                f"tls={self.tls is not None})")
 
     @property
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target)
+            self._channel = open_channel(self.target, self.tls)
         return self._channel
 
     @property
@@ -78,7 +85,8 @@ class AsyncClient:
         code = exc.code().name
         unreachable = (code == "UNAVAILABLE" and self._channel is not None
                        and self._channel.get_state() is not grpc.ChannelConnectivity.READY)
-        return FunchatClientError(code, exc.details() or "", unreachable=unreachable)
+        return FunchatClientError(code, exc.details() or "", unreachable=unreachable,
+                                  retry_after_s=retry_after_s(exc.trailing_metadata()))
 
     # ---- unary calls ----
 

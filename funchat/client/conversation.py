@@ -14,7 +14,7 @@ import numpy as np
 from funchat.api import pb
 from funchat.client.audio import encode_audio
 from funchat.client.config import MAX_CHUNK_S, config_mode, input_format
-from funchat.client.errors import FunchatClientError
+from funchat.client.errors import FunchatClientError, retry_after_s
 from funchat.client.events import response_id_of
 from funchat.client.replies import Reply, collect_reply
 
@@ -27,7 +27,11 @@ class Conversation:
     queue that feeds the request stream, and events()/next_reply() read the response stream with
     the call's read(). Use one reader at a time (events() or next_reply(), not both at once).
 
-    Every reply is also assembled as it completes: `replies` holds them all, in order."""
+    Every reply is also assembled as it completes: `replies` holds them all, in order.
+
+    `resume_token` is the newest resume token the server gave (SessionCreated's, then each
+    response_done's): tokens are short-lived, so continue the session in a new call with this one,
+    `session_config(resume_token=call.resume_token)`."""
 
     def __init__(self, client: AsyncClient, config: pb.SessionConfig, timeout: float | None = None):
         self.client = client
@@ -36,6 +40,7 @@ class Conversation:
         self.mode = config_mode(config)
         self.encoding, self.sample_rate, self._width = input_format(config)
         self.session: pb.SessionCreated | None = None
+        self.resume_token = ""  # the newest one (see the class docstring)
         self.replies: list[Reply] = []
         self._requests: asyncio.Queue[pb.ClientEvent | None] = asyncio.Queue()
         self._call = None
@@ -67,13 +72,23 @@ class Conversation:
             raise FunchatClientError("UNKNOWN", "the server ended the call before SessionCreated")
         event = item[1]
         if event.WhichOneof("event") == "error":
+            hint = await self._retry_hint()
             self.abort()
-            raise FunchatClientError(event.error.code or "UNKNOWN", event.error.message)
+            raise FunchatClientError(event.error.code or "UNKNOWN", event.error.message, retry_after_s=hint)
         if event.WhichOneof("event") != "session_created":
             self.abort()
             raise FunchatClientError("UNKNOWN", f"expected session_created first, got {event.WhichOneof('event')}")
         self.session = event.session_created
+        self.resume_token = self.session.resume_token
         return self.session
+
+    async def _retry_hint(self) -> float | None:
+        """The retry hint of a call the server is ending (in its trailing metadata; None without one,
+        or when the status does not come within 5 s)."""
+        try:
+            return retry_after_s(await asyncio.wait_for(self._call.trailing_metadata(), 5.0))
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+            return None
 
     async def _request_stream(self) -> AsyncIterator[pb.ClientEvent]:
         while True:
@@ -180,6 +195,8 @@ class Conversation:
             # A failed turn's error comes just before its response_done: it belongs to the latest response.
             next(reversed(self._open.values()))[1].append((t, event))
         if kind == "response_done":
+            if event.response_done.resume_token:
+                self.resume_token = event.response_done.resume_token
             sent_at, timed = self._open.pop(rid, (None, [(t, event)]))
             reply = collect_reply([e for _, e in timed], [s for s, _ in timed], sent_at=sent_at, response_id=rid,
                                   mode=self.mode, session_id=self.session.session_id if self.session else "")

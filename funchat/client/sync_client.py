@@ -10,6 +10,7 @@ from funchat.api import pb
 from funchat.client.async_client import AsyncClient
 from funchat.client.auth import resolve_api_key
 from funchat.client.replies import Reply
+from funchat.client.tls import TlsOptions, resolve_tls
 
 
 class Client:
@@ -17,11 +18,14 @@ class Client:
     (asyncio.run) with its own channel: simple and safe across threads, at the cost of a connection
     per call. Not for use inside a running event loop (use AsyncClient there).
 
-    api_key: as AsyncClient's (None: FUNCHAT_API_KEY, read here; "": none); kept out of the repr."""
+    api_key: as AsyncClient's (None: FUNCHAT_API_KEY, read here; "": none); kept out of the repr.
+    tls: as AsyncClient's (None: the environment's FUNCHAT_TLS*, read here)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None):
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None,
+                 tls: bool | TlsOptions | None = None):
         self.target = target
         self.timeout = timeout
+        self.tls = resolve_tls(tls)
         self._api_key = resolve_api_key(api_key) or ""  # "": none (not the environment's again)
 
     def __repr__(self) -> str:
@@ -30,7 +34,8 @@ class Client:
 
     def _run(self, method: str, *args, **kwargs):
         async def call():
-            async with AsyncClient(self.target, self.timeout, api_key=self._api_key) as client:
+            async with AsyncClient(self.target, self.timeout, api_key=self._api_key,
+                                   tls=self.tls if self.tls is not None else False) as client:
                 return await getattr(client, method)(*args, **kwargs)
         return asyncio.run(call())
 

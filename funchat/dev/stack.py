@@ -3,6 +3,7 @@ on 127.0.0.1, in the background.
 
     python -m funchat.dev.stack up [--checkpoint DIR] [--grpc-port P] [--timeout S]
     python -m funchat.dev.stack status
+    python -m funchat.dev.stack restart SERVICE
     python -m funchat.dev.stack down
 
 redis-server keeps an append-only file in `<run_dir>/redis/` (as the chart's does), so sessions
@@ -12,6 +13,13 @@ API), `"orchestrator_metrics"` (its Prometheus /metrics, host:port), `"redis"` a
 (the directory in use). The parts' pids go to
 `<run_dir>/stack.json`, which `down` reads. A resume-token key is created once in
 `<run_dir>/resume_secret` (mode 0600); the orchestrator reads it there (FUNCHAT_RESUME_SECRET_FILE).
+
+redis-server asks for a password and speaks TLS only (funchat.dev.redis_server: the password made
+once in `<run_dir>/redis_password`, a local CA and certificate in `<run_dir>/tls/`, both mode 0600
+where secret); the orchestrator gets `rediss://127.0.0.1:PORT/0`, FUNCHAT_REDIS_CA_FILE and the
+password as FUNCHAT_REDIS_PASSWORD (never in the URL); endpoints.json names the CA and the password's
+file ("redis_ca_file", "redis_password_file"). Nothing but the public API listens beyond loopback
+(LOOPBACK_ENV says how, and what guards the ports Ray binds on all interfaces).
 
 API keys: the first `up` creates the key file `<run_dir>/api_keys` with one key for the tenant
 "dev" (funchat.api_keys.create_key) and writes that key to `<run_dir>/api_key` (mode 0600); later
@@ -25,6 +33,15 @@ in this shell the orchestrator takes calls without a key (the files are made all
 The orchestrator's settings are FUNCHAT_* environment variables (services/orchestrator/README.md):
 the ones set in this shell are passed on (not FUNCHAT_API_KEY, a client's), the stack sets
 checkpoint, endpoints, Redis, ports and the key file.
+
+`restart SERVICE` (`make restart SERVICE=...`) stops one part of the running stack (whether it still
+runs or has crashed) and starts it again on the same port(s) with the same settings, then waits until
+it is ready as `up` does: `redis` (the same append-only file: sessions survive), a model service
+(`audio_tokenizer`, `llm`, `refined_head`, `vocoder`: the same model repository,
+`funchat.dev.tritonserver.restart_server`) or `orchestrator` (the process `up` started, with the
+settings `up` recorded in stack.json: its FUNCHAT_* variables, secrets excepted, which come from this
+shell as they came from `up`'s). The new pids go to stack.json / triton/pids.json; endpoints.json
+does not change.
 """
 
 from __future__ import annotations
@@ -41,15 +58,37 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from funchat.dev.redis_server import start_redis
+from pydantic import SecretStr
+
+from funchat.dev.redis_server import ensure_password, start_redis
 from funchat.dev.tritonserver import PROJECT_ROOT
 from funchat.dev.tritonserver import _alive, free_port, stop_pids, tail
-from funchat.orchestrator.settings import ModelEndpoints, OrchestratorSettings
+from funchat.orchestrator.settings import ModelEndpoints, OrchestratorSettings, env_name
 
 DEFAULT_RUN_DIR = PROJECT_ROOT / ".run"
 DEFAULT_GRPC_PORT = OrchestratorSettings.model_fields["grpc_port"].default  # the orchestrator's own default
 STACK_FILE = "stack.json"
 HOST = "127.0.0.1"
+MODEL_SERVICES = tuple(ModelEndpoints.model_fields)  # audio_tokenizer, llm, refined_head, vocoder
+SERVICES = ("redis", *MODEL_SERVICES, "orchestrator")  # what `restart` restarts
+# The orchestrator's secret settings are not written to stack.json: a restart takes them from its own
+# environment, as `up` did
+SECRET_VARIABLES = frozenset(env_name(name) for name, f in OrchestratorSettings.model_fields.items()
+                             if f.annotation is SecretStr)
+
+
+# make up's redis-server: AUTH (a password made once in <run_dir>/redis_password) and TLS only
+# (certificates made once in <run_dir>/tls/); `restart redis` starts it the same way
+REDIS_SECURITY = {"auth": True, "tls": True}
+# What keeps the stack's own ports on loopback (the tritonservers and redis-server bind 127.0.0.1 by
+# their flags): with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (no multi-machine cluster) Ray takes
+# 127.0.0.1 as this node's address, so its GCS, raylet, agents and workers listen there (ray.init's
+# _node_ip_address cannot: it turns 127.0.0.1 into the machine's address); FUNCHAT_METRICS_HOST does
+# it for /metrics. Two ports Ray binds on all interfaces whatever it is told: Serve's gRPC proxy (the
+# public API: our API keys guard it) and each replica's own gRPC server, guarded by Ray's token
+# authentication (its default for a new local cluster, made explicit here). See
+# tests/integration/test_local_stack_exposure.py.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "FUNCHAT_METRICS_HOST": HOST}
 
 
 class StackError(RuntimeError):
@@ -117,6 +156,7 @@ class OrchestratorProcess:
     grpc_port: int
     log: Path
     metrics_port: int = 0
+    http_port: int = 0
 
     @property
     def target(self) -> str:
@@ -160,20 +200,22 @@ class OrchestratorProcess:
 
 
 def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeout: float = 180.0,
-                       metrics_port: int | None = None, api_key: str | None = None) -> OrchestratorProcess:
+                       metrics_port: int | None = None, api_key: str | None = None,
+                       http_port: int | None = None) -> OrchestratorProcess:
     """Start `python -m funchat.orchestrator.app` in its own process group; wait for its health check.
     env: its FUNCHAT_* settings (checkpoint, endpoints, redis_url, the resume secret, the API key
     file FUNCHAT_API_KEYS_FILE or FUNCHAT_AUTH=off, ...), over this process's environment (less
     FUNCHAT_API_KEY: a client's key is no server's business); the gRPC port is `grpc_port`, Ray's HTTP
-    proxy gets a free port and so does /metrics unless `metrics_port` is given. api_key: the key the
+    proxy and /metrics get free ports unless `http_port` / `metrics_port` are given. api_key: the key the
     health check sends (None: FUNCHAT_API_KEY; the check needs none)."""
     from funchat.client.auth import API_KEY_ENV
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "orchestrator.log"
     metrics_port = free_port() if metrics_port is None else metrics_port
-    full_env = {**os.environ, **env, "FUNCHAT_GRPC_PORT": str(grpc_port), "FUNCHAT_HTTP_PORT": str(free_port()),
-                "FUNCHAT_METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
+    http_port = free_port() if http_port is None else http_port
+    full_env = {**os.environ, **env, "FUNCHAT_GRPC_PORT": str(grpc_port), "FUNCHAT_HTTP_PORT": str(http_port),
+                "FUNCHAT_METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1", **LOOPBACK_ENV}
     full_env.pop(API_KEY_ENV, None)
     venv_bin = str(Path(sys.executable).parent)
     full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
@@ -181,7 +223,7 @@ def start_orchestrator(run_dir: Path, env: dict[str, str], grpc_port: int, timeo
         proc = subprocess.Popen([sys.executable, "-m", "funchat.orchestrator.app"],
                                 stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=str(PROJECT_ROOT),
                                 start_new_session=True)
-    orch = OrchestratorProcess(proc.pid, grpc_port, log, metrics_port)
+    orch = OrchestratorProcess(proc.pid, grpc_port, log, metrics_port, http_port)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -212,8 +254,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     redis = None
     try:
         # the append-only file on, as in the chart: sessions survive a redis-server restart
-        redis = start_redis(run_dir, port=args.redis_port or None, persist=True)
-        started.update(redis_pid=redis.pid, redis_url=redis.url)
+        redis = start_redis(run_dir, port=args.redis_port or None, persist=True, **REDIS_SECURITY)
+        started.update(redis_pid=redis.pid, redis_url=redis.url, redis_port=redis.port)
         print(f"redis-server      {redis.url}  pid {redis.pid}", flush=True)
         # one torch thread per service: on a small CPU machine the four services and the orchestrator
         # share the cores (a GPU deployment sets its own parameters)
@@ -224,6 +266,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise StackError("the Triton model services did not start (see above)")
         endpoints = _read(run_dir / "endpoints.json")
         env = {"FUNCHAT_CHECKPOINT": str(checkpoint), "FUNCHAT_REDIS_URL": redis.url,
+               # the password in the environment, not in the URL (which logs and Ray's records show)
+               "FUNCHAT_REDIS_PASSWORD": redis.password, "FUNCHAT_REDIS_CA_FILE": str(redis.ca_file),
                "FUNCHAT_ENDPOINTS": json.dumps({k: endpoints[k] for k in ModelEndpoints.model_fields}),
                # the key is the file; a FUNCHAT_RESUME_SECRET inherited from the shell would conflict
                "FUNCHAT_RESUME_SECRET_FILE": str(resume_secret_file(run_dir)), "FUNCHAT_RESUME_SECRET": ""}
@@ -232,10 +276,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.replicas is not None:
             env["FUNCHAT_REPLICAS"] = str(args.replicas)
         orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout, api_key=read_api_key(run_dir))
-        started.update(orchestrator_pid=orch.pid)
+        started.update(orchestrator_pid=orch.pid, orchestrator=_orchestrator_record(orch, env))
         print(f"orchestrator      {orch.target} (Ray Serve gRPC)  pid {orch.pid}  log {orch.log}", flush=True)
         print(f"orchestrator      http://{orch.metrics_target}/metrics (Prometheus, all replicas)", flush=True)
         endpoints.update(orchestrator=orch.target, orchestrator_metrics=orch.metrics_target, redis=redis.url,
+                         redis_ca_file=str(redis.ca_file), redis_password_file=str(run_dir / "redis_password"),
                          checkpoint=str(checkpoint), api_key_file=str(key_file))
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
         (run_dir / STACK_FILE).write_text(json.dumps(started, indent=2) + "\n")
@@ -275,6 +320,88 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _orchestrator_record(orch: OrchestratorProcess, env: dict[str, str]) -> dict:
+    """What `restart orchestrator` needs to start it again the same way: its ports and its settings
+    (the FUNCHAT_* variables of this shell and the stack's own, secrets and the client's key left out)."""
+    from funchat.client.auth import API_KEY_ENV
+
+    shell = {k: v for k, v in os.environ.items() if k.startswith("FUNCHAT_") and k != API_KEY_ENV}
+    settings = {k: v for k, v in {**shell, **env}.items() if k not in SECRET_VARIABLES}
+    return {"grpc_port": orch.grpc_port, "metrics_port": orch.metrics_port, "http_port": orch.http_port,
+            "env": settings}
+
+
+def _running_state(run_dir: Path) -> dict:
+    """stack.json of the stack `up` started in run_dir; StackError when there is none."""
+    state = _read(run_dir / STACK_FILE)
+    if not state:
+        raise StackError(f"no stack is running in {run_dir} (no {STACK_FILE}): start it with `make up`")
+    return state
+
+
+def _is_process(pid: int | None, name: str) -> bool:
+    """pid is alive and runs `name` (a pid recorded long ago may have been reused)."""
+    if not pid or not _alive(pid):
+        return False
+    try:
+        return name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def restart_redis(run_dir: Path, state: dict) -> int:
+    """redis-server again on its port, with the same append-only file (sessions survive); -> its pid."""
+    from urllib.parse import urlparse
+
+    port = state.get("redis_port") or urlparse(state.get("redis_url", "")).port
+    if not port:
+        raise StackError(f"{run_dir / STACK_FILE} records no redis-server port: run `make down` and `make up`")
+    if _is_process(state.get("redis_pid"), "redis-server"):
+        stop_pids([state["redis_pid"]], timeout=10)  # SIGTERM: redis fsyncs its append-only file
+    redis = start_redis(run_dir, port=port, persist=True, **REDIS_SECURITY)
+    return redis.pid
+
+
+def restart_orchestrator(run_dir: Path, state: dict, timeout: float) -> int:
+    """The orchestrator process (its whole process group: Ray, Serve, the replicas) stopped and started
+    again with the ports and settings `up` recorded; -> its pid once its health check answers."""
+    record = state.get("orchestrator")
+    if not record:
+        raise StackError(f"{run_dir / STACK_FILE} records no orchestrator settings: run `make down` and `make up`")
+    old = OrchestratorProcess(state.get("orchestrator_pid") or 0, record["grpc_port"], run_dir / "orchestrator.log")
+    if old.pid:
+        old.stop()
+        old.kill()  # what a crash left of its group (Ray's processes) would hold the ports
+    env = {**record["env"], "FUNCHAT_REDIS_PASSWORD": ensure_password(run_dir)}  # a secret: not in stack.json
+    orch = start_orchestrator(run_dir, env, record["grpc_port"], timeout,
+                              metrics_port=record["metrics_port"], http_port=record["http_port"],
+                              api_key=read_api_key(run_dir))
+    return orch.pid
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from funchat.dev.tritonserver import TritonServerError, restart_server
+
+    run_dir = Path(args.run_dir).resolve()
+    service = args.service
+    t0 = time.monotonic()
+    try:
+        state = _running_state(run_dir)
+        if service == "redis":
+            state["redis_pid"] = pid = restart_redis(run_dir, state)
+        elif service == "orchestrator":
+            state["orchestrator_pid"] = pid = restart_orchestrator(run_dir, state, args.timeout)
+        else:
+            pid = restart_server(run_dir, service, timeout=args.timeout).pid
+    except (StackError, TritonServerError, RuntimeError) as exc:  # RuntimeError: redis-server's start
+        print(f"error: restart {service}: {exc}", file=sys.stderr)
+        return 2
+    if service in ("redis", "orchestrator"):
+        (run_dir / STACK_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    print(f"{service:17s} restarted  pid {pid}  ready after {time.monotonic() - t0:.1f} s", flush=True)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     state = _read(run_dir / STACK_FILE)
@@ -302,10 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--threads", type=int, default=1, help="torch threads per model service (0 = torch default)")
     down = sub.add_parser("down")
     status = sub.add_parser("status")
-    for p in (up, down, status):
+    restart = sub.add_parser("restart", help="restart one part of the running stack on the same ports")
+    restart.add_argument("service", metavar="SERVICE", choices=SERVICES, help=" | ".join(SERVICES))
+    restart.add_argument("--timeout", type=float, default=180.0, help="seconds to wait until it is ready")
+    for p in (up, down, status, restart):
         p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     args = ap.parse_args(argv)
-    return {"up": cmd_up, "down": cmd_down, "status": cmd_status}[args.command](args)
+    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "restart": cmd_restart}[args.command](args)
 
 
 if __name__ == "__main__":

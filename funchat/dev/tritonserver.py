@@ -23,6 +23,9 @@ to `<run_dir>/triton/pids.json`, which `down` reads):
         [--device cpu|cuda] [--param MODEL.KEY=VALUE ...] [--base-port N] [--timeout S]
     python -m funchat.dev.tritonserver status
     python -m funchat.dev.tritonserver down [--models ...]
+
+`restart_server(run_dir, model)` starts one of the servers `up` started again, on the same ports with
+the same model repository (what `make restart SERVICE=<model>` runs: `funchat.dev.stack`).
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class Server:
     def info(self) -> dict:
         return {"grpc": self.grpc, "http": self.http, "metrics": f"{HOST}:{self.metrics_port}",
                 "grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port,
-                "pid": self.pid, "log": str(self.log)}
+                "pid": self.pid, "log": str(self.log), "repo": str(self.repo)}
 
 
 def _command(install: TritonInstall, server: Server, backends: Path, exit_timeout_s: int) -> list[str]:
@@ -428,6 +431,35 @@ def start_servers(models: Iterable[str] | None = None, repo: str | Path = DEFAUL
         raise
     cluster.write_files()
     return cluster
+
+
+def restart_server(run_dir: str | Path, model: str, timeout: float = 120.0, exit_timeout_s: int = 10) -> Server:
+    """Stop `model`'s server that `up` started in `run_dir` (if it still runs) and start it again on the
+    same ports, with the same model repository (config and parameters), log appended; wait until it is
+    ready; record its new pid in triton/pids.json. Its in-memory state (the llm's KV caches) is gone.
+    Raises TritonServerError when `up` started no such server there, or when it does not come back."""
+    run_dir = Path(run_dir).resolve()
+    info = _read_json(run_dir / "triton" / SERVERS_FILE).get(model)
+    if not info:
+        raise TritonServerError(f"no {model} server was started in {run_dir} (no entry in "
+                                f"{run_dir / 'triton' / SERVERS_FILE}): start the stack first")
+    # Servers written before the repository was recorded: `up` puts it here (prepare_model_repo)
+    repo = Path(info.get("repo") or run_dir / "triton" / "repos" / model)
+    if not (repo / model / "config.pbtxt").is_file():
+        raise TritonServerError(f"the model repository of {model} is gone ({repo}): run `down` and `up` again")
+    old = _read_json(run_dir / "triton" / PIDS_FILE).get(model, info.get("pid"))
+    if isinstance(old, int) and _alive(old) and _is_tritonserver(old):
+        stop_pids([old], timeout=20.0)
+    server = Server(model, info["grpc_port"], info["http_port"], info["metrics_port"], Path(info["log"]), repo)
+    install = find_triton()
+    _launch(install, server, prepare_backend_dir(install, run_dir), server_env(install), exit_timeout_s)
+    try:
+        wait_ready([server], timeout)
+    except BaseException:
+        stop_pids([server.pid])
+        raise
+    write_run_files(run_dir, {model: server.info()}, pids=True)
+    return server
 
 
 # ---- command line ----

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SequenceError, Slot,
-                                       SlotPool, pad_right)
+                                       SlotPool, forward_failed, pad_right, run_isolated)
 from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
 
@@ -96,23 +96,35 @@ class LlmEngine:
                 ready.append(self._prepare(i, req))
             except SequenceError as exc:
                 results[i] = exc
+            except Exception as exc:  # a bug or the device: this request alone fails, its new slot freed
+                if req.start:
+                    self.pool.free(req.cid)
+                results[i] = forward_failed("llm", exc)
         for is_prefill in (True, False):
             group = [r for r in ready if (r.inputs.shape[0] > 1 or requests[r.index].start) == is_prefill]
-            if not group:
-                continue
-            embeds, lengths = pad_right([r.inputs for r in group])
-            lengths = lengths.to(embeds.device)
-            hidden, logits = self._forward(is_prefill, embeds, lengths, [r.slot.row for r in group])
-            tokens = self._choose([r.slot for r in group], logits)
-            for b, r in enumerate(group):
-                t = r.ids.shape[0]
-                srh_input = hidden[b, :t] + self.model.language_model.embed(r.ids)
-                results[r.index] = LlmResult(tokens[b], srh_input, logits[b],
-                                             *self._top_k(logits[b], requests[r.index].return_top_k))
+            if group:
+                # A forward that raises fails only the requests that fail on their own; their
+                # sequences end (state unknown), so no slot waits for the idle timeout.
+                for r, exc in run_isolated(group, lambda part: self._run_group(is_prefill, part, requests, results)):
+                    self.pool.free(requests[r.index].cid)
+                    results[r.index] = forward_failed("llm", exc)
         for i, req in enumerate(requests):
             if req.end and not isinstance(results[i], SequenceError):
                 self.pool.free(req.cid)
         return results  # type: ignore[return-value]
+
+    def _run_group(self, is_prefill: bool, group: list[_Ready], requests: list[LlmRequest], results: list) -> None:
+        """One batched forward of `group` (all prefills or all steps); its results go in `results`
+        only when the whole forward succeeded."""
+        embeds, lengths = pad_right([r.inputs for r in group])
+        lengths = lengths.to(embeds.device)
+        hidden, logits = self._forward(is_prefill, embeds, lengths, [r.slot.row for r in group])
+        tokens = self._choose([r.slot for r in group], logits)
+        for b, r in enumerate(group):
+            t = r.ids.shape[0]
+            srh_input = hidden[b, :t] + self.model.language_model.embed(r.ids)
+            results[r.index] = LlmResult(tokens[b], srh_input, logits[b],
+                                         *self._top_k(logits[b], requests[r.index].return_top_k))
 
     def _forward(self, is_prefill: bool, embeds: torch.Tensor, lengths: torch.Tensor,
                  rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +135,12 @@ class LlmEngine:
         with self.pool.lock:
             idx = torch.tensor(rows, dtype=torch.long, device=self.pool.cache.lengths.device)
             positions = self.pool.cache.lengths[idx].tolist()  # where each row's new position goes
-            return self.step_runner.step(embeds, rows, positions)
+            try:
+                return self.step_runner.step(embeds, rows, positions)
+            except Exception:
+                # leave no trace (run_isolated retries): a piece that ran had advanced its rows
+                self.pool.cache.lengths[idx] = torch.tensor(positions, dtype=torch.long, device=idx.device)
+                raise
 
     @staticmethod
     def _choose(slots: list[Slot], logits: torch.Tensor) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SequenceError, Slot,
-                                       SlotPool, pad_right)
+                                       SlotPool, forward_failed, pad_right, run_isolated)
 from funchat.engines.triton_adapter import ServiceParams
 from funchat.model.checkpoint import load_model
 from funchat.model.funaudiochat import FunAudioChat
@@ -59,39 +59,58 @@ class SrhEngine:
                 ready.append((i, self._prepare(req)))
             except SequenceError as exc:
                 results[i] = exc
+            except Exception as exc:  # a bug or the device: this request alone fails, its new slot freed
+                if req.start:
+                    self.pool.free(req.cid)
+                results[i] = forward_failed("refined_head", exc)
         for is_prefill in (True, False):
             group = [(i, s) for i, s in ready if (requests[i].start or requests[i].srh_input.shape[0] > 1) == is_prefill]
-            if not group:
-                continue
-            h, lengths = pad_right([requests[i].srh_input.to(self.bos.device, self.bos.dtype) for i, _ in group])
-            lengths = lengths.to(self.bos.device)
-            slots = [s for _, s in group]
-            drawn: list[list[int]] = [[] for _ in group]
-
-            def choose(_j: int, logits: torch.Tensor) -> torch.Tensor:
-                tokens = []
-                for b, slot in enumerate(slots):  # each call has its own history and generator
-                    extra = slot.extra
-                    history = penalty_history(extra["history"] + drawn[b], extra["sampling"], logits.device)
-                    tokens.append(int(select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0]))
-                    drawn[b].append(tokens[-1])
-                return torch.tensor(tokens, dtype=torch.long, device=logits.device)
-
-            def forward(cache: KVCache) -> torch.Tensor:
-                prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
-                state = _BatchState(cache, prev)
-                out = self.model.audio_invert_tower(h, state, choose, lengths)  # [B, g]
-                for b, slot in enumerate(slots):
-                    slot.extra["prev_embed"] = state.prev_embed[b]
-                return out
-
-            tokens = self.pool.run([s.row for s in slots], forward)
-            for b, (i, _) in enumerate(group):
-                results[i] = tokens[b]
+            if group:
+                # A forward that raises fails only the requests that fail on their own; their
+                # sequences end (state unknown), so no slot waits for the idle timeout.
+                for (i, _), exc in run_isolated(group, lambda part: self._run_group(part, requests, results)):
+                    self.pool.free(requests[i].cid)
+                    results[i] = forward_failed("refined_head", exc)
         for i, req in enumerate(requests):
             if req.end and not isinstance(results[i], SequenceError):
                 self.pool.free(req.cid)
         return results  # type: ignore[return-value]
+
+    def _run_group(self, group: list[tuple[int, Slot]], requests: list[SrhRequest], results: list) -> None:
+        """One batched forward of `group` ((request index, slot), all prefills or all steps); its
+        results go in `results` only when the whole forward succeeded. On failure the calls'
+        generators are put back as they were, so a retry draws what this attempt would have."""
+        h, lengths = pad_right([requests[i].srh_input.to(self.bos.device, self.bos.dtype) for i, _ in group])
+        lengths = lengths.to(self.bos.device)
+        slots = [s for _, s in group]
+        drawn: list[list[int]] = [[] for _ in group]
+        generator_states = [s.extra["generator"].get_state() for s in slots]
+
+        def choose(_j: int, logits: torch.Tensor) -> torch.Tensor:
+            tokens = []
+            for b, slot in enumerate(slots):  # each call has its own history and generator
+                extra = slot.extra
+                history = penalty_history(extra["history"] + drawn[b], extra["sampling"], logits.device)
+                tokens.append(int(select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0]))
+                drawn[b].append(tokens[-1])
+            return torch.tensor(tokens, dtype=torch.long, device=logits.device)
+
+        def forward(cache: KVCache) -> torch.Tensor:
+            prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
+            state = _BatchState(cache, prev)
+            out = self.model.audio_invert_tower(h, state, choose, lengths)  # [B, g]
+            for b, slot in enumerate(slots):
+                slot.extra["prev_embed"] = state.prev_embed[b]
+            return out
+
+        try:
+            tokens = self.pool.run([s.row for s in slots], forward)
+        except Exception:
+            for slot, generator_state in zip(slots, generator_states):
+                slot.extra["generator"].set_state(generator_state)
+            raise
+        for b, (i, _) in enumerate(group):
+            results[i] = tokens[b]
 
     def _prepare(self, req: SrhRequest) -> Slot:
         e = self.model.cfg.audio.output_dim

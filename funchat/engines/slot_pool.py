@@ -110,6 +110,33 @@ class SlotPool:
             return out
 
 
+def run_isolated(group: list, run: Callable[[list], None]) -> list[tuple[Any, Exception]]:
+    """Run `group` (the requests of one batched forward) with `run(members)`; when that raises, run
+    each member alone, so that one request's failure fails only that request, not its batch.
+    `run` must leave no trace when it raises (SlotPool.run writes rows back only on success).
+    -> (member, exception) for each member that failed on its own."""
+    try:
+        run(group)
+        return []
+    except Exception as exc:
+        if len(group) == 1:
+            return [(group[0], exc)]
+    failed = []
+    for member in group:
+        try:
+            run([member])
+        except Exception as exc:
+            failed.append((member, exc))
+    return failed
+
+
+def forward_failed(service: str, exc: Exception) -> SequenceError:
+    """The answer to a request whose forward raised (after run_isolated): INTERNAL, and the call's
+    sequence is ended (its slot freed by the caller), since its state is unknown."""
+    return SequenceError(f"{service} forward failed ({type(exc).__name__}: {exc}); the sequence was ended and "
+                         f"its slot freed: start the call again", status="INTERNAL")
+
+
 def pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[T_i, E] per row -> ([B, max T, E] zero-padded, lengths [B])."""
     lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)

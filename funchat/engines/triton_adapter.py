@@ -16,9 +16,11 @@ tritonserver process's working directory, never from where the source checkout i
 launcher (`python -m funchat.dev.tritonserver`) writes absolute ones.
 
 Errors. A request's problem answers that request alone, with a status: a SequenceError carries
-its own (NOT_FOUND for an unknown call, UNAVAILABLE for a full pool, ...); an input problem
-(InputError, any FunchatError, a ValueError while parsing) is INVALID_ARG; anything else raised
-while running the batch is INTERNAL and logged.
+its own (NOT_FOUND for an unknown call, UNAVAILABLE for a full pool, INTERNAL and logged for a
+forward that failed: the stateful engines run a failed batch's requests again one by one, so only
+the request that fails on its own is answered so, and its sequence is ended, its KV slot freed);
+an input problem (InputError, any FunchatError, a ValueError while parsing) is INVALID_ARG;
+anything else raised while running the batch is INTERNAL and logged.
 
 Tracing. `start_tracing(service)` in initialize() traces the model instance as funchat-<service>
 when FUNCHAT_TRACING_ENDPOINT is set (a bad FUNCHAT_TRACING_* setting fails the load, naming the
@@ -335,6 +337,8 @@ class TritonIO:
                 for i, result in zip(where, results):
                     try:
                         if isinstance(result, Exception):
+                            if self.status(result) == "INTERNAL":  # the engine caught a failure of its own
+                                self.log_error(result)
                             fail(i, result)
                         else:
                             responses[i] = self.response(outputs(requests[i], result))

@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from funchat.api import pb, pb_grpc
 from funchat.client.auth import API_KEY_ENV, authed_stub, resolve_api_key
+from funchat.client.tls import open_channel, resolve_tls
 
 PROBE_SESSION_ID = "sess_loadtest_key_probe"  # no such session: the answer is NOT_FOUND once the key is taken
 
@@ -16,7 +17,7 @@ def unreachable_reason(target: str, timeout_s: float = 5.0) -> str | None:
     """None when the target's gRPC health check says SERVING; else why not, in one line."""
     if not target or ":" not in target or "://" in target:
         return f"{target!r} is not a host:port address"
-    channel = grpc.insecure_channel(target)
+    channel = open_channel(target, resolve_tls(None), aio=False)  # TLS as FUNCHAT_TLS* says
     try:
         # Not wait_for_ready: a refused connection or an unknown host answers at once.
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
@@ -46,7 +47,7 @@ def auth_problem(target: str, api_key: str | None = None, timeout_s: float = 5.0
     NOT_FOUND; UNAUTHENTICATED comes first. Only UNAUTHENTICATED is a problem here
     (unreachable_reason tells the rest)."""
     key = resolve_api_key(api_key)
-    channel = grpc.insecure_channel(target)
+    channel = open_channel(target, resolve_tls(None), aio=False)  # TLS as FUNCHAT_TLS* says
     try:
         authed_stub(pb_grpc.FunchatStub(channel), key or "").GetSession(
             pb.GetSessionRequest(session_id=PROBE_SESSION_ID), timeout=timeout_s)

@@ -12,7 +12,11 @@ Two ways to start it, the same application:
     serve run services/orchestrator/serve_config.yaml   # an existing Ray cluster (KubeRay serveConfigV2)
 
 The first serves until SIGTERM / SIGINT, then shuts Serve and Ray down (`make up` starts it in the
-background). The second imports `funchat.orchestrator.app:app_builder`. Both take their settings
+background). It also runs the public API's gateway (funchat.gateway, a thread of this process) on
+FUNCHAT_GRPC_PORT, plaintext or TLS / mTLS, with keepalive, in front of Ray Serve's gRPC proxy on
+the internal FUNCHAT_PROXY_PORT: Ray's proxy has neither TLS nor keepalive settings. The second
+imports `funchat.orchestrator.app:app_builder` and needs the gateway beside it (`python -m
+funchat.gateway`; the chart's sidecar). Both take their settings
 from the `FUNCHAT_*` environment (services/orchestrator/README.md). The replicas' Prometheus
 metrics are served on FUNCHAT_METRICS_PORT: by the first process, or in the second way by one of
 the replicas of each node (`funchat.orchestrator.metrics` says how).
@@ -25,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 
@@ -34,6 +39,9 @@ from ray.serve.config import gRPCOptions
 
 from funchat import tracing
 from funchat.api_keys import KeyFileError, KeyStore
+from funchat.gateway.server import GatewayError, GatewayThread
+from funchat.gateway.settings import GatewaySettings, GatewaySettingsError
+from funchat.gateway.tls import TlsFilesError
 from funchat.orchestrator import metrics
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, env_name
@@ -41,7 +49,7 @@ from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, e
 APP_NAME = "funchat"
 DEPLOYMENT_NAME = "Orchestrator"
 SERVICER_FUNCTIONS = [
-    "funchat.v1.funchat_pb2_grpc.add_FunchatServicer_to_server",
+    "funchat.orchestrator.ingress.add_FunchatServicer_to_server",  # lenient deserializers (ingress)
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 # The replicas only draw tokens and move audio: the cores belong to the model services. Their
@@ -65,7 +73,7 @@ class Orchestrator:
         self.service = FunchatService(settings)
         # RayService mode: the first replica of a pod serves its /metrics (a no-op where the
         # orchestrator process already does)
-        metrics.start_replica_exporter(settings.metrics_port)
+        metrics.start_replica_exporter(settings.metrics_port, host=settings.metrics_host)
 
     async def Converse(self, request_stream, grpc_context=None):
         with metrics.unexpected_errors_counted():
@@ -98,10 +106,16 @@ class Orchestrator:
         return health_pb2.HealthCheckResponse(status=status)
 
 
+# Ray's room beyond our own admission limit: a full replica still gets requests, and answers
+# RESOURCE_EXHAUSTED with a retry hint itself. Past that Ray queues at most as many again at each
+# proxy and refuses the rest at once with RESOURCE_EXHAUSTED (its BackPressureError), rather than
+# letting them wait in a queue without bound (Ray's default).
+RAY_HEADROOM = 16
+
+
 def deployment_options(settings: OrchestratorSettings) -> dict:
     return dict(num_replicas=settings.replicas, ray_actor_options={"num_cpus": settings.replica_cpus},
-                # above our own admission limit, so a full replica answers RESOURCE_EXHAUSTED itself
-                max_ongoing_requests=settings.max_calls + 16)
+                max_ongoing_requests=settings.max_calls + RAY_HEADROOM, max_queued_requests=RAY_HEADROOM)
 
 
 def build_app(settings: OrchestratorSettings) -> Application:
@@ -126,16 +140,40 @@ def replica_runtime_env(metrics_dir: str) -> dict:
     return {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], metrics.MULTIPROC_ENV: metrics_dir}}
 
 
-def serve_forever(settings: OrchestratorSettings) -> None:
-    """A local Ray cluster, Serve with its gRPC proxy, the application; until SIGTERM / SIGINT.
-    /metrics (all replicas) is served from here, bound before the replicas start."""
+def gateway_settings(settings: OrchestratorSettings) -> GatewaySettings:
+    """The gateway's settings: the ports and message size of `settings` (FUNCHAT_PROXY_PORT 0: a free
+    port now), TLS and keepalive from the environment. Raises SettingsError naming what to fix."""
+    try:
+        gateway = GatewaySettings.load(grpc_port=settings.grpc_port, proxy_port=settings.proxy_port or _free_port(),
+                                       max_message_bytes=settings.max_message_bytes)
+    except GatewaySettingsError as exc:
+        raise SettingsError(str(exc)) from None
+    if gateway.max_connection_age_s and gateway.max_connection_age_grace_s < settings.max_call_s:
+        raise SettingsError(f"FUNCHAT_MAX_CONNECTION_AGE_GRACE_S={gateway.max_connection_age_grace_s:g} is shorter "
+                            f"than FUNCHAT_MAX_CALL_S={settings.max_call_s:g}: calls on an old connection would be "
+                            "cut; raise it (or FUNCHAT_MAX_CONNECTION_AGE_S=0: connections never age out)")
+    return gateway
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def serve_forever(settings: OrchestratorSettings, gateway: GatewayThread) -> int:
+    """A local Ray cluster, Serve with its gRPC proxy on the internal port, the application, and
+    the gateway on the public port; until SIGTERM / SIGINT (0), or until the gateway stops (1).
+    /metrics (all replicas) is served from here, bound before the replicas start. The gateway
+    binds first, so a taken public port fails before Ray's long start."""
     import ray
 
     metrics_dir = metrics.new_multiprocess_dir()
     exporter = None
     try:
+        gateway.start()
         if settings.metrics_port:
-            exporter = metrics.start_exporter(settings.metrics_port, metrics_dir)
+            exporter = metrics.start_exporter(settings.metrics_port, metrics_dir, settings.metrics_host)
             if exporter is None:
                 print(f"orchestrator: metrics port {settings.metrics_port} is taken: /metrics is not served from "
                       "here (the replicas keep trying to bind it)", file=sys.stderr, flush=True)
@@ -144,22 +182,29 @@ def serve_forever(settings: OrchestratorSettings) -> None:
         ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, object_store_memory=200 << 20,
                  logging_level=logging.WARNING, log_to_driver=True, runtime_env=replica_runtime_env(metrics_dir))
         try:
-            serve.start(grpc_options=gRPCOptions(port=settings.grpc_port,
+            # Ray's proxy binds all interfaces ([::]) whatever we ask: callers reach the gateway instead,
+            # and the replicas check API keys whichever way a call comes in
+            serve.start(grpc_options=gRPCOptions(port=gateway.gateway.settings.proxy_port,
                                                  grpc_servicer_functions=SERVICER_FUNCTIONS),
                         http_options={"host": "127.0.0.1", "port": settings.http_port})
             serve.run(build_app(settings), name=APP_NAME)
-            print(f"funchat orchestrator serving gRPC on port {settings.grpc_port}"
+            print(f"funchat orchestrator serving gRPC on port {settings.grpc_port}: {gateway.gateway.describe()}"
                   + (f", metrics on port {settings.metrics_port}" if exporter is not None else ""), flush=True)
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
-            stop.wait()
+            while not stop.wait(1.0):
+                if gateway.stopped.is_set():
+                    print("orchestrator: the gateway stopped: shutting down", file=sys.stderr, flush=True)
+                    return 1
+            return 0
         finally:
             try:
                 serve.shutdown()
             finally:
                 ray.shutdown()
     finally:
+        gateway.stop()
         if exporter is not None:
             exporter.shutdown()
             exporter.server_close()
@@ -177,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.tracing_config()
         if settings.auth == "api_keys":
             KeyStore(settings.api_keys_file)  # readable and well-formed, or refused here
-    except (SettingsError, KeyFileError) as exc:
+        gateway = GatewayThread(gateway_settings(settings))  # TLS files that cannot be used: refused here
+    except (SettingsError, KeyFileError, TlsFilesError) as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
     if settings.auth == "off":
@@ -186,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")  # Ray's own knob, inherited by its processes
     # Ray's gRPC proxy otherwise accepts messages up to 2 GiB, read in full before any check of ours
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.max_message_bytes)
-    serve_forever(settings)
-    return 0
+    try:
+        return serve_forever(settings, gateway)
+    except GatewayError as exc:
+        print(f"orchestrator: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ class ConverseCall:
             await self.finish()
         except asyncio.CancelledError:
             raise
+        except ApiError as exc:  # the stream refused what the caller sent (a message that did not parse)
+            self.outbox.put_nowait(exc)
         except Exception as exc:  # the client stream broke: end the call
             self.outbox.put_nowait(ApiError("INTERNAL", f"call failed: {exc}"))
         finally:

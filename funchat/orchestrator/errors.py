@@ -4,24 +4,41 @@ An `ApiError` that ends an RPC becomes an `error` event and the RPC's status (`s
 that fails a single event of a call is sent as an `error` event and the call goes on; a unary RPC
 ends with the status alone (`end_rpc`). Each error sent is counted once (metrics.error_sent): by
 the event, or by `end_rpc` where there is none.
+
+Retry hints: an error that says when to retry (`retry_after_s`: a full server or a tenant over its
+limits, RESOURCE_EXHAUSTED) ends its RPC with the hint in the trailing metadata, twice over:
+the standard `google.rpc.RetryInfo` in the status details (`grpc-status-details-bin`, a
+`google.rpc.Status` of the same code and message), which gRPC libraries of every language read,
+and `retry-after-ms` (whole milliseconds as text), which needs no protobuf to read. Both reach the
+caller through Ray Serve's gRPC proxy (its context carries trailing metadata set on it);
+`funchat.client` exposes the hint as `FunchatClientError.retry_after_s`.
 """
 
 from __future__ import annotations
 
+import math
+
+from google.rpc import error_details_pb2, status_pb2
 from redis.exceptions import RedisError, ResponseError
 
 from funchat.api import pb
 from funchat.orchestrator import metrics
-from funchat.orchestrator.sessions import (ExpiredResumeToken, InvalidResumeToken, SessionError, SessionNotFound,
-                                           StoreUnavailable)
+from funchat.orchestrator.sessions import (ExpiredResumeToken, InvalidResumeToken, LeaseLost, SessionBusy,
+                                           SessionError, SessionNotFound, StoreUnavailable)
+
+
+RETRY_AFTER_MS = "retry-after-ms"
+STATUS_DETAILS = "grpc-status-details-bin"
 
 
 class ApiError(Exception):
-    """A request the API refuses: gRPC status name and a message saying what to fix."""
+    """A request the API refuses: gRPC status name and a message saying what to fix; retry_after_s:
+    when to try again, for refusals that pass (sent as trailing metadata, see the module docstring)."""
 
-    def __init__(self, code: str, message: str, event: str = ""):
+    def __init__(self, code: str, message: str, event: str = "", retry_after_s: float | None = None):
         super().__init__(message)
         self.code, self.message, self.event = code, message, event
+        self.retry_after_s = retry_after_s
 
     def event_message(self) -> pb.ServerEvent:
         """The `error` event to send (counted as sent)."""
@@ -31,16 +48,35 @@ class ApiError(Exception):
     def end_rpc(self, ctx) -> None:
         """End a unary RPC with this status, no event (counted as sent)."""
         metrics.error_sent(self.code)
-        set_status(ctx, self.code, self.message)
+        self.set_status(ctx)
+
+    def set_status(self, ctx) -> None:
+        """End the RPC with this status, and its retry hint when it has one."""
+        set_status(ctx, self.code, self.message, self.retry_after_s)
 
 
-def set_status(ctx, code: str, message: str) -> None:
-    """End the RPC with this status (ctx: Ray Serve's or grpc.aio's servicer context; None in tests)."""
+def set_status(ctx, code: str, message: str, retry_after_s: float | None = None) -> None:
+    """End the RPC with this status (ctx: Ray Serve's or grpc.aio's servicer context; None in tests);
+    retry_after_s: a retry hint, sent as trailing metadata."""
     if ctx is None:
         return
     import grpc
     ctx.set_code(getattr(grpc.StatusCode, code))
     ctx.set_details(message)
+    if retry_after_s is not None:
+        ctx.set_trailing_metadata(retry_trailers(code, message, retry_after_s))
+
+
+def retry_trailers(code: str, message: str, retry_after_s: float) -> list[tuple[str, str | bytes]]:
+    """The trailing metadata of a retry hint: google.rpc.Status with RetryInfo, and retry-after-ms.
+    The hint is at least 1 ms: 0 would invite a busy loop."""
+    import grpc
+    ms = max(1, math.ceil(retry_after_s * 1000))
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromMilliseconds(ms)
+    status = status_pb2.Status(code=getattr(grpc.StatusCode, code).value[0], message=message)
+    status.details.add().Pack(info)
+    return [(STATUS_DETAILS, status.SerializeToString()), (RETRY_AFTER_MS, str(ms))]
 
 
 async def store_call(coro):
@@ -50,12 +86,14 @@ async def store_call(coro):
         return await coro
     except SessionNotFound as exc:
         raise ApiError("NOT_FOUND", f"{exc}") from None
-    except ExpiredResumeToken as exc:
-        raise ApiError("NOT_FOUND", f"{exc}; start a new session", "session") from None
+    except ExpiredResumeToken as exc:  # its message says what to do: a newer token, or a new session
+        raise ApiError("NOT_FOUND", f"{exc}", "session") from None
     except InvalidResumeToken as exc:
         raise ApiError("INVALID_ARGUMENT", f"{exc}", "session") from None
     except StoreUnavailable as exc:
         raise ApiError("UNAVAILABLE", f"session store unavailable: {exc}") from None
+    except (SessionBusy, LeaseLost) as exc:  # one turn at a time per session: the message says which
+        raise ApiError("ABORTED", f"{exc}") from None
     except SessionError as exc:  # optimistic writes that kept colliding with another writer
         raise ApiError("ABORTED", f"{exc}; the session was being changed by another request: retry") from None
     except ResponseError as exc:

@@ -3,14 +3,31 @@
 Shared by Respond (one exchange per RPC) and Converse (one per detected or committed turn). The
 steps, in order:
 
-    check the turn's length -> encode it (audio tokenizer) -> read the session's history ->
-    build the TurnRequest -> mark the session "responding" -> run the turn (its events stream out)
-    -> say how it ended (interrupted, or the function calls) -> store the user and assistant turns,
-    session "listening" -> response_done
+    check the turn's length -> take the session's lease -> read the session's history (its audio
+    must come from this model) -> encode the turn (audio tokenizer) -> build the TurnRequest ->
+    mark the session "responding" -> run the turn (its events stream out) -> say how it ended
+    (interrupted, or the function calls) -> store the user and assistant turns, trimming what no
+    later prompt can hold, session "listening" -> response_done (with a fresh resume token)
+    -> release the lease
 
 A problem of this turn only (audio too short, a model service down, the store unreachable) is sent
 as an `error` event and a failed `response_done`, the session goes back to "listening", and the
 call goes on.
+
+Session integrity:
+- One turn at a time per session, across replicas and RPCs: the turn holds the session's lease
+  (`SessionStore.acquire_lease`, renewed every third of FUNCHAT_SESSION_LEASE_S while it runs) and
+  writes only while it holds it. A second turn is refused with ABORTED; a turn whose lease was lost
+  (it stalled past the lease, or the session was deleted) stops and fails with ABORTED, nothing of
+  it stored.
+- When generation fails after the caller's speech was encoded (a model service down), the caller's
+  turn is stored alone: the next turn is answered with it in the history (there is no event that
+  re-answers a stored turn; the caller simply goes on). When the encoding itself failed nothing
+  is stored, and the error says to send the turn again.
+- Audio rows carry the fingerprint of the model that encoded them (`model_fingerprint`); a
+  session holding rows of another model (or of none recorded) is refused with FAILED_PRECONDITION
+  before anything runs: its speech cannot be fed to this model, so the caller starts a new session.
+- Each `response_done` carries a fresh resume token (tokens are short-lived, FUNCHAT_RESUME_TOKEN_TTL_S).
 
 Each exchange is one trace (when tracing is on, `funchat.tracing`): a `funchat.turn` span, the child
 of the caller's own trace context when the RPC carried one (`TurnTrace.parent`), else a new trace.
@@ -21,10 +38,14 @@ the session store's operations, the model-service calls (`turn_runner`), and a `
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 import numpy as np
@@ -37,7 +58,7 @@ from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
 from funchat.orchestrator.call_config import CallConfig
 from funchat.orchestrator.errors import ApiError, store_call
-from funchat.orchestrator.sessions import HistoryTurn
+from funchat.orchestrator.sessions import HistoryTurn, Lease
 from funchat.orchestrator.turn_runner import TurnError, TurnOutcome, TurnRequest, new_call_id
 from funchat.turn.schedule import Mode
 
@@ -46,6 +67,25 @@ if TYPE_CHECKING:
 
 Emit = Callable[[pb.ServerEvent], Awaitable[None]]
 log = logging.getLogger(__name__)
+
+# The files that decide what the audio tokenizer's rows mean: the whole model config (encoder,
+# adaptor, LLM width) and the mel front end. The weights are not read (gigabytes, and not every
+# replica has them): FUNCHAT_MODEL_REVISION names weights that changed under the same config.
+FINGERPRINT_FILES = ("config.json", "preprocessor_config.json")
+
+
+@functools.lru_cache(maxsize=8)
+def model_fingerprint(checkpoint: Path, revision: str = "") -> str:
+    """The identity of the model that encodes the caller's speech, recorded with each stored clip:
+    sha256 over the canonical JSON of FINGERPRINT_FILES (those present) and `revision`. Computed
+    once per replica."""
+    digest = hashlib.sha256(revision.encode())
+    for name in FINGERPRINT_FILES:
+        path = Path(checkpoint) / name
+        if path.exists():
+            canonical = json.dumps(json.loads(path.read_text()), sort_keys=True, separators=(",", ":"))
+            digest.update(f"\0{name}\0{canonical}".encode())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 @dataclass
@@ -107,6 +147,11 @@ class Exchange:
         self.trace = trace or TurnTrace()
         self.span = None
         self.responding = False  # the session was marked "responding" by this exchange
+        self.lease: Lease | None = None  # the session's lease while this turn holds it
+        self.lease_keeper: asyncio.Task | None = None
+        self.lease_lost = False
+        settings = service.settings
+        self.fingerprint = model_fingerprint(Path(settings.checkpoint), settings.model_revision)
 
     async def run(self) -> TurnOutcome | None:
         """The reply's outcome, or None when the turn failed (after its error and response_done events)."""
@@ -127,17 +172,20 @@ class Exchange:
         status = "failed"
         try:
             self.check_length()
-            rows, n_groups, encode_ms = await self.encode()
+            await self.take_lease()
             record = await store_call(self.service.store.get(self.session_id))
+            await self.end_abandoned_turn(record)
+            self.check_model(record.turns)
+            rows, n_groups, encode_ms = await self.encode()
             request = self.turn_request(rows, n_groups, record.turns)
             await self.mark_responding(request)
-            outcome = await self.service.runner.run(request, self.emit_tracked, self.response.cancel,
-                                                    t_end_of_turn=self.t_end)
+            outcome = await self.generate(request, record.turns)
             outcome.latency_ms["audio_tokenizer"] = encode_ms
             self.response.outcome = outcome
             assistant = await self.emit_ending(outcome)
-            await self.store_turns(rows, n_groups, assistant, history_len=len(record.turns))
-            await self.emit(outcome.done_event())
+            await self.store_turns(rows, n_groups, assistant, record.turns)
+            await self.drop_lease()  # free before the caller hears it is done: its next turn may come at once
+            await self.emit(self.with_resume_token(outcome.done_event()))
             status = outcome.status
             self.trace_outcome(outcome)
             return outcome
@@ -148,19 +196,99 @@ class Exchange:
         finally:
             metrics.turn_finished(self.cfg.mode, status)
             self.span.set_attribute("funchat.status", status)
-            if status == "failed" and self.responding:
-                await self.back_to_listening()
+            await self.end_failed_turn(status)  # also when cancelled, or on a bug
         return None
+
+    async def end_abandoned_turn(self, record) -> None:
+        """Still "responding" while this turn holds the lease: the turn before died with its replica
+        (SIGKILL, a lost node) and never ended its llm / refined_head sequences. End them now, so
+        their KV rows are not held until the services' idle timeout."""
+        active = getattr(record, "active", None) or {}  # (records stood in by unit tests may lack both)
+        if getattr(record, "state", "") == "responding" and active.get("correlation_id"):
+            await self.service.runner.end_sequences(int(active["correlation_id"]))
+
+    async def end_failed_turn(self, status: str) -> None:
+        """A failed turn hands the session back: state "listening", lease released (once)."""
+        if status == "failed" and self.responding:
+            self.responding = False
+            await self.back_to_listening()
+        await self.drop_lease()
+
+    # ---- the session's lease ----
+
+    async def take_lease(self) -> None:
+        """Hold the session for this turn (ABORTED while another turn holds it) and keep holding it."""
+        lease_s = self.service.settings.session_lease_s
+        self.lease = await store_call(self.service.store.acquire_lease(self.session_id, lease_s))
+        self.lease_keeper = asyncio.create_task(self.keep_lease(lease_s / 3))
+
+    async def keep_lease(self, every_s: float) -> None:
+        """Renew the lease while the turn runs; once it is lost, stop generating (the turn then fails
+        with ABORTED, and its writes would be refused anyway)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                held = await store_call(self.service.store.renew_lease(self.lease))
+            except ApiError as exc:  # a store blip: the next renewal may get through before the lease ends
+                log.warning("session %s: could not renew the turn's lease: %s", self.session_id, exc.message)
+                continue
+            if not held:
+                self.lease_lost = True
+                self.response.cancel.set()
+                return
+
+    async def drop_lease(self) -> None:
+        """Release the lease at the turn's end, whatever the end (best effort: else it expires). Once:
+        later calls do nothing."""
+        if self.lease_keeper is not None:
+            self.lease_keeper.cancel()
+            await asyncio.gather(self.lease_keeper, return_exceptions=True)
+            self.lease_keeper = None
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            try:
+                await store_call(self.service.store.release_lease(lease))
+            except ApiError as exc:
+                log.warning("session %s: could not release the turn's lease (it expires on its own): %s",
+                            self.session_id, exc.message)
+
+    def check_lease(self) -> None:
+        if self.lease_lost:
+            raise ApiError("ABORTED", f"session {self.session_id}: this turn lost its lease on the session (it "
+                                      f"stalled longer than FUNCHAT_SESSION_LEASE_S="
+                                      f"{self.service.settings.session_lease_s:g} s, or the session was deleted); "
+                                      "nothing of it was stored: send the turn again")
 
     async def back_to_listening(self) -> None:
         """A failed turn must not leave its session marked "responding" for good: best effort (the
-        store may be what failed; the state's TTL ends it then)."""
+        store may be what failed; the state's TTL ends it then). A turn that lost its lease resets
+        the state only while no other turn holds the session (that turn owns the state then)."""
+        store = self.service.store
         try:
-            await store_call(self.service.store.set_state(self.session_id, "listening", active=None,
-                                                          owner=self.service.replica_id))
+            try:
+                await store_call(store.set_state(self.session_id, "listening", active=None,
+                                                 owner=self.service.replica_id, lease=self.lease))
+            except ApiError as exc:
+                if exc.code != "ABORTED":
+                    raise
+                await store_call(store.set_state(self.session_id, "listening", active=None,
+                                                 owner=self.service.replica_id, exclusive=True))
         except ApiError as exc:
             log.warning("session %s: could not reset its state after a failed turn: %s", self.session_id,
                         exc.message)
+
+    # ---- the steps ----
+
+    def check_model(self, history: list[HistoryTurn]) -> None:
+        """Stored speech must come from the model this replica serves: another model's rows mean
+        nothing to it."""
+        foreign = [t for t in history if t.audio_rows is not None and t.audio_model != self.fingerprint]
+        if foreign:
+            theirs = foreign[0].audio_model or "unknown: stored before models were recorded"
+            raise ApiError("FAILED_PRECONDITION",
+                           f"session {self.session_id} holds {len(foreign)} turn(s) of caller speech encoded by "
+                           f"another model ({theirs}; this server runs {self.fingerprint}), which this model cannot "
+                           "read: start a new session", "turn")
 
     def trace_outcome(self, outcome: TurnOutcome) -> None:
         lat = outcome.latency_ms
@@ -179,7 +307,13 @@ class Exchange:
     async def encode(self) -> tuple[np.ndarray, int, float]:
         """-> (the audio tokenizer's rows, n_groups, ms it took)."""
         t = time.perf_counter()
-        rows, n_groups = await self.service.runner.encode(self.audio16k)
+        try:
+            rows, n_groups = await self.service.runner.encode(self.audio16k)
+        except TurnError as exc:
+            if exc.code == "INVALID_ARGUMENT":  # the audio itself: its message says what to fix
+                raise
+            raise TurnError(exc.code, f"{exc.message}; the turn's audio could not be encoded, so nothing of it was "
+                                      "stored: send it again") from None
         seconds = time.perf_counter() - t
         metrics.stage("audio_tokenizer", seconds)
         return rows, n_groups, seconds * 1000.0
@@ -201,7 +335,29 @@ class Exchange:
         await store_call(self.service.store.set_state(self.session_id, "responding", active={
             "response_id": request.response_id, "llm": endpoints["llm"], "refined_head": endpoints["refined_head"],
             "correlation_id": request.call_id, "seed": request.seed, "started_at": time.time()},
-            owner=self.service.replica_id))
+            owner=self.service.replica_id, lease=self.lease))
+
+    async def generate(self, request: TurnRequest, history: list[HistoryTurn]) -> TurnOutcome:
+        """Run the turn. When generation fails (a model service down), the caller's turn is stored
+        alone, so that it is not lost: the next turn is answered with it. A turn the model cannot
+        take (INVALID_ARGUMENT: it does not fit the context) is not stored."""
+        try:
+            outcome = await self.service.runner.run(request, self.emit_tracked, self.response.cancel,
+                                                    t_end_of_turn=self.t_end)
+        except TurnError as exc:
+            if exc.code == "INVALID_ARGUMENT" or self.lease_lost:
+                raise
+            user = self.user_turn(request.audio_rows, request.n_groups)
+            try:
+                await store_call(self.service.store.append_turns(
+                    self.session_id, [user], lease=self.lease, drop_oldest=self.unusable(history, [user])))
+            except ApiError as store_exc:
+                raise TurnError(exc.code, f"{exc.message}; your turn could not be kept either "
+                                          f"({store_exc.message}): send it again") from None
+            raise TurnError(exc.code, f"{exc.message}; your turn is kept in the session's history: the next turn "
+                                      "is answered with it") from None
+        self.check_lease()
+        return outcome
 
     async def emit_tracked(self, event: pb.ServerEvent) -> None:
         """Send a reply event; audio chunks also advance what the caller can have heard."""
@@ -233,17 +389,37 @@ class Exchange:
                            tool_calls=[{"name": c["name"], "arguments": c["arguments"]}
                                        for c in outcome.function_calls] or None)
 
-    async def store_turns(self, rows: np.ndarray, n_groups: int, assistant: HistoryTurn, history_len: int) -> None:
-        """Both turns at the end of the history (the caller's speech as its rows); session listening."""
-        user = HistoryTurn(role="user", text=None, audio_rows=rows, n_groups=n_groups,
-                           audio_ms=len(self.audio16k) * 1000 // SAMPLE_RATE)
+    def user_turn(self, rows: np.ndarray, n_groups: int) -> HistoryTurn:
+        """The caller's speech as its rows, marked with the model that encoded them."""
+        return HistoryTurn(role="user", text=None, audio_rows=rows, n_groups=n_groups,
+                           audio_ms=len(self.audio16k) * 1000 // SAMPLE_RATE, audio_model=self.fingerprint)
+
+    def unusable(self, history: list[HistoryTurn], new: list[HistoryTurn]) -> int:
+        """How many of the oldest turns the store may trim once `new` is appended: those no later
+        prompt can hold (the prompt builder would drop them anyway)."""
+        return self.service.info.unusable_history([*history, *new])
+
+    async def store_turns(self, rows: np.ndarray, n_groups: int, assistant: HistoryTurn,
+                          history: list[HistoryTurn]) -> None:
+        """Both turns at the end of the history, the oldest trimmed; session listening."""
+        turns = [self.user_turn(rows, n_groups), assistant]
         store = self.service.store
-        await store_call(store.append_turns(self.session_id, [user, assistant]))
-        self.response.history_index = history_len + 1
-        await store_call(store.set_state(self.session_id, "listening", active=None, owner=self.service.replica_id))
+        stored = await store_call(store.append_turns(self.session_id, turns, lease=self.lease,
+                                                     drop_oldest=self.unusable(history, turns)))
+        self.response.history_index = stored - 1
+        await store_call(store.set_state(self.session_id, "listening", active=None, owner=self.service.replica_id,
+                                         lease=self.lease))
+
+    def with_resume_token(self, event: pb.ServerEvent) -> pb.ServerEvent:
+        """A response_done carrying a fresh resume token (tokens are short-lived: the caller keeps the
+        newest)."""
+        event.response_done.resume_token = self.service.store.issue_resume_token(self.session_id,
+                                                                                 tenant=self.trace.tenant)
+        return event
 
     async def fail(self, code: str, message: str, event: str) -> None:
         tracing.mark_error(self.span, f"{code}: {message}")
+        await self.end_failed_turn("failed")  # the session is free before the caller hears of the failure
         await self.emit(ApiError(code, message, event).event_message())
-        await self.emit(pb.ServerEvent(response_done=pb.ResponseDone(response_id=self.response.response_id,
-                                                                     status="failed")))
+        await self.emit(self.with_resume_token(pb.ServerEvent(response_done=pb.ResponseDone(
+            response_id=self.response.response_id, status="failed"))))

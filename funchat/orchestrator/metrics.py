@@ -17,7 +17,11 @@ What is measured, and where (the call code only calls the small functions below)
                                                        reply still generating, to that generation stopped
                                                        and its cut turn stored (converse)
     funchat_orchestrator_active_calls                  calls admitted and not yet ended (service)
-    funchat_orchestrator_calls_total{outcome}          admitted | refused (over FUNCHAT_MAX_CALLS)
+    funchat_orchestrator_calls_total{outcome}          admitted | refused (over a limit: FUNCHAT_MAX_CALLS,
+                                                       or the tenant's calls or rate)
+    funchat_orchestrator_refusals_total{reason}        RESOURCE_EXHAUSTED answers by the limit hit:
+                                                       replica_calls (FUNCHAT_MAX_CALLS), tenant_calls,
+                                                       tenant_rate (any RPC) (service)
     funchat_orchestrator_errors_total{code}            errors sent to callers, by gRPC status name: each
                                                        `error` event, each RPC ended by a status alone,
                                                        each unexpected failure (INTERNAL) (errors, app)
@@ -45,7 +49,8 @@ and a Ray runtime_env's env_vars put it there (for the replicas only, not Ray's 
   process already holds the port and the replicas' attempts fail: the same code covers both.
 
 The port is bound on all interfaces (`::`, dual-stack, or 0.0.0.0 where there is no IPv6), like
-Ray Serve's gRPC proxy on FUNCHAT_GRPC_PORT; 0 turns the endpoint off.
+Ray Serve's gRPC proxy on FUNCHAT_GRPC_PORT, unless FUNCHAT_METRICS_HOST names an address (`make up`:
+127.0.0.1); 0 turns the endpoint off.
 
 Processes that are gone: Ray gives no hook when a replica is killed, but the replicas share the
 exporter's pid space (a machine, a pod). Before each scrape the exporter drops the live gauge
@@ -126,7 +131,9 @@ BARGE_IN = Histogram("funchat_orchestrator_barge_in_seconds",
 ACTIVE_CALLS = Gauge("funchat_orchestrator_active_calls", "Calls admitted and not yet ended.",
                      multiprocess_mode="livesum")
 CALLS = Counter("funchat_orchestrator_calls_total", "Calls (Converse and Respond) by admission outcome: "
-                "admitted, or refused over FUNCHAT_MAX_CALLS.", ["outcome"])
+                "admitted, or refused over a limit (see refusals_total for which).", ["outcome"])
+REFUSALS = Counter("funchat_orchestrator_refusals_total", "RPCs refused with RESOURCE_EXHAUSTED by the limit hit: "
+                   "replica_calls (FUNCHAT_MAX_CALLS), tenant_calls, tenant_rate.", ["reason"])
 ERRORS = Counter("funchat_orchestrator_errors_total", "Errors sent to callers (error events or RPC statuses) by "
                  "gRPC status code name.", ["code"])
 MODEL_QUEUE = Histogram("funchat_orchestrator_model_queue_seconds",
@@ -145,8 +152,11 @@ MODES = ("s2s", "s2t")
 TURN_STATUSES = ("completed", "cancelled", "interrupted", "failed")
 STAGES = ("audio_tokenizer", "llm_prefill", "llm_step", "refined_head", "vocoder")
 SERVICES = ("audio_tokenizer", "llm", "refined_head", "vocoder")
+REFUSAL_REASONS = ("replica_calls", "tenant_calls", "tenant_rate")
 for _outcome in ("admitted", "refused"):
     CALLS.labels(_outcome)
+for _reason in REFUSAL_REASONS:
+    REFUSALS.labels(_reason)
 FIRST_AUDIO.labels("s2s")  # the only mode with audio
 for _mode in MODES:
     for _status in TURN_STATUSES:
@@ -182,8 +192,16 @@ def call_admitted() -> None:
 
 
 @_never_raises
-def call_refused() -> None:
+def call_refused(reason: str = "replica_calls") -> None:
+    """A Converse or Respond refused over a limit (`REFUSAL_REASONS`)."""
     CALLS.labels("refused").inc()
+    REFUSALS.labels(reason).inc()
+
+
+@_never_raises
+def request_refused(reason: str) -> None:
+    """Another RPC (GetSession, DeleteSession) refused over a limit."""
+    REFUSALS.labels(reason).inc()
 
 
 @_never_raises
@@ -384,19 +402,20 @@ def _server_class(family: int) -> type[WSGIServer]:
     return Server
 
 
-def start_exporter(port: int, path: str) -> WSGIServer | None:
-    """Serve `/metrics` (the sum of every process's files in `path`) on `port`, all interfaces, from
-    a daemon thread. -> the server (`shutdown()` stops it), or None when the port is already bound
-    (by another replica, or the orchestrator process)."""
+def start_exporter(port: int, path: str, host: str = "") -> WSGIServer | None:
+    """Serve `/metrics` (the sum of every process's files in `path`) on `host:port` (host "": all
+    interfaces) from a daemon thread. -> the server (`shutdown()` stops it), or None when the port
+    is already bound (by another replica, or the orchestrator process)."""
     app = make_wsgi_app(exposition_registry(path))
-    for host in BIND_HOSTS:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = (host,) if host else BIND_HOSTS
+    for address in candidates:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
-            server = make_server(host, port, app, _server_class(family), handler_class=_QuietHandler)
+            server = make_server(address, port, app, _server_class(family), handler_class=_QuietHandler)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return None
-            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and host != BIND_HOSTS[-1]:
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and address != candidates[-1]:
                 continue  # no IPv6 here
             raise
         threading.Thread(target=server.serve_forever, name="funchat-metrics-exporter", daemon=True).start()
@@ -407,7 +426,7 @@ def start_exporter(port: int, path: str) -> WSGIServer | None:
 _replica_exporter_started = False
 
 
-def start_replica_exporter(port: int, rebind_s: float = REBIND_S) -> bool:
+def start_replica_exporter(port: int, rebind_s: float = REBIND_S, host: str = "") -> bool:
     """Called by every replica when it starts: serve this pod's `/metrics` unless something already
     does; if the port is taken, retry every `rebind_s` from a daemon thread. -> whether this replica
     serves it now. Never raises (the replica serves calls without metrics rather than not at all)."""
@@ -421,7 +440,7 @@ def start_replica_exporter(port: int, rebind_s: float = REBIND_S) -> bool:
         return False
     _replica_exporter_started = True
     try:
-        if start_exporter(port, path) is not None:
+        if start_exporter(port, path, host) is not None:
             return True
     except Exception:  # e.g. a port below 1024 without the right: no metrics, the calls go on
         log.exception("metrics: cannot serve /metrics on port %d", port)
@@ -431,7 +450,7 @@ def start_replica_exporter(port: int, rebind_s: float = REBIND_S) -> bool:
         while True:
             time.sleep(rebind_s)
             try:
-                if start_exporter(port, path) is not None:
+                if start_exporter(port, path, host) is not None:
                     log.info("metrics: this replica now serves /metrics on port %d", port)
                     return
             except Exception:

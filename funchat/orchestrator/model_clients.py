@@ -46,13 +46,33 @@ class ServiceError(Exception):
         self.message = message
 
 
+# A model server that restarts is back on the same address within seconds, but a gRPC channel that
+# lost it waits out an exponential reconnect backoff (up to 2 minutes by default) and fails every
+# request at once meanwhile: capped at 1 s, the orchestrator finds a restarted server within a second.
+RECONNECT_BACKOFF_MS = 1000
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel options (message sizes, keepalive) with the reconnect backoff capped."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 4),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 4),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)]
+
+
 class _Client:
     model = ""
 
     def __init__(self, url: str, timeout_s: float | None = None):
         self.url = url
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args())
 
     def _error(self, exc: InferenceServerException) -> ServiceError:
         return ServiceError(self.model, str(exc.status() or "UNKNOWN"), str(exc.message() or exc))

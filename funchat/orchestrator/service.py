@@ -12,6 +12,12 @@ names the key's tenant, and a missing, wrong or revoked key ends the RPC with UN
 Sessions belong to the tenant that created them: another tenant's session id or resume token is
 answered as one that does not exist.
 
+Limits: each replica admits at most FUNCHAT_MAX_CALLS calls (Converse and Respond) at once; each
+tenant at most FUNCHAT_TENANT_MAX_CALLS across all replicas, and FUNCHAT_TENANT_RATE_PER_S RPCs a
+second (`tenant_limits`, in Redis). Over a limit: RESOURCE_EXHAUSTED naming it, with a retry hint
+(`errors`). A request message that is not valid protobuf (`ingress.UnparsableMessage`) gets
+INVALID_ARGUMENT.
+
 Traces: a caller may send W3C trace context (`traceparent` metadata); each turn's trace is then a
 child of it (`exchange.TurnTrace`). Respond is one `funchat.Respond` span over the RPC with the
 turn under it; in Converse every turn is a trace of its own.
@@ -38,12 +44,18 @@ from funchat.orchestrator.converse import ConverseCall
 from funchat.orchestrator import metrics
 from funchat.orchestrator.errors import ApiError, set_status, store_call
 from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
+from funchat.orchestrator.ingress import UnparsableMessage
 from funchat.orchestrator.outbox import END, Outbox
 from funchat.orchestrator.sessions import SessionRecord, SessionStore
 from funchat.orchestrator.settings import OrchestratorSettings
+from funchat.orchestrator.tenant_limits import CallSlot, LimitExceeded, TenantLimiter, TenantLimits
 from funchat.orchestrator.turn_runner import ModelServices, TurnRunner
 from funchat.turn.prompt import PromptBuilder
 from funchat.turn.schedule import Mode
+
+# The retry hint of a full replica: when one of its calls ends is unknown; a second keeps retries
+# cheap without making a caller wait long for a freed slot.
+REPLICA_FULL_RETRY_AFTER_S = 1.0
 
 
 class FunchatService:
@@ -60,6 +72,7 @@ class FunchatService:
         self._services: ModelServices | None = None
         self._store: SessionStore | None = None
         self._runner: TurnRunner | None = None
+        self._limiter: TenantLimiter | None = None
 
     # Clients are created on first use, inside the serving event loop they belong to.
     @property
@@ -73,8 +86,22 @@ class FunchatService:
         if self._store is None:
             self._store = SessionStore(self.settings.redis_url, secret=self.resume_secret.get_secret_value(),
                                        ttl_s=self.settings.session_ttl_s,
-                                       password=self.settings.redis_password.get_secret_value())
+                                       token_ttl_s=self.settings.resume_token_ttl_s,
+                                       audio_dtype=self.settings.session_audio_dtype,
+                                       password=self.settings.redis_password.get_secret_value(),
+                                       ca_file=self.settings.redis_ca_file)
         return self._store
+
+    @property
+    def limiter(self) -> TenantLimiter:
+        """The tenants' limits, kept in the session store's Redis (its client shared): the settings'
+        defaults, and a tenant's own where the API key file sets them."""
+        if self._limiter is None:
+            s = self.settings
+            defaults = TenantLimits(s.tenant_max_calls, s.tenant_rate_per_s, s.tenant_burst)
+            overrides = self.keys.tenant_limits if self.keys is not None else None  # the key file's, as reloaded
+            self._limiter = TenantLimiter(self.store.redis, defaults, s.tenant_slot_lease_s, overrides=overrides)
+        return self._limiter
 
     @property
     def runner(self) -> TurnRunner:
@@ -97,17 +124,43 @@ class FunchatService:
 
     # ---- admission ----
 
-    def admit(self) -> None:
-        if self.calls >= self.settings.max_calls:
-            metrics.call_refused()
-            raise ApiError("RESOURCE_EXHAUSTED", f"this server is at its limit of {self.settings.max_calls} "
-                                                 "concurrent calls; retry later or add replicas")
-        self.calls += 1
-        metrics.call_admitted()
+    async def limit_rate(self, tenant: str, call: bool) -> None:
+        """Count one RPC against the tenant's rate; ApiError RESOURCE_EXHAUSTED with a retry hint when
+        it is over. call: a Converse or Respond (counted as a refused call)."""
+        try:
+            await store_call(self.limiter.take_request(tenant))
+        except LimitExceeded as exc:
+            if call:
+                metrics.call_refused(exc.reason)
+            else:
+                metrics.request_refused(exc.reason)
+            raise ApiError("RESOURCE_EXHAUSTED", str(exc), retry_after_s=exc.retry_after_s) from None
 
-    def release(self) -> None:
+    async def admit(self, tenant: str) -> CallSlot | None:
+        """A place for one call on this replica and under the tenant's call limit, or ApiError
+        RESOURCE_EXHAUSTED with a retry hint. Give it back with `release`, on every exit path."""
+        if self.calls >= self.settings.max_calls:
+            metrics.call_refused("replica_calls")
+            raise ApiError("RESOURCE_EXHAUSTED", f"this server is at its limit of {self.settings.max_calls} "
+                                                 "concurrent calls; retry later or add replicas",
+                           retry_after_s=REPLICA_FULL_RETRY_AFTER_S)
+        self.calls += 1  # before the await: calls admitted meanwhile see this one
+        try:
+            slot = await store_call(self.limiter.acquire_call(tenant))
+        except LimitExceeded as exc:
+            self.calls -= 1
+            metrics.call_refused(exc.reason)
+            raise ApiError("RESOURCE_EXHAUSTED", str(exc), retry_after_s=exc.retry_after_s) from None
+        except BaseException:
+            self.calls -= 1
+            raise
+        metrics.call_admitted()
+        return slot
+
+    async def release(self, slot: CallSlot | None) -> None:
         self.calls -= 1
         metrics.call_ended()
+        await self.limiter.release(slot)  # never raises; a slot not given back lapses with its lease
 
     # ---- sessions ----
 
@@ -133,6 +186,8 @@ class FunchatService:
     async def GetSession(self, request: pb.GetSessionRequest, ctx=None) -> pb.Session:
         try:
             tenant = self.tenant_of(ctx)
+            await self.limit_rate(tenant, call=False)
+            request = parsed(request)
             if not request.session_id:
                 raise ApiError("INVALID_ARGUMENT", "session_id is empty")
             record = await store_call(self.store.get(request.session_id, tenant=tenant))
@@ -150,6 +205,8 @@ class FunchatService:
     async def DeleteSession(self, request: pb.DeleteSessionRequest, ctx=None) -> pb.DeleteSessionResponse:
         try:
             tenant = self.tenant_of(ctx)
+            await self.limit_rate(tenant, call=False)
+            request = parsed(request)
             if not request.session_id:
                 raise ApiError("INVALID_ARGUMENT", "session_id is empty")
             deleted = await store_call(self.store.delete(request.session_id, tenant=tenant))
@@ -175,16 +232,18 @@ class FunchatService:
         span = tracing.tracer().start_span("funchat.Respond", context=caller_trace(ctx), kind=tracing.SpanKind.SERVER,
                                            start_time=trace.ended_ns)
         trace.parent = tracing.in_span(span)
-        admitted = False
+        admitted, slot = False, None
         try:
             trace.tenant = tenant = self.tenant_of(ctx)
             span.set_attribute("funchat.tenant", tenant)
+            await self.limit_rate(tenant, call=True)
+            request = parsed(request)
             cfg = parse_config(request.config, self.voices, self.settings.max_new_tokens)
             if request.config.resume_token:
                 raise ApiError("INVALID_ARGUMENT", "Respond takes session_id, not a resume token (that is for "
                                                    "Converse)", "config")
             audio = _decode_request_audio(request.audio, cfg, self.settings.max_turn_s)
-            self.admit()
+            slot = await self.admit(tenant)
             admitted = True
             with tracing.within(span):  # the store's spans join the RPC's
                 record, resumed = await self.open_session(cfg, tenant, session_id=request.session_id)
@@ -205,12 +264,12 @@ class FunchatService:
                     await asyncio.gather(task, return_exceptions=True)
         except ApiError as exc:
             tracing.mark_error(span, f"{exc.code}: {exc.message}")
+            exc.set_status(ctx)  # first: Ray's proxy takes the status from the context sent with each message
             yield exc.event_message()
-            set_status(ctx, exc.code, exc.message)
         finally:
             span.end()
             if admitted:
-                self.release()
+                await self.release(slot)
 
     async def _respond(self, session_id: str, cfg: CallConfig, audio: np.ndarray, response: Response,
                        outbox: Outbox, t_end: float, trace: TurnTrace) -> None:
@@ -222,8 +281,9 @@ class FunchatService:
     # ---- Converse: a call ----
 
     async def Converse(self, stream, ctx=None) -> AsyncIterator[pb.ServerEvent]:
-        admitted = False
+        admitted, slot = False, None
         call: ConverseCall | None = None
+        stream = ParsedEvents(stream)
         try:
             try:
                 first = await stream.__anext__()
@@ -232,12 +292,13 @@ class FunchatService:
             # After the first read: a call refused before the client's first write lands can reach
             # grpc's asyncio client as INTERNAL instead of this status (grpc/grpc#36066)
             tenant = self.tenant_of(ctx)
+            await self.limit_rate(tenant, call=True)
             kind = first.WhichOneof("event")
             if kind != "session":
                 raise ApiError("FAILED_PRECONDITION", f"the first event of a call must be `session` (the config), "
                                                       f"got `{kind}`", kind or "")
             cfg = parse_config(first.session, self.voices, self.settings.max_new_tokens)
-            self.admit()
+            slot = await self.admit(tenant)
             admitted = True
             record, resumed = await self.open_session(cfg, tenant, resume_token=first.session.resume_token)
             yield self.session_created(record, resumed)
@@ -252,13 +313,34 @@ class FunchatService:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
         except ApiError as exc:
+            exc.set_status(ctx)  # first: Ray's proxy takes the status from the context sent with each message
             yield exc.event_message()
-            set_status(ctx, exc.code, exc.message)
         finally:
             if call is not None:
                 await call.close()
             if admitted:
-                self.release()
+                await self.release(slot)
+
+
+def parsed(message):
+    """A request message, or ApiError INVALID_ARGUMENT when its bytes did not parse (ingress)."""
+    if isinstance(message, UnparsableMessage):
+        raise ApiError("INVALID_ARGUMENT", message.explain())
+    return message
+
+
+class ParsedEvents:
+    """A Converse request stream whose messages that did not parse raise ApiError INVALID_ARGUMENT
+    (the call ends with it) instead of reaching the call as something that is no ClientEvent."""
+
+    def __init__(self, stream):
+        self.stream = stream.__aiter__()
+
+    def __aiter__(self) -> ParsedEvents:
+        return self
+
+    async def __anext__(self) -> pb.ClientEvent:
+        return parsed(await self.stream.__anext__())
 
 
 def caller_trace(ctx):

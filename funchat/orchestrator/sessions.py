@@ -8,26 +8,49 @@ elsewhere with a resume token.
 
 Key layout (`prefix` defaults to "funchat:"; `<id>` is the session id, [A-Za-z0-9_-]{1,128}):
 
-    {prefix}session:<id>              string  JSON meta: {"v": 1, "session_id", "created_at",
-                                              "config", "state", "active", "owner", "tenant"}
+    {prefix}session:<id>              string  JSON meta: {"v": 2, "session_id", "created_at",
+                                              "config", "state", "active", "owner", "tenant",
+                                              "dropped"}; dropped: turns trimmed from the oldest end
     {prefix}session:<id>:turns        list    one JSON object per turn, oldest first: {"role",
                                               "text", "n_groups", "audio_ms", "truncated",
                                               "tool_calls", "response_id", "audio"}, where "audio"
-                                              is null or {"shape": [n_groups, E], "dtype": "<f4"}
-    {prefix}session:<id>:audio:<k>    string  turn k's audio rows: raw little-endian float32 bytes,
-                                              row-major (k = the turn's index in the list); it exists
-                                              exactly when turn k's "audio" is not null
+                                              is null or {"shape": [n_groups, E], "dtype": "<f4"
+                                              (or "<f2"), "model": the fingerprint of the model
+                                              that encoded it}
+    {prefix}session:<id>:audio:<n>    string  turn n's audio rows: raw little-endian bytes of that
+                                              dtype, row-major; n = dropped + the turn's index in
+                                              the list (a turn keeps its key when older ones are
+                                              trimmed); it exists exactly when the turn's "audio"
+                                              is not null
+    {prefix}session:<id>:lease        string  the turn in progress's lease token (absent between
+                                              turns); expires on its own (see Leases)
+
+Version 1 sessions (no "dropped", audio without "model") are read as version 2 with nothing
+dropped; their audio has no known model (the orchestrator refuses to feed it to one).
 
 Expiry is sliding: every write (create, append_turns, update_turn, set_state, update_config,
 touch) sets the TTL of all the session's keys to `ttl_s`, in the same MULTI/EXEC as the write, so
 the keys of a session always expire together. Reads (get, exists) do not extend it.
 
-Atomicity: a write is an optimistic transaction. It WATCHes the meta and turn-list keys, reads them
-(the meta must exist, else SessionNotFound: the session expired or was deleted meanwhile; the turn
-list gives the audio keys and the next turn index), queues its writes and the TTL refresh in MULTI,
-and EXECs; when another writer (or an expiry) touched a watched key in between, EXEC aborts and
-the write starts over from the read. Reads of a whole session use the same WATCH, so the turns and
-their audio rows always come from one version.
+Atomicity: a write is an optimistic transaction. It WATCHes the meta, turn-list and lease keys,
+reads them (the meta must exist, else SessionNotFound: the session expired or was deleted
+meanwhile; the turn list gives the audio keys and the next turn index), queues its writes and the
+TTL refresh in MULTI, and EXECs; when another writer (or an expiry) touched a watched key in
+between, EXEC aborts and the write starts over from the read. Reads of a whole session use the same
+WATCH, so the turns and their audio rows always come from one version.
+
+Leases (fencing): a turn holds its session's lease (`acquire_lease`: SET NX PX with a random token)
+from before it reads the history until its last write, renewing it while it runs (`renew_lease`)
+and releasing it at the end (`release_lease`), so one turn at a time runs on a session across all
+replicas and RPCs; a second gets SessionBusy. A write made with `lease=` checks, inside its
+transaction, that the lease key still holds that token (LeaseLost otherwise: the lease expired or
+another turn took it, and nothing is written). `update_config` (a call opening the session) is
+refused with SessionBusy while any turn holds the lease. Other writes without a lease (a tool's
+output, cutting a reply the caller barged into, touch) are not fenced.
+
+History size: `append_turns(..., drop_oldest=k)` trims the k oldest turns (and their audio) in the
+same transaction; the orchestrator passes the turns no future prompt could hold (the prompt builder
+drops them anyway), so a session's storage stays bounded by what the context can use.
 
 Sessions belong to a tenant (the caller's API key names it; "" without authentication), recorded
 at creation: `get(session_id, tenant=...)` and `delete` refuse another tenant's session exactly as
@@ -36,8 +59,9 @@ a session that does not exist, so a session id alone reveals nothing.
 Resume tokens `v2.<session_id>.<issued_at>.<mac>` (issued_at: Unix seconds; mac: unpadded
 base64url HMAC-SHA256 of "<tenant>|<session_id>|<issued_at>" keyed with the secret shared by every
 replica, the orchestrator's FUNCHAT_RESUME_SECRET) let a caller take its session to any replica.
-A token is good for `ttl_s` seconds after it was issued, only while its session exists, and only
-for the tenant it was issued to (checked by the MAC: another tenant's token does not verify).
+A token is good for `token_ttl_s` seconds after it was issued (short: the orchestrator sends a fresh
+one with every response_done), only while its session exists, and only for the tenant it was issued
+to (checked by the MAC: another tenant's token does not verify).
 
 Each Redis operation's latency is recorded by its name (`metrics.session_store_op`); inside a traced
 turn it is also a span, `session_store.<op>`.
@@ -51,6 +75,7 @@ import functools
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import time
@@ -71,13 +96,21 @@ from funchat.orchestrator import metrics
 
 STATES = ("idle", "listening", "responding")
 ROLES = ("user", "assistant", "tool")
-AUDIO_DTYPE = "<f4"  # little-endian float32 on every machine, whatever the host's byte order
+# How audio rows may be stored: little-endian on every machine, whatever the host's byte order.
+# float32 keeps them bit-exact (the default); float16 halves the bytes (an opt-in, see the README).
+AUDIO_DTYPES = {"float32": "<f4", "float16": "<f2"}
 TOKEN_VERSION = "v2"
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no ":" (keys) and no "." (tokens)
 ISSUED_AT = re.compile(r"[0-9]{1,12}")
 CLOCK_SKEW_S = 300     # a token issued this far in the future (another replica's clock) is still accepted
 WATCH_ATTEMPTS = 50    # optimistic-transaction attempts before a write gives up under contention
-META_VERSION = 1
+META_VERSION = 2       # 2: "dropped" (history trimming) and the model fingerprint of audio rows
+
+# Lease scripts: compare the token and act in one step, so a turn never extends or frees a lease
+# that has already passed to another turn.
+RENEW_LEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+               "end return 0")
+RELEASE_LEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _store_op(fn):
@@ -112,10 +145,20 @@ class StoreUnavailable(SessionError):
     """Redis cannot be reached."""
 
 
+class SessionBusy(SessionError):
+    """Another turn of the session holds its lease: one turn at a time."""
+
+
+class LeaseLost(SessionError):
+    """A turn's lease expired or passed to another turn: its write is refused, nothing written."""
+
+
 @dataclass
 class HistoryTurn:
     """One turn of a call's history. `audio_rows`: the audio tokenizer's rows for a user's speech
-    (float32 [n_groups, E]); stored as float32, so float32 rows come back bit-exact."""
+    (float32 [n_groups, E]); stored as float32 by default, so they come back bit-exact.
+    `audio_model`: the fingerprint of the model that encoded them (None: unknown, a version 1
+    session)."""
 
     role: str                              # "user" | "assistant" | "tool"
     text: str | None = None
@@ -125,6 +168,16 @@ class HistoryTurn:
     truncated: bool = False                # an assistant turn cut where the caller barged in
     tool_calls: list | None = None
     response_id: str | None = None
+    audio_model: str | None = None
+
+
+@dataclass
+class Lease:
+    """A turn's hold on its session (see Leases in the module docstring)."""
+
+    session_id: str
+    token: str
+    ttl_ms: int
 
 
 @dataclass
@@ -138,10 +191,12 @@ class SessionRecord:
     owner: str | None = None               # the orchestrator replica serving the call
     tenant: str = ""                       # who created it (the API key's tenant; "" without auth)
     expires_in_s: float | None = None      # filled on read from the meta key's TTL
+    dropped: int = 0                       # turns trimmed from the oldest end over the session's life
 
 
-def _encode_turn(turn: HistoryTurn) -> tuple[dict, bytes | None]:
-    """-> (the turn's JSON object, its audio bytes or None). Checks it before anything is written."""
+def _encode_turn(turn: HistoryTurn, dtype: str = AUDIO_DTYPES["float32"]) -> tuple[dict, bytes | None]:
+    """-> (the turn's JSON object, its audio bytes or None). Checks it before anything is written.
+    dtype: how the audio rows are stored (one of AUDIO_DTYPES' values)."""
     if turn.role not in ROLES:
         raise ValueError(f"turn role {turn.role!r} is not one of {ROLES}")
     audio, blob = None, None
@@ -149,8 +204,8 @@ def _encode_turn(turn: HistoryTurn) -> tuple[dict, bytes | None]:
         rows = np.asarray(turn.audio_rows)
         if rows.ndim != 2:
             raise ValueError(f"audio_rows must be [n_groups, E], got shape {rows.shape}")
-        rows = np.ascontiguousarray(rows, dtype=AUDIO_DTYPE)
-        audio, blob = {"shape": list(rows.shape), "dtype": AUDIO_DTYPE}, rows.tobytes()
+        rows = np.ascontiguousarray(rows, dtype=dtype)
+        audio, blob = {"shape": list(rows.shape), "dtype": dtype, "model": turn.audio_model}, rows.tobytes()
     doc = {"role": turn.role, "text": turn.text, "n_groups": int(turn.n_groups), "audio_ms": int(turn.audio_ms),
            "truncated": bool(turn.truncated), "tool_calls": turn.tool_calls, "response_id": turn.response_id,
            "audio": audio}
@@ -165,7 +220,8 @@ def _decode_turn(doc: dict, blob: bytes | None) -> HistoryTurn:
         rows = np.frombuffer(blob, dtype=doc["audio"]["dtype"]).reshape(shape).astype(np.float32)
     return HistoryTurn(role=doc["role"], text=doc.get("text"), audio_rows=rows, n_groups=doc.get("n_groups", 0),
                        audio_ms=doc.get("audio_ms", 0), truncated=doc.get("truncated", False),
-                       tool_calls=doc.get("tool_calls"), response_id=doc.get("response_id"))
+                       tool_calls=doc.get("tool_calls"), response_id=doc.get("response_id"),
+                       audio_model=(doc.get("audio") or {}).get("model"))
 
 
 def _dumps(obj: Any) -> str:
@@ -187,27 +243,40 @@ class SessionStore:
     redis.asyncio clients are bound to the loop they first run on."""
 
     def __init__(self, redis_url: str, *, secret: str | bytes, ttl_s: int, prefix: str = "funchat:",
-                 password: str = ""):
+                 password: str = "", token_ttl_s: int | None = None, audio_dtype: str = "float32",
+                 ca_file: str | os.PathLike | None = None):
         """secret: the resume-token HMAC key, the same on every replica (the orchestrator's settings
         hold it). An empty one is refused (tokens anyone could forge). ttl_s: sliding expiry.
-        password: Redis AUTH, when the URL has none (one or the other, not both)."""
+        password: Redis AUTH, when the URL has none (one or the other, not both). token_ttl_s: how
+        long a resume token is good for (None: as long as ttl_s). audio_dtype: how audio rows are
+        stored, "float32" (bit-exact) or "float16" (half the bytes). ca_file: the CA that verifies a
+        rediss:// server's certificate (None: the system's CAs)."""
         key = secret.encode() if isinstance(secret, str) else bytes(secret)
         if not key:
             raise ValueError("the resume-token secret is empty: it must be the same non-empty key on every "
                              "orchestrator replica (FUNCHAT_RESUME_SECRET or FUNCHAT_RESUME_SECRET_FILE)")
         if int(ttl_s) < 1:
             raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s}")
+        if token_ttl_s is not None and int(token_ttl_s) < 1:
+            raise ValueError(f"token_ttl_s must be at least 1 second, got {token_ttl_s}")
+        if audio_dtype not in AUDIO_DTYPES:
+            raise ValueError(f"audio_dtype {audio_dtype!r} is not one of {sorted(AUDIO_DTYPES)}")
         self.url = redis_url
         self.ttl_s = int(ttl_s)
+        self.token_ttl_s = self.ttl_s if token_ttl_s is None else int(token_ttl_s)
+        self.audio_dtype = AUDIO_DTYPES[audio_dtype]
         self.prefix = prefix
         self._secret = key
         # A few quick retries ride out a blip (a Redis restart takes well under a second); past them
         # the caller hears StoreUnavailable at once instead of a call hanging on the store.
         if password and urlsplit(redis_url).password:
             raise ValueError("the Redis password is both in the URL and given on its own: keep one")
+        if ca_file and urlsplit(redis_url).scheme != "rediss":
+            raise ValueError("a CA file for Redis needs a rediss:// (TLS) URL")
+        tls = {"ssl_ca_certs": str(ca_file)} if ca_file else {}
         self.redis = aioredis.Redis.from_url(
             redis_url, password=password or None, socket_connect_timeout=2.0, socket_timeout=5.0,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3))
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3), **tls)
 
     async def __aenter__(self) -> SessionStore:
         return self
@@ -223,11 +292,15 @@ class SessionStore:
     def _turns_key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}:turns"
 
-    def _audio_key(self, session_id: str, index: int) -> str:
-        return f"{self.prefix}session:{session_id}:audio:{index}"
+    def _audio_key(self, session_id: str, number: int) -> str:
+        """number: the turn's index in the list plus the turns dropped before it (meta "dropped")."""
+        return f"{self.prefix}session:{session_id}:audio:{number}"
 
-    def _audio_keys(self, session_id: str, turns: list[dict]) -> list[str]:
-        return [self._audio_key(session_id, k) for k, t in enumerate(turns) if t.get("audio") is not None]
+    def _audio_keys(self, session_id: str, dropped: int, turns: list[dict]) -> list[str]:
+        return [self._audio_key(session_id, dropped + k) for k, t in enumerate(turns) if t.get("audio") is not None]
+
+    def _lease_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}:lease"
 
     @staticmethod
     def _check_id(session_id: str) -> None:
@@ -259,11 +332,11 @@ class SessionStore:
                         if raw is None:
                             raise SessionNotFound(f"no session {session_id!r} (never created, deleted or expired)")
                         docs = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
+                        dropped = json.loads(raw).get("dropped", 0)
                         pipe.multi()
                         pipe.pttl(meta_key)
-                        for doc_index, doc in enumerate(docs):
-                            if doc.get("audio") is not None:
-                                pipe.get(self._audio_key(session_id, doc_index))
+                        for key in self._audio_keys(session_id, dropped, docs):
+                            pipe.get(key)
                         pttl, *blobs = await pipe.execute()
                         break
                     except WatchError:
@@ -280,7 +353,7 @@ class SessionStore:
         turns = [_decode_turn(doc, next(blob_iter) if doc.get("audio") is not None else None) for doc in docs]
         return SessionRecord(session_id=meta["session_id"], created_at=meta["created_at"], config=meta["config"],
                              turns=turns, state=meta["state"], active=meta["active"], owner=meta["owner"],
-                             tenant=meta.get("tenant", ""),
+                             tenant=meta.get("tenant", ""), dropped=meta.get("dropped", 0),
                              expires_in_s=pttl / 1000.0 if pttl >= 0 else None)
 
     @_store_op
@@ -313,7 +386,8 @@ class SessionStore:
         record = SessionRecord(session_id=session_id, created_at=time.time(), config=config,
                                expires_in_s=float(self.ttl_s), tenant=tenant)
         meta = _dumps({"v": META_VERSION, "session_id": session_id, "created_at": record.created_at,
-                       "config": config, "state": record.state, "active": None, "owner": None, "tenant": tenant})
+                       "config": config, "state": record.state, "active": None, "owner": None, "tenant": tenant,
+                       "dropped": 0})
         meta_key = self._meta_key(session_id)
         with self._reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -324,7 +398,8 @@ class SessionStore:
                             raise SessionError(f"session {session_id!r} already exists")
                         pipe.multi()
                         pipe.set(meta_key, meta, ex=self.ttl_s)
-                        pipe.delete(self._turns_key(session_id))  # no leftovers of an earlier session
+                        # no leftovers of an earlier session of that id
+                        pipe.delete(self._turns_key(session_id), self._lease_key(session_id))
                         await pipe.execute()
                         return record
                     except WatchError:
@@ -332,29 +407,41 @@ class SessionStore:
         raise SessionError(f"session {session_id}: could not be created after {WATCH_ATTEMPTS} attempts "
                            "(too many concurrent writes)")
 
-    async def _write(self, session_id: str, queue: Callable[[Any, dict, list[dict]], Any]) -> Any:
+    async def _write(self, session_id: str, queue: Callable[[Any, dict, list[dict]], Any],
+                     lease: Lease | None = None, exclusive: bool = False) -> Any:
         """One optimistic transaction on a live session (see the module docstring).
 
         queue(pipe, meta, turns) runs inside MULTI: it queues the writes and brings `meta` and
         `turns` (the stored JSON objects) to their new state, which the TTL refresh then follows.
-        Raises SessionNotFound when the meta key is gone. Returns what `queue` returns.
+        lease: the write is the turn's holding it (LeaseLost when it does not any more); exclusive:
+        refused (SessionBusy) while any turn holds the session's lease. Raises SessionNotFound when
+        the meta key is gone. Returns what `queue` returns.
         """
         self._check_id(session_id)
-        meta_key, turns_key = self._meta_key(session_id), self._turns_key(session_id)
+        meta_key, turns_key, lease_key = (self._meta_key(session_id), self._turns_key(session_id),
+                                          self._lease_key(session_id))
         with self._reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
                 for _ in range(WATCH_ATTEMPTS):
                     try:
-                        await pipe.watch(meta_key, turns_key)
+                        # The lease key is watched too: a lease taken or lost meanwhile aborts EXEC
+                        await pipe.watch(meta_key, turns_key, lease_key)
                         raw = await pipe.get(meta_key)
                         if raw is None:
                             raise SessionNotFound(f"no session {session_id!r} (never created, deleted or expired)")
+                        holder = await pipe.get(lease_key)
+                        if lease is not None and holder != lease.token.encode():
+                            raise LeaseLost(f"session {session_id}: this turn lost its lease on the session (it "
+                                            "expired, or another turn took it); nothing of the turn was stored")
+                        if exclusive and holder is not None:
+                            raise self._busy(session_id, await pipe.pttl(lease_key))
                         meta = json.loads(raw)
                         turns = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
                         pipe.multi()
                         result = queue(pipe, meta, turns)
                         # Sliding expiry: every key of the session, in the same transaction.
-                        for key in [meta_key, turns_key, *self._audio_keys(session_id, turns)]:
+                        audio_keys = self._audio_keys(session_id, meta.get("dropped", 0), turns)
+                        for key in [meta_key, turns_key, *audio_keys]:
                             pipe.expire(key, self.ttl_s)
                         await pipe.execute()
                         return result
@@ -364,48 +451,66 @@ class SessionStore:
                            "(too many concurrent writes)")
 
     @_store_op
-    async def append_turns(self, session_id: str, turns: list[HistoryTurn]) -> int:
-        """Add turns at the end of the history, all or none. Returns the number of turns now stored."""
-        encoded = [_encode_turn(t) for t in turns]  # bad turns fail before anything is written
+    async def append_turns(self, session_id: str, turns: list[HistoryTurn], lease: Lease | None = None,
+                           drop_oldest: int = 0) -> int:
+        """Add turns at the end of the history, all or none, then trim the `drop_oldest` oldest
+        turns (and their audio) in the same transaction. lease: the writing turn's (LeaseLost when
+        it lost it). Returns the number of turns now stored."""
+        encoded = [_encode_turn(t, self.audio_dtype) for t in turns]  # bad turns fail before anything is written
+        if drop_oldest < 0:
+            raise ValueError(f"drop_oldest must be >= 0, got {drop_oldest}")
         turns_key = self._turns_key(session_id)
 
         def queue(pipe, meta: dict, stored: list[dict]) -> int:
+            dropped = meta.get("dropped", 0)
             for doc, blob in encoded:
-                index = len(stored)
+                number = dropped + len(stored)
                 pipe.rpush(turns_key, _dumps(doc))
                 if blob is not None:
-                    pipe.set(self._audio_key(session_id, index), blob)
-                else:  # keep "audio:<k> exists iff turn k has audio" even over a stray key
-                    pipe.delete(self._audio_key(session_id, index))
+                    pipe.set(self._audio_key(session_id, number), blob)
+                else:  # keep "audio:<n> exists iff turn n has audio" even over a stray key
+                    pipe.delete(self._audio_key(session_id, number))
                 stored.append(doc)
+            cut = min(drop_oldest, len(stored))
+            if cut:
+                gone = self._audio_keys(session_id, dropped, stored[:cut])
+                if gone:
+                    pipe.delete(*gone)
+                pipe.ltrim(turns_key, cut, -1)
+                del stored[:cut]
+                meta.update(v=META_VERSION, dropped=dropped + cut)
+                pipe.set(self._meta_key(session_id), _dumps(meta), ex=self.ttl_s)
             return len(stored)
 
-        return await self._write(session_id, queue)
+        return await self._write(session_id, queue, lease=lease)
 
     @_store_op
-    async def update_turn(self, session_id: str, index: int, turn: HistoryTurn) -> None:
+    async def update_turn(self, session_id: str, index: int, turn: HistoryTurn, lease: Lease | None = None) -> None:
         """Replace the turn at `index` (negative counts from the end: -1 is the last), its audio
         included: a turn without audio_rows removes the stored rows. Used to cut an assistant turn
         where the caller barged in. Raises IndexError when there is no such turn."""
-        doc, blob = _encode_turn(turn)
+        doc, blob = _encode_turn(turn, self.audio_dtype)
 
         def queue(pipe, meta: dict, stored: list[dict]) -> None:
             k = index + len(stored) if index < 0 else index
             if not 0 <= k < len(stored):
                 raise IndexError(f"session {session_id}: no turn {index} (it has {len(stored)})")
             pipe.lset(self._turns_key(session_id), k, _dumps(doc))
+            number = meta.get("dropped", 0) + k
             if blob is not None:
-                pipe.set(self._audio_key(session_id, k), blob)
+                pipe.set(self._audio_key(session_id, number), blob)
             else:
-                pipe.delete(self._audio_key(session_id, k))
+                pipe.delete(self._audio_key(session_id, number))
             stored[k] = doc
 
-        await self._write(session_id, queue)
+        await self._write(session_id, queue, lease=lease)
 
     @_store_op
     async def set_state(self, session_id: str, state: str, active: dict | None = None,
-                        owner: str | None = None) -> None:
-        """Set state, active turn and owner together: each replaces the stored value (None clears)."""
+                        owner: str | None = None, lease: Lease | None = None, exclusive: bool = False) -> None:
+        """Set state, active turn and owner together: each replaces the stored value (None clears).
+        lease: the writing turn's (LeaseLost when it lost it); exclusive: only while no turn holds
+        the lease (SessionBusy otherwise)."""
         if state not in STATES:
             raise ValueError(f"session state {state!r} is not one of {STATES}")
 
@@ -413,16 +518,17 @@ class SessionStore:
             meta.update(state=state, active=active, owner=owner)
             pipe.set(self._meta_key(session_id), _dumps(meta), ex=self.ttl_s)
 
-        await self._write(session_id, queue)
+        await self._write(session_id, queue, lease=lease, exclusive=exclusive)
 
     @_store_op
     async def update_config(self, session_id: str, config: dict) -> None:
-        """Replace the session's config (a resumed call may change instructions, voice, ...)."""
+        """Replace the session's config (a resumed call may change instructions, voice, ...). Refused
+        with SessionBusy while a turn of the session holds its lease."""
         def queue(pipe, meta: dict, stored: list[dict]) -> None:
             meta["config"] = config
             pipe.set(self._meta_key(session_id), _dumps(meta), ex=self.ttl_s)
 
-        await self._write(session_id, queue)
+        await self._write(session_id, queue, exclusive=True)
 
     @_store_op
     async def touch(self, session_id: str) -> None:
@@ -448,15 +554,50 @@ class SessionStore:
                             await pipe.unwatch()
                             return False
                         existed = raw is not None
+                        dropped = json.loads(raw).get("dropped", 0) if raw is not None else 0
                         docs = [json.loads(t) for t in await pipe.lrange(turns_key, 0, -1)]
                         pipe.multi()
-                        pipe.delete(meta_key, turns_key, *self._audio_keys(session_id, docs))
+                        pipe.delete(meta_key, turns_key, self._lease_key(session_id),
+                                    *self._audio_keys(session_id, dropped, docs))
                         await pipe.execute()
                         return existed
                     except WatchError:
                         continue
         raise SessionError(f"session {session_id}: delete abandoned after {WATCH_ATTEMPTS} attempts "
                            "(too many concurrent writes)")
+
+    # ---- leases ----
+
+    def _busy(self, session_id: str, pttl_ms: int) -> SessionBusy:
+        within = f" (its lease ends within {pttl_ms / 1000:.0f} s if that turn stalls)" if pttl_ms > 0 else ""
+        return SessionBusy(f"session {session_id}: another turn of this session is in progress, in another call "
+                           f"or request{within}; one turn at a time: retry when it has ended")
+
+    @_store_op
+    async def acquire_lease(self, session_id: str, ttl_s: float) -> Lease:
+        """The session's lease for one turn, good for ttl_s unless renewed. Raises SessionBusy while
+        another turn holds it. Does not check that the session exists (its writes do)."""
+        self._check_id(session_id)
+        lease = Lease(session_id, secrets.token_hex(16), max(1, int(ttl_s * 1000)))
+        key = self._lease_key(session_id)
+        with self._reachable():
+            if await self.redis.set(key, lease.token, nx=True, px=lease.ttl_ms):
+                return lease
+            pttl = await self.redis.pttl(key)
+        raise self._busy(session_id, pttl)
+
+    @_store_op
+    async def renew_lease(self, lease: Lease) -> bool:
+        """Extend the lease by its ttl from now. False when it is no longer this turn's (lost)."""
+        with self._reachable():
+            return bool(await self.redis.eval(RENEW_LEASE, 1, self._lease_key(lease.session_id), lease.token,
+                                              lease.ttl_ms))
+
+    @_store_op
+    async def release_lease(self, lease: Lease) -> bool:
+        """Free the session for the next turn. False when it was no longer this turn's."""
+        with self._reachable():
+            return bool(await self.redis.eval(RELEASE_LEASE, 1, self._lease_key(lease.session_id), lease.token))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -477,7 +618,7 @@ class SessionStore:
 
     async def verify_resume_token(self, token: str, tenant: str = "") -> str:
         """-> the session id, for a token issued to `tenant`. Raises InvalidResumeToken (malformed,
-        forged, altered, or another tenant's) or ExpiredResumeToken (older than ttl_s, or its
+        forged, altered, or another tenant's) or ExpiredResumeToken (older than token_ttl_s, or its
         session has expired or was deleted)."""
         parts = token.split(".") if isinstance(token, str) else []
         if (len(parts) != 4 or parts[0] != TOKEN_VERSION or not SESSION_ID.fullmatch(parts[1])
@@ -493,9 +634,10 @@ class SessionStore:
         age = time.time() - issued_at
         if age < -CLOCK_SKEW_S:
             raise InvalidResumeToken(f"resume token issued {-age:.0f} s in the future: check the replicas' clocks")
-        if age > self.ttl_s:
+        if age > self.token_ttl_s:
             raise ExpiredResumeToken(f"resume token for session {session_id} expired: issued {age:.0f} s ago, "
-                                     f"tokens last {self.ttl_s} s")
+                                     f"tokens last {self.token_ttl_s} s; resume with the newest one (every "
+                                     "response_done carries a fresh token), or start a new session")
         if not await self.exists(session_id):
-            raise ExpiredResumeToken(f"session {session_id} has expired (or was deleted)")
+            raise ExpiredResumeToken(f"session {session_id} has expired (or was deleted); start a new session")
         return session_id

@@ -48,7 +48,9 @@ class OrchestratorSettings(BaseSettings):
     endpoints: ModelEndpoints = Field(
         description='model services, JSON {"audio_tokenizer": "host:port", "llm": ..., "refined_head": ..., '
                     '"vocoder": ...} (or one variable each: FUNCHAT_ENDPOINTS__LLM=host:port)')
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the session store")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the session store (rediss://: TLS)")
+    redis_ca_file: Path | None = Field(None, description="with a rediss:// URL, the CA certificate (PEM) that "
+                                                         "verifies the Redis server (unset: the system's CAs)")
     redis_password: SecretStr = Field(SecretStr(""), exclude=True,
                                       description="Redis AUTH password, when it is not in the URL (e.g. from a "
                                                   "Secret); never a deployment argument")
@@ -63,7 +65,29 @@ class OrchestratorSettings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="the API key file (`funchat keys create`), re-read when it "
                                                          "changes; required unless FUNCHAT_AUTH=off")
     session_ttl_s: int = Field(3600, description="sessions expire this long after their last write")
+    # Session integrity and size (funchat.orchestrator.sessions, exchange)
+    resume_token_ttl_s: int = Field(600, ge=1, description="a resume token is good this long after it was issued "
+                                                           "(every response_done carries a fresh one)")
+    session_lease_s: float = Field(15.0, ge=1, description="a turn's hold on its session (one turn at a time), "
+                                                           "renewed every third of it while the turn runs; a "
+                                                           "replica that dies mid-turn frees the session so")
+    session_audio_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how stored caller speech rows are kept: float32 (bit-exact) or float16 (half "
+                               "the bytes; rounded rows)")
+    model_revision: str = Field("", description="the checkpoint's revision (e.g. its commit), part of the model "
+                                                "fingerprint stored with caller speech: set it when new weights "
+                                                "keep the same config.json")
     max_calls: int = Field(16, description="admission limit per replica (calls in flight)")
+    # Per-tenant limits, across all replicas (funchat.orchestrator.tenant_limits); 0 = no limit
+    tenant_max_calls: int = Field(32, ge=0, description="calls (Converse open + Respond in flight) one tenant may "
+                                                        "hold at once across all replicas; 0 = no limit")
+    tenant_rate_per_s: float = Field(20.0, ge=0, description="RPCs per second one tenant may start, sustained "
+                                                             "(token bucket); 0 = no limit")
+    tenant_burst: int = Field(40, ge=1, description="RPCs one tenant may start at once after a quiet spell (the "
+                                                    "bucket's size)")
+    tenant_slot_lease_s: float = Field(30.0, ge=1, description="a call's slot under its tenant's limit lapses "
+                                                               "this long after its replica last renewed it "
+                                                               "(a replica that died gives its slots back so)")
     max_new_tokens: int = Field(512, description="reply length cap (the context caps it too)")
     max_chunk_ms: int = Field(1000, description="longest caller audio chunk accepted in one event")
     max_turn_s: float = Field(60.0, description="longest caller turn (audio) accepted")
@@ -88,11 +112,17 @@ class OrchestratorSettings(BaseSettings):
                                                     "for its own calls)")
 
     # ---- the process and its Ray Serve deployment ----
-    grpc_port: int = Field(50051, description="the public API (Ray Serve's gRPC proxy, all interfaces)")
+    grpc_port: int = Field(50051, description="the public API: the gateway (funchat.gateway; plaintext or TLS) in "
+                                              "front of Ray Serve's gRPC proxy")
+    proxy_port: int = Field(0, ge=0, le=65535, description="Ray Serve's gRPC proxy, which the gateway forwards to "
+                                                           "(Ray binds it on all interfaces); 0 = a free port "
+                                                           "picked at start")
     http_port: int = Field(8000, description="Ray Serve's HTTP proxy (always started, unused by the API)")
     metrics_port: int = Field(9464, ge=0, le=65535,
                               description="Prometheus /metrics of all replicas, one endpoint per pod or machine "
                                           "(all interfaces, like the gRPC port); 0 = off")
+    metrics_host: str = Field("", description="the address /metrics binds: empty = all interfaces (a pod, which "
+                                              "Prometheus scrapes); `make up` binds 127.0.0.1")
     replicas: int = Field(1, description="orchestrator replicas")
     replica_cpus: float = Field(0.25, description="Ray CPUs per replica (2-core machines: <= 0.5)")
     ray_cpus: int = Field(2, description="CPUs of the local Ray cluster that `python -m funchat.orchestrator.app` "
@@ -103,6 +133,13 @@ class OrchestratorSettings(BaseSettings):
         if self.auth == "api_keys" and self.api_keys_file is None:
             raise ValueError("FUNCHAT_API_KEYS_FILE is not set: create keys with `funchat keys create --tenant NAME "
                              "--keys-file FILE` and point it there (or set FUNCHAT_AUTH=off, for development only)")
+        return self
+
+    @model_validator(mode="after")
+    def _ca_file_with_tls(self) -> OrchestratorSettings:
+        if self.redis_ca_file is not None and not self.redis_url.startswith("rediss://"):
+            raise ValueError("FUNCHAT_REDIS_CA_FILE is set but FUNCHAT_REDIS_URL is not a rediss:// (TLS) URL: use "
+                             "rediss://host:port/db, or unset FUNCHAT_REDIS_CA_FILE")
         return self
 
     @model_validator(mode="after")

@@ -50,6 +50,10 @@ OUTPUT_SAMPLE_RATE = 24000
 MS_PER_SPEECH_TOKEN = 40  # 25 Hz speech tokens
 LOST_SEQUENCE = ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")  # a replica lost the call: replay
 MAX_REPLAYS = 2
+# After a failure, ending the turn's sequences is best effort and must not hold the caller's error
+# back for another service timeout (a partitioned service never answers): a sequence not ended
+# this fast is freed by the service's idle timeout instead.
+FAILED_TURN_END_TIMEOUT_S = 2.0
 
 
 class TurnError(Exception):
@@ -180,6 +184,15 @@ class TurnRunner:
             raise TurnError("INTERNAL", f"audio tokenizer returned {rows.shape[0]} rows, expected {n_groups}")
         return rows, n_groups
 
+    async def end_sequences(self, call_id: int) -> None:
+        """End call `call_id`'s llm and refined_head sequences, left open by a turn that died with its
+        replica; one that is unknown (already freed, never started) is refused, which is fine."""
+        width = self.info.facts.hidden_size
+        await asyncio.gather(
+            self.services.llm.step(call_id, self.info.token_ids.end_ids[0], None, end=True, srh_input=False),
+            self.services.refined_head.run(call_id, np.zeros((1, width), np.float32), end=True),
+            return_exceptions=True)
+
     def prompt(self, req: TurnRequest) -> tuple[Prompt, np.ndarray]:
         """-> (the prompt, the <|AUDIO|> rows in prompt order [N, E])."""
         try:
@@ -203,13 +216,15 @@ class TurnRunner:
                 await stream.generate(ids, rows, max_new)
                 break
             except ServiceError as exc:
-                await stream.close_sequences()
+                await stream.close_sequences(timeout_s=FAILED_TURN_END_TIMEOUT_S)
                 if exc.status in LOST_SEQUENCE and exc.model in ("llm", "refined_head") and attempt < MAX_REPLAYS:
                     stream.replays += 1
                     continue  # replay from the prefill on a new sequence; streamed output is not repeated
+                await stream.abandon()
                 raise TurnError("UNAVAILABLE", f"model service {exc.model} failed: {exc.message}") from None
             except BaseException:
-                await stream.close_sequences()
+                await stream.close_sequences(timeout_s=FAILED_TURN_END_TIMEOUT_S)
+                await stream.abandon()
                 raise
         return await stream.finish(len(ids), prompt.dropped)
 
@@ -337,8 +352,9 @@ class _TurnStream:
             delta, self.sent_text = final_text[len(self.sent_text):], final_text
             await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta)))
 
-    async def close_sequences(self) -> None:
-        """End the call's llm and refined_head sequences so their slots are freed now, not at the idle timeout."""
+    async def close_sequences(self, timeout_s: float | None = None) -> None:
+        """End the call's llm and refined_head sequences so their slots are freed now, not at the idle
+        timeout. timeout_s: give up waiting after this long (the services' idle timeouts free them)."""
         if not self.sequences_open:
             return
         self.sequences_open = False
@@ -349,7 +365,17 @@ class _TurnStream:
         if sched is not None and sched.runs_srh:
             width = self.info.facts.hidden_size
             ends.append(self.services.refined_head.run(cid, np.zeros((1, width), np.float32), end=True))
-        await asyncio.gather(*ends, return_exceptions=True)  # a lost sequence needs no ending
+        ending = asyncio.gather(*ends, return_exceptions=True)  # a lost sequence needs no ending
+        try:
+            await asyncio.wait_for(ending, timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def abandon(self) -> None:
+        """The turn failed: stop the vocoder task, which would otherwise wait for codes forever
+        (finish(), which ends it on success, never runs)."""
+        if self.vocoder is not None:
+            await self.vocoder.close(flush=False)
 
     async def finish(self, prompt_tokens: int, dropped: int) -> TurnOutcome:
         sched = self.schedule

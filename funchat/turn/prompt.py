@@ -28,6 +28,7 @@ from funchat.text.tokenizer import TextTokenizer
 INPUT_SAMPLE_RATE = 16000  # the audio encoder's input rate
 SPEECH_FRAME_RATE = 25  # speech frames (and speech tokens) per second
 CONTEXT_TOKENS = 2048  # the reference's context limit (prompt + reply), in LLM positions
+MODES = ("s2t", "s2s")  # funchat.turn.schedule.Mode's values (that module imports this one)
 
 CONFIG_FILE = "config.json"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
@@ -288,6 +289,15 @@ class PromptBuilder:
     def ids(self, mode: str, persona: str | None, tools: list[dict] | None, history: Sequence[HistoryItem],
             n_groups: int) -> list[int]:
         return encode_chat(self.tokenizer, self.messages(mode, persona, tools, history, n_groups)).input_ids
+
+    def unusable_history(self, history: Sequence[HistoryItem]) -> int:
+        """How many of the oldest turns no later prompt can hold. They are the turns `build` drops
+        for the smallest prompt there can be (either mode, no persona, no tools, a one-position
+        clip); a real prompt, never shorter, drops at least those. A session store may delete them."""
+        def smallest_prompt_len(kept: Sequence[HistoryItem]) -> int:
+            return min(len(self.ids(mode, None, None, kept, 1)) for mode in MODES)
+
+        return fit_history(history, smallest_prompt_len, self.context_tokens)[1]
 
     def build(self, mode: str, persona: str | None, tools: list[dict] | None, history: Sequence[HistoryItem],
               n_groups: int, max_new_tokens: int) -> Prompt:

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from funchat.dev.redis_server import start_redis
-from funchat.orchestrator.sessions import (ExpiredResumeToken, HistoryTurn, InvalidResumeToken, SessionNotFound,
-                                           SessionStore, StoreUnavailable)
+from funchat.orchestrator.sessions import (ExpiredResumeToken, HistoryTurn, InvalidResumeToken, LeaseLost,
+                                           SessionBusy, SessionNotFound, SessionStore, StoreUnavailable)
 from funchat.dev.tritonserver import free_port
 
 SECRET = "test-secret-" + "0" * 20
@@ -154,7 +154,7 @@ def test_keys_in_redis_follow_the_documented_layout(redis_server, plain):
     meta = json.loads(plain.get(base))
     assert meta["session_id"] == sid and meta["config"] == CONFIG and meta["state"] == "idle"
     turn0 = json.loads(plain.lindex(f"{base}:turns", 0))
-    assert turn0["audio"] == {"shape": [7, 64], "dtype": "<f4"} and turn0["role"] == "user"
+    assert turn0["audio"] == {"shape": [7, 64], "dtype": "<f4", "model": None} and turn0["role"] == "user"
     assert plain.get(f"{base}:audio:0") == user_rows.astype("<f4").tobytes()
     assert plain.strlen(f"{base}:audio:2") == 3 * 64 * 4
 
@@ -364,3 +364,190 @@ def test_redis_auth_with_the_password_on_its_own(tmp_path):
         with_password = server.url.replace("redis://", f"redis://:{password}@")
         with pytest.raises(ValueError, match="keep one"):
             SessionStore(with_password, secret=SECRET, ttl_s=TTL_S, password=password)
+
+
+# ---- resume tokens are short-lived ----
+
+def test_a_resume_token_lives_token_ttl_s_not_the_sessions_ttl(redis_server):
+    async def body(store):
+        sid = (await store.create(CONFIG, tenant="acme")).session_id
+        fresh = store.issue_resume_token(sid, tenant="acme")
+        stale = store.issue_resume_token(sid, issued_at=int(time.time()) - 61, tenant="acme")
+        with pytest.raises(ExpiredResumeToken) as expired:
+            await store.verify_resume_token(stale, tenant="acme")  # the session itself lives an hour
+        return sid, await store.verify_resume_token(fresh, tenant="acme"), str(expired.value)
+
+    sid, resumed, message = run_with_store(redis_server.url, body, token_ttl_s=60)
+    assert resumed == sid
+    assert "expired" in message and "tokens last 60 s" in message and "response_done" in message
+
+
+# ---- leases: one turn at a time per session ----
+
+def test_one_lease_at_a_time_across_replicas(redis_server):
+    """Two replicas race for the same session: exactly one holds it; the other gets SessionBusy
+    saying why, and so does a call opening the session meanwhile (update_config). The holder's
+    writes go through; once released, the other takes it."""
+    async def body(_):
+        async with SessionStore(redis_server.url, secret=SECRET, ttl_s=TTL_S) as a, \
+                SessionStore(redis_server.url, secret=SECRET, ttl_s=TTL_S) as b:
+            sid = (await a.create(CONFIG)).session_id
+            results = await asyncio.gather(*(s.acquire_lease(sid, 10.0) for s in (a, b, a, b)),
+                                           return_exceptions=True)
+            leases = [r for r in results if not isinstance(r, Exception)]
+            refused = [r for r in results if isinstance(r, Exception)]
+            with pytest.raises(SessionBusy) as opening:
+                await b.update_config(sid, {**CONFIG, "voice": "bob"})
+            holder = a if results.index(leases[0]) % 2 == 0 else b
+            await holder.append_turns(sid, [HistoryTurn(role="user", audio_rows=rows(7), n_groups=7)],
+                                      lease=leases[0])
+            await holder.set_state(sid, "listening", lease=leases[0])
+            released = await holder.release_lease(leases[0])
+            after = await b.acquire_lease(sid, 10.0)
+            await b.release_lease(after)
+            await b.update_config(sid, {**CONFIG, "voice": "bob"})  # free again
+            return leases, refused, str(opening.value), released, await a.get(sid)
+
+    leases, refused, opening, released, got = run_with_store(redis_server.url, body)
+    assert len(leases) == 1 and len(refused) == 3 and all(isinstance(r, SessionBusy) for r in refused)
+    assert "another turn of this session is in progress" in str(refused[0])
+    assert "another turn of this session is in progress" in opening
+    assert released and len(got.turns) == 1 and got.config["voice"] == "bob"
+
+
+def test_a_lost_lease_writes_nothing(redis_server, plain):
+    """A turn whose lease expired cannot write (append, update, state), even after another turn took
+    the lease and ended; its renewal and release fail without touching the new holder's lease."""
+    async def body(store):
+        sid = (await store.create(CONFIG)).session_id
+        await store.append_turns(sid, [HistoryTurn(role="assistant", text="before")])
+        stale = await store.acquire_lease(sid, 0.2)
+        await asyncio.sleep(0.4)  # expired: the turn stalled
+        refused = []
+        for write in (lambda: store.append_turns(sid, [HistoryTurn(role="user", text="late")], lease=stale),
+                      lambda: store.update_turn(sid, -1, HistoryTurn(role="assistant", text="x"), lease=stale),
+                      lambda: store.set_state(sid, "responding", lease=stale)):
+            with pytest.raises(LeaseLost) as lost:
+                await write()
+            refused.append(str(lost.value))
+        current = await store.acquire_lease(sid, 10.0)  # the next turn
+        with pytest.raises(LeaseLost):
+            await store.append_turns(sid, [HistoryTurn(role="user", text="late")], lease=stale)
+        renewed, released = await store.renew_lease(stale), await store.release_lease(stale)
+        holder = plain.get(f"funchat:session:{sid}:lease")
+        return current, refused, renewed, released, holder, await store.get(sid)
+
+    current, refused, renewed, released, holder, got = run_with_store(redis_server.url, body)
+    assert all("lost its lease" in m and "nothing of the turn was stored" in m for m in refused)
+    assert [t.text for t in got.turns] == ["before"] and got.state == "idle"
+    assert renewed is False and released is False and holder == current.token.encode()
+
+
+def test_a_renewed_lease_outlives_its_ttl(redis_server):
+    async def body(store):
+        sid = (await store.create(CONFIG)).session_id
+        lease = await store.acquire_lease(sid, 0.3)
+        for _ in range(6):  # 0.6 s in all, twice the lease
+            await asyncio.sleep(0.1)
+            assert await store.renew_lease(lease)
+        await store.append_turns(sid, [HistoryTurn(role="user", text="kept")], lease=lease)
+        return await store.get(sid)
+
+    assert [t.text for t in run_with_store(redis_server.url, body).turns] == ["kept"]
+
+
+# ---- session size: trimming, compact audio, the model that encoded it ----
+
+def test_trimming_drops_the_oldest_turns_and_their_audio(redis_server, plain):
+    """append_turns(drop_oldest=k): the k oldest turns and their audio keys go in the same write; the
+    audio of the turns kept keeps its key (numbered over the session's life) and its bytes."""
+    async def body(store):
+        sid = (await store.create(CONFIG)).session_id
+        for i in range(3):
+            await store.append_turns(sid, [HistoryTurn(role="user", audio_rows=rows(10 + i), n_groups=7),
+                                           HistoryTurn(role="assistant", text=f"reply {i}")])
+        n = await store.append_turns(sid, [HistoryTurn(role="user", audio_rows=rows(13), n_groups=7),
+                                           HistoryTurn(role="assistant", text="reply 3")], drop_oldest=4)
+        await store.update_turn(sid, -1, HistoryTurn(role="assistant", text="reply 3, cut", truncated=True))
+        return sid, n, await store.get(sid)
+
+    sid, n, got = run_with_store(redis_server.url, body)
+    base = f"funchat:session:{sid}"
+    assert n == 4 and got.dropped == 4
+    assert [t.text for t in got.turns] == [None, "reply 2", None, "reply 3, cut"]
+    assert got.turns[0].audio_rows.tobytes() == rows(12).tobytes()
+    assert got.turns[2].audio_rows.tobytes() == rows(13).tobytes()
+    assert sorted(k.decode() for k in plain.keys(f"{base}*")) == sorted(
+        [base, f"{base}:turns", f"{base}:audio:4", f"{base}:audio:6"])
+    assert json.loads(plain.get(base))["dropped"] == 4 and json.loads(plain.get(base))["v"] == 2
+
+
+def test_trimming_keeps_every_prompt_the_same(tiny_checkpoint):
+    """What unusable_history says to trim, no prompt could hold: for any mode, persona, tools and
+    clip, the prompt built from the trimmed history equals the one built from the whole history."""
+    from funchat.turn.prompt import PromptBuilder
+
+    builder = PromptBuilder.from_checkpoint(tiny_checkpoint)
+    history = []
+    for i in range(40):
+        history += [HistoryTurn(role="user", n_groups=5 + i % 7),
+                    HistoryTurn(role="assistant", text=f"answer number {i}: " + "words " * (3 + i % 11))]
+    k = builder.unusable_history(history)
+    assert 0 < k < len(history) and history[k].role == "user"
+    assert builder.unusable_history(history[:6]) == 0  # a short history is all usable
+    tools = [{"name": "weather", "description": "the weather in a city", "parameters": {"type": "object"}}]
+    for mode in ("s2t", "s2s"):
+        for persona, tool_list, n_groups in ((None, None, 1), ("Be brief.", None, 40), (None, tools, 3)):
+            whole = builder.build(mode, persona, tool_list, history, n_groups, 64)
+            trimmed = builder.build(mode, persona, tool_list, history[k:], n_groups, 64)
+            assert whole.ids == trimmed.ids and whole.dropped == k + trimmed.dropped
+    # the smallest prompt there can be holds the first turn kept: trimming one exchange more would
+    # change a prompt
+    smallest = builder.build("s2t", None, None, history[k:], 1, 1)
+    assert smallest.dropped == 0
+
+
+@pytest.mark.parametrize("dtype, nbytes", [("float32", 4), ("float16", 2)])
+def test_audio_rows_are_stored_with_their_dtype_and_model(redis_server, plain, dtype, nbytes):
+    user_rows = rows(20)
+
+    async def body(store):
+        sid = (await store.create(CONFIG)).session_id
+        await store.append_turns(sid, [HistoryTurn(role="user", audio_rows=user_rows, n_groups=7,
+                                                   audio_model="sha256:0123456789abcdef")])
+        return sid, await store.get(sid)
+
+    sid, got = run_with_store(redis_server.url, body, audio_dtype=dtype)
+    turn = got.turns[0]
+    doc = json.loads(plain.lindex(f"funchat:session:{sid}:turns", 0))
+    assert doc["audio"] == {"shape": [7, 64], "dtype": "<f4" if dtype == "float32" else "<f2",
+                            "model": "sha256:0123456789abcdef"}
+    assert plain.strlen(f"funchat:session:{sid}:audio:0") == 7 * 64 * nbytes
+    assert turn.audio_model == "sha256:0123456789abcdef" and turn.audio_rows.dtype == np.float32
+    assert turn.audio_rows.tobytes() == user_rows.astype(dtype).astype(np.float32).tobytes()
+    with pytest.raises(ValueError, match="audio_dtype"):
+        SessionStore(redis_server.url, secret=SECRET, ttl_s=TTL_S, audio_dtype="int8")
+
+
+def test_a_version_1_session_is_read_and_written(redis_server, plain):
+    """A session stored before version 2 (no "dropped", audio without a model) reads as version 2
+    with nothing dropped and its audio of no known model; appends go to the right keys."""
+    sid = "v1-session"
+    base = f"funchat:session:{sid}"
+    old_rows = rows(30)
+    plain.set(base, json.dumps({"v": 1, "session_id": sid, "created_at": 1.0, "config": CONFIG, "state": "idle",
+                                "active": None, "owner": None, "tenant": ""}), ex=TTL_S)
+    plain.rpush(f"{base}:turns", json.dumps({"role": "user", "text": None, "n_groups": 7, "audio_ms": 560,
+                                             "truncated": False, "tool_calls": None, "response_id": None,
+                                             "audio": {"shape": [7, 64], "dtype": "<f4"}}))
+    plain.set(f"{base}:audio:0", old_rows.tobytes(), ex=TTL_S)
+
+    async def body(store):
+        await store.append_turns(sid, [HistoryTurn(role="assistant", text="hi"),
+                                       HistoryTurn(role="user", audio_rows=rows(31), n_groups=7, audio_model="m")])
+        return await store.get(sid)
+
+    got = run_with_store(redis_server.url, body)
+    assert got.dropped == 0 and [t.role for t in got.turns] == ["user", "assistant", "user"]
+    assert got.turns[0].audio_rows.tobytes() == old_rows.tobytes() and got.turns[0].audio_model is None
+    assert got.turns[2].audio_model == "m" and plain.get(f"{base}:audio:2") == rows(31).tobytes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -84,6 +85,7 @@ def in_process_service(stack) -> FunchatService:
     e = stack["endpoints"]
     settings = OrchestratorSettings.load(
         checkpoint=e["checkpoint"], endpoints={m: e[m] for m in MODELS}, redis_url=e["redis"],
+        redis_ca_file=e["redis_ca_file"], redis_password=Path(e["redis_password_file"]).read_text().strip(),
         resume_secret=(stack["run_dir"] / "resume_secret").read_text().strip(), max_new_tokens=MAX_NEW, auth="off")
     return FunchatService(settings)
 

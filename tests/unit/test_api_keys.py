@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from funchat import api_keys
-from funchat.api_keys import AuthError, KeyFileError, KeyStore, create_key, list_keys, revoke_key
+from funchat.api_keys import AuthError, KeyFileError, KeyStore, create_key, list_keys, revoke_key, set_tenant_limits
 from funchat.cli import main as cli_main
 
 
@@ -364,3 +364,73 @@ def test_cli_errors_exit_2_with_the_problem(keys_file, capsys):
     assert "funchat keys list: error: no API key file at" in capsys.readouterr().err
     assert cli_main(["keys", "revoke", "nope", "--keys-file", str(keys_file)]) == 2
     assert "funchat keys revoke: error: not a key id" in capsys.readouterr().err
+
+
+# ---- tenants' own limits ----
+
+def test_a_tenants_limits_are_set_merged_kept_across_rewrites_and_cleared(keys_file):
+    create_key(keys_file, "acme")
+    assert set_tenant_limits(keys_file, "acme", max_calls=4, rate_per_s=2.5) == {"max_calls": 4, "rate_per_s": 2.5}
+    assert set_tenant_limits(keys_file, "acme", burst=10, max_calls=None) == {"max_calls": 4, "rate_per_s": 2.5,
+                                                                             "burst": 10}
+    _, entry = create_key(keys_file, "beta")  # the file rewritten by a key's creation and revocation ...
+    revoke_key(keys_file, entry.key_id)
+    assert api_keys.tenant_limits(keys_file) == {"acme": {"max_calls": 4, "rate_per_s": 2.5, "burst": 10}}  # kept
+    assert json.loads(keys_file.read_text())["tenants"] == {"acme": {"max_calls": 4, "rate_per_s": 2.5, "burst": 10}}
+    assert set_tenant_limits(keys_file, "acme", clear=True, burst=3) == {"burst": 3}
+    assert set_tenant_limits(keys_file, "acme", clear=True) == {}
+    assert "tenants" not in json.loads(keys_file.read_text())
+    assert [e.tenant for e in list_keys(keys_file)] == ["acme", "beta"]
+
+
+@pytest.mark.parametrize("limits, says", [
+    ({"max_calls": -1}, "max_calls must be an integer >= 0"),
+    ({"max_calls": 1.5}, "max_calls must be an integer >= 0"),
+    ({"burst": 0}, "burst must be an integer >= 1"),
+    ({"rate_per_s": float("nan")}, "rate_per_s must be a number >= 0"),
+    ({"rate_per_s": float("inf")}, "rate_per_s must be a number >= 0"),
+])
+def test_invalid_limits_are_refused_and_named(keys_file, limits, says):
+    create_key(keys_file, "acme")
+    with pytest.raises(KeyFileError, match=says):
+        set_tenant_limits(keys_file, "acme", **limits)
+    assert api_keys.tenant_limits(keys_file) == {}
+
+
+@pytest.mark.parametrize("tenants, says", [
+    ([], '"tenants" must be an object'),
+    ({"Not Valid": {}}, "tenants: a tenant name is"),
+    ({"acme": 4}, "tenants.acme: must be an object"),
+    ({"acme": {"max_call": 4}}, "tenants.acme: unknown limit 'max_call'; known: max_calls, rate_per_s, burst"),
+    ({"acme": {"max_calls": True}}, "tenants.acme: max_calls must be an integer >= 0"),
+    ({"acme": {"rate_per_s": "fast"}}, "tenants.acme: rate_per_s must be a number >= 0"),
+])
+def test_a_malformed_tenants_section_is_named(keys_file, tenants, says):
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(json.dumps({"version": 1, "keys": [], "tenants": tenants}))
+    with pytest.raises(KeyFileError, match=says):
+        KeyStore(keys_file)
+
+
+def test_the_store_serves_a_tenants_limits_and_reloads_them(keys_file):
+    create_key(keys_file, "acme")
+    clock = [0.0]
+    store = KeyStore(keys_file, clock=lambda: clock[0])
+    assert store.tenant_limits("acme") == {}
+    set_tenant_limits(keys_file, "acme", max_calls=2)
+    clock[0] += api_keys.RELOAD_INTERVAL_S
+    assert store.refresh()
+    assert store.tenant_limits("acme") == {"max_calls": 2} and store.tenant_limits("other") == {}
+
+
+def test_cli_limits(keys_file, capsys):
+    cli_main(["keys", "create", "--tenant", "acme", "--keys-file", str(keys_file)])
+    capsys.readouterr()
+    assert cli_main(["keys", "limits", "--tenant", "acme", "--max-calls", "4", "--rate", "2.5",
+                     "--keys-file", str(keys_file)]) == 0
+    assert capsys.readouterr().out == (f"tenant acme in {keys_file}: own limits max_calls 4, rate_per_s 2.5; "
+                                       "servers reading this file apply them within 2 s\n")
+    assert cli_main(["keys", "limits", "--tenant", "acme", "--burst", "0", "--keys-file", str(keys_file)]) == 2
+    assert "burst must be an integer >= 1" in capsys.readouterr().err
+    assert cli_main(["keys", "limits", "--tenant", "acme", "--clear", "--keys-file", str(keys_file)]) == 0
+    assert "own limits none (the server's defaults)" in capsys.readouterr().out

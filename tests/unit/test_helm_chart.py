@@ -154,6 +154,8 @@ SCENARIOS = {
     "redis-external-secret": {"redis": {"mode": "external", "external": {
         "url": "rediss://redis.example:6380/0", "existingSecret": "redis-auth"}}},
     "redis-external-open": {"redis": {"mode": "external", "external": {"url": "redis://redis.example:6379/1"}}},
+    "redis-tls": {"orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1}},
+                  "redis": {"internal": {"tls": {"secretName": "funchat-redis-tls"}}}},
     "monitoring": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
                    "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {
                        "kubernetes.io/metadata.name": "monitoring"}}}]}},
@@ -659,8 +661,9 @@ def test_orchestrator_deployment():
     assert cm["FUNCHAT_MAX_CALLS"] == "16" and cm["FUNCHAT_REPLICAS"] == "1"
     assert cm["FUNCHAT_METRICS_PORT"] == "9464"
     assert not any(k in cm for k in ("FUNCHAT_RESUME_SECRET", "FUNCHAT_REDIS_URL"))
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert orch[probe]["grpc"] == {"port": 50051, "service": ""}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # Ray's proxy: kubelet speaks no TLS
+        assert orch[probe]["grpc"] == {"port": 50052, "service": ""}
+    assert cm["FUNCHAT_PROXY_PORT"] == "50052" and cm["FUNCHAT_KEEPALIVE_TIME_S"] == "30"
     assert orch["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
     assert spec["terminationGracePeriodSeconds"] == 300
     assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
@@ -671,6 +674,52 @@ def test_orchestrator_deployment():
     assert one(objs, "PodDisruptionBudget", name)
     assert not find(objs, "RayService")
     assert not find(objs, "Service", f"{name}-metrics")  # only for the ServiceMonitor
+
+
+def test_public_tls_and_the_gateway():
+    """tls.*: the Secrets mounted as directories (no subPath: rotation reaches the pod), the gateway's
+    TLS settings where it runs (the orchestrator container; each Ray pod's sidecar), settings the
+    gateway accepts, and mTLS without a certificate refused by the schema."""
+    from funchat.gateway.settings import GatewaySettings
+
+    name = f"{PREFIX}-orchestrator"
+    tls = {"tls": {"secretName": "public-tls", "clientCASecret": "client-ca"}}
+    objs = objects(tls)
+    spec = one(objs, "Deployment", name)["spec"]["template"]["spec"]
+    orch = container(spec, "orchestrator")
+    env = env_of(orch)
+    assert (env["FUNCHAT_TLS_CERT_FILE"], env["FUNCHAT_TLS_KEY_FILE"], env["FUNCHAT_TLS_CLIENT_CA_FILE"]) == \
+        ("/etc/funchat/tls/tls.crt", "/etc/funchat/tls/tls.key", "/etc/funchat/client-ca/ca.crt")
+    mounts = {m["name"]: m for m in orch["volumeMounts"]}
+    for volume_name, secret, path in (("public-tls", "public-tls", "/etc/funchat/tls"),
+                                      ("client-ca", "client-ca", "/etc/funchat/client-ca")):
+        assert mounts[volume_name]["mountPath"] == path and "subPath" not in mounts[volume_name]
+        volume = next(v for v in spec["volumes"] if v["name"] == volume_name)
+        assert volume["secret"]["secretName"] == secret
+    assert "appProtocol" not in one(objs, "Service", name)["spec"]["ports"][0]  # not h2c any more
+    cm = one(objs, "ConfigMap", name)["data"]
+    gateway_env = {k: v for k, v in {**cm, **env}.items() if k.startswith("FUNCHAT_")}
+    settings = GatewaySettings(**{k.removeprefix("FUNCHAT_").lower(): v for k, v in gateway_env.items()
+                                  if k.removeprefix("FUNCHAT_").lower() in GatewaySettings.model_fields})
+    assert settings.tls and settings.proxy_port == 50052 and settings.grpc_port == 50051
+    assert settings.keepalive_time_s == 30 and settings.max_connection_age_grace_s == 3600
+
+    ray = objects(deep_merge(tls, {"orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1}}}))
+    cluster = one(ray, "RayService", name)["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], cluster["workerGroupSpecs"][0]):
+        pod = group["template"]["spec"]
+        assert [c["name"] for c in pod["containers"]][0] in ("ray-head", "ray-worker")  # KubeRay's containers[0]
+        sidecar = container(pod, "gateway")
+        assert sidecar["command"] == ["python", "-m", "funchat.gateway"]
+        assert sidecar["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+        assert sidecar["readinessProbe"]["grpc"] == {"port": 50052, "service": ""}
+        assert env_of(sidecar)["FUNCHAT_TLS_CLIENT_CA_FILE"] == "/etc/funchat/client-ca/ca.crt"
+        assert {v["name"] for v in pod["volumes"]} >= {"public-tls", "client-ca"}
+    assert yaml.safe_load(one(ray, "RayService", name)["spec"]["serveConfigV2"])["grpc_options"]["port"] == 50052
+    plain = container(one(objects(), "Deployment", name)["spec"]["template"]["spec"], "orchestrator")
+    assert not any(k.startswith("FUNCHAT_TLS") for k in env_of(plain))
+    with pytest.raises(Exception, match="secretName"):
+        objects({"tls": {"secretName": "", "clientCASecret": "client-ca"}})
 
 
 def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
@@ -757,7 +806,7 @@ def test_rayservice_mode():
     cluster = rs["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]
     ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
-    assert ports["serve-grpc"] == 50051
+    assert ports["serve-grpc"] == 50052  # Ray's proxy, behind each Ray pod's gateway sidecar
     # the first Serve replica of each Ray pod serves the pod's metrics: every Ray pod declares the port
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         assert {"name": "metrics", "containerPort": 9464} in group["template"]["spec"]["containers"][0]["ports"]
@@ -769,7 +818,7 @@ def test_rayservice_mode():
     env = env_of(head["spec"]["containers"][0])
     assert env["FUNCHAT_RESUME_SECRET_FILE"] == "/etc/funchat/resume/resume-secret"
     svc = one(objs, "Service", name)
-    assert svc["spec"]["ports"][0]["targetPort"] == "serve-grpc"
+    assert svc["spec"]["ports"][0]["targetPort"] == "grpc"  # the gateway sidecar
     assert svc["spec"]["ports"][0]["appProtocol"] == "kubernetes.io/h2c"
     assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_REPLICAS"] == "1"
     assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_METRICS_PORT"] == "9464"  # app_builder reads it
@@ -906,6 +955,77 @@ def test_redis_start_script_sets_the_password_from_the_environment(tmp_path, pas
         with pytest.raises(redis_client.AuthenticationError):
             redis_client.Redis(port=port, password="wrong").ping()
         assert client.config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_redis_internal_tls():
+    """redis.internal.tls.secretName: Redis serves TLS only, every orchestrator container connects with
+    rediss:// and verifies the server with ca.crt, mounted alone (Redis' key stays in Redis' pod)."""
+    objs = objects(SCENARIOS["redis-tls"])
+    spec = one(objs, "StatefulSet", f"{PREFIX}-redis")["spec"]["template"]["spec"]
+    redis = container(spec, "redis")
+    assert "--port 0 --tls-port 6379" in redis["args"][0] and "--tls-auth-clients no" in redis["args"][0]
+    assert "--tls --cacert /etc/redis-tls/ca.crt" in redis["readinessProbe"]["exec"]["command"][2]
+    assert {"name": "tls", "mountPath": "/etc/redis-tls", "readOnly": True} in redis["volumeMounts"]
+    assert next(v for v in spec["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "funchat-redis-tls"
+    pods = orchestrator_pods(objs)
+    assert len(pods) == 2  # the Ray head and the workers
+    for _, pod, orch in pods:
+        env = env_of(orch)
+        assert env["FUNCHAT_REDIS_URL"] == f"rediss://{PREFIX}-redis:6379/0"
+        assert env["FUNCHAT_REDIS_CA_FILE"] == "/etc/funchat/redis-tls/ca.crt"
+        assert {"name": "redis-ca", "mountPath": "/etc/funchat/redis-tls", "readOnly": True} in orch["volumeMounts"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "redis-ca")["secret"]
+        assert volume["secretName"] == "funchat-redis-tls" and volume["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    plain = objects()  # without the value nothing of it
+    assert "--tls-port" not in container(one(plain, "StatefulSet", f"{PREFIX}-redis")["spec"]["template"]["spec"],
+                                         "redis")["args"][0]
+    assert "FUNCHAT_REDIS_CA_FILE" not in env_of(container(one(plain, "Deployment", f"{PREFIX}-orchestrator")[
+        "spec"]["template"]["spec"], "orchestrator"))
+
+
+def test_redis_tls_start_script_and_probe_work_as_rendered(tmp_path):
+    """The TLS StatefulSet's shell command and readiness probe, run as rendered on this machine's
+    redis-server (certificates from funchat.dev.redis_server in place of the Secret): plaintext is
+    refused, rediss:// with the CA and the password answers, and so does the probe."""
+    import redis as redis_client
+
+    from funchat.dev.redis_server import ensure_tls_files
+    from funchat.dev.tritonserver import free_port
+
+    if not shutil.which("redis-server"):
+        pytest.fail("redis-server is not installed (make test installs it)", pytrace=False)
+    files = ensure_tls_files(tmp_path / "tls", hosts=("127.0.0.1", f"{PREFIX}-redis"))
+    (tmp_path / "tls" / "tls.crt").write_bytes(files.cert_file.read_bytes())
+    (tmp_path / "tls" / "tls.key").write_bytes(files.key_file.read_bytes())
+    redis = container(one(objects(SCENARIOS["redis-tls"]), "StatefulSet", f"{PREFIX}-redis")["spec"]["template"][
+        "spec"], "redis")
+    port = free_port()
+
+    def local(text: str) -> str:
+        return text.replace("/etc/redis-tls", str(tmp_path / "tls")).replace("/tmp/redis.conf",
+                                                                             str(tmp_path / "redis.conf"))
+    script = local(redis["args"][0]).replace("--dir /data", f"--dir {tmp_path} --bind 127.0.0.1").replace(
+        "--tls-port 6379", f"--tls-port {port}")
+    probe = local(redis["readinessProbe"]["exec"]["command"][2]).replace("redis-cli", f"redis-cli -p {port}", 1)
+    env = {**os.environ, "REDIS_PASSWORD": "pw"}
+    proc = subprocess.Popen(["sh", "-c", script], env=env)
+    try:
+        client = redis_client.Redis(host="127.0.0.1", port=port, password="pw", ssl=True, socket_timeout=2,
+                                    ssl_ca_certs=str(files.ca_file), socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis_client.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not answer over TLS"
+                time.sleep(0.1)
+        assert subprocess.run(["sh", "-c", probe], env=env, timeout=10).returncode == 0
+        with pytest.raises(redis_client.ConnectionError):
+            redis_client.Redis(host="127.0.0.1", port=port, password="pw", socket_timeout=2).ping()
     finally:
         proc.terminate()
         proc.wait(10)

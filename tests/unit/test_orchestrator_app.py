@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from funchat.gateway.settings import GatewaySettings
 from funchat.orchestrator import app
 from funchat.orchestrator.settings import OrchestratorSettings, SettingsError
 
@@ -52,7 +53,9 @@ def test_the_serve_config_matches_the_code():
     raw = yaml.safe_load(SERVE_CONFIG.read_text())
     ServeDeploySchema.model_validate(raw)  # a config `serve run` / serveConfigV2 accepts
     defaults = OrchestratorSettings.load(checkpoint="/ckpt", endpoints=ENDPOINTS)
-    assert raw["grpc_options"] == {"port": defaults.grpc_port, "grpc_servicer_functions": app.SERVICER_FUNCTIONS}
+    # Ray's proxy behind the gateway (`python -m funchat.gateway`), on the port it forwards to by default
+    proxy_port = GatewaySettings.model_fields["proxy_port"].default
+    assert raw["grpc_options"] == {"port": proxy_port, "grpc_servicer_functions": app.SERVICER_FUNCTIONS}
     (application,) = raw["applications"]
     assert application["name"] == app.APP_NAME
     module, name = application["import_path"].split(":")

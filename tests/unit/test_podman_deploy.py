@@ -110,7 +110,7 @@ def test_probe_commands_follow_the_chart(rendered):
     cmd = pd.probe_command(llm["readinessProbe"], llm)
     assert cmd[:2] == ["python3", "-c"] and cmd[3] == "http://127.0.0.1:8000/v2/health/ready"  # port "http"
     orch = workload(rendered, "Deployment", "funchat-orchestrator")["spec"]["template"]["spec"]["containers"][0]
-    assert pd.probe_command(orch["startupProbe"], orch)[3:5] == ["127.0.0.1:50051", ""]
+    assert pd.probe_command(orch["startupProbe"], orch)[3:5] == ["127.0.0.1:50052", ""]  # Ray's proxy
     redis = workload(rendered, "StatefulSet", "funchat-redis")["spec"]["template"]["spec"]["containers"][0]
     assert pd.probe_command(redis["readinessProbe"], redis) == redis["readinessProbe"]["exec"]["command"]
     assert pd.probe_command(redis["livenessProbe"], redis) == ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/6379"]

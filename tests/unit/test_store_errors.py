@@ -10,7 +10,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from funchat.orchestrator.errors import ApiError, store_call
-from funchat.orchestrator.sessions import SessionError, SessionNotFound, StoreUnavailable
+from funchat.orchestrator.sessions import (ExpiredResumeToken, LeaseLost, SessionBusy, SessionError, SessionNotFound,
+                                           StoreUnavailable)
 
 
 async def failing(exc: BaseException):
@@ -21,6 +22,10 @@ async def failing(exc: BaseException):
     (SessionNotFound("no session 'x'"), "NOT_FOUND", "no session"),
     (StoreUnavailable("cannot reach Redis"), "UNAVAILABLE", "unavailable"),
     (SessionError("session s: write abandoned after 8 attempts"), "ABORTED", "retry"),
+    (SessionBusy("session s: another turn of this session is in progress"), "ABORTED", "another turn"),
+    (LeaseLost("session s: this turn lost its lease on the session"), "ABORTED", "lost its lease"),
+    (ExpiredResumeToken("resume token for session s expired: ...; resume with the newest one"), "NOT_FOUND",
+     "newest"),
     (ResponseError("READONLY You can't write against a read only replica."), "UNAVAILABLE", "retry shortly"),
     (ResponseError("LOADING Redis is loading the dataset in memory"), "UNAVAILABLE", "retry shortly"),
     (ResponseError("OOM command not allowed when used memory > 'maxmemory'."), "RESOURCE_EXHAUSTED", "out of memory"),

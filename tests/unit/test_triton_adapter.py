@@ -338,3 +338,77 @@ def test_start_tracing_refuses_a_bad_setting_by_name(monkeypatch):
     with pytest.raises(tracing.TracingConfigError, match="FUNCHAT_TRACING_SAMPLE_RATIO='lots'"):
         start_tracing("vocoder")
     assert not tracing.enabled()
+
+
+# ---- whole-batch failures in the stateful engines ----
+
+def poison_rows(pool, bad_row: int) -> None:
+    """Make every batched forward that includes `bad_row` raise, as a device or model failure
+    triggered by one request would."""
+    run = pool.run
+
+    def failing(rows, fn):
+        if bad_row in rows:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return run(rows, fn)
+    pool.run = failing
+
+
+def test_one_failing_llm_request_fails_alone_and_its_slot_is_freed(tiny_pipeline):
+    import torch
+
+    from funchat.engines.llm import LlmEngine, LlmRequest
+
+    prompts = {1: [1, 2, 3], 2: [4, 5, 6, 7], 3: [8, 9]}
+    clean = LlmEngine(tiny_pipeline.model, max_sequences=4)
+    expected = {cid: r.token for cid, r in zip(prompts, clean.run([LlmRequest(c, True, False, torch.tensor(p))
+                                                                   for c, p in prompts.items()]))}
+    llm = LlmEngine(tiny_pipeline.model, max_sequences=4)
+    poison_rows(llm.pool, bad_row=1)  # the second START gets row 1
+    results = llm.run([LlmRequest(c, True, False, torch.tensor(p)) for c, p in prompts.items()])
+    failed = results[1]
+    assert isinstance(failed, SequenceError) and failed.status == "INTERNAL"
+    assert "llm forward failed (RuntimeError: CUDA error: an illegal memory access" in str(failed)
+    assert "sequence was ended" in str(failed)
+    assert [results[0].token, results[2].token] == [expected[1], expected[3]]  # the others, as if alone
+    assert llm.pool.live == 2 and 2 not in llm.pool.slots  # no slot stranded until the idle timeout
+    # a step batch: the same isolation; the other call's step is unaffected
+    poison_rows(llm.pool, bad_row=llm.pool.slots[3].row)
+    steps = llm.run([LlmRequest(1, False, False, torch.tensor([expected[1]])),
+                     LlmRequest(3, False, False, torch.tensor([expected[3]]))])
+    assert not isinstance(steps[0], SequenceError)
+    assert isinstance(steps[1], SequenceError) and steps[1].status == "INTERNAL"
+    assert set(llm.pool.slots) == {1}
+    assert int(llm.pool.cache.lengths[llm.pool.slots[1].row]) == len(prompts[1]) + 1  # one step, stored once
+
+
+def test_one_failing_refined_head_request_fails_alone_and_its_slot_is_freed(tiny_pipeline):
+    import torch
+
+    from funchat.engines.refined_head import SrhEngine, SrhRequest
+
+    width = tiny_pipeline.model.cfg.audio.output_dim
+    h = {cid: torch.randn(3, width, generator=torch.Generator().manual_seed(cid)) for cid in (1, 2)}
+    clean = SrhEngine(tiny_pipeline.model, 4).run([SrhRequest(c, True, False, h[c]) for c in (1, 2)])
+    srh = SrhEngine(tiny_pipeline.model, 4)
+    poison_rows(srh.pool, bad_row=0)  # the first START gets row 0
+    results = srh.run([SrhRequest(c, True, False, h[c]) for c in (1, 2)])
+    assert isinstance(results[0], SequenceError) and results[0].status == "INTERNAL"
+    assert "refined_head forward failed" in str(results[0])
+    assert results[1].tolist() == clean[1].tolist()
+    assert set(srh.pool.slots) == {2}
+
+
+def test_an_engine_s_internal_answer_is_logged():
+    logged: list = []
+    pb = fake_pb_utils(logged)
+    io = TritonIO(pb, "llm")
+    failure = SequenceError("llm forward failed (RuntimeError: boom); the sequence was ended", status="INTERNAL")
+    responses = io.answer_batch([FakeRequest({"X": [1]}), FakeRequest({"X": [2]})],
+                                parse=lambda r: int(io.required(r, "X")[0]),
+                                run=lambda items: [failure if x == 1 else x for x in items],
+                                outputs=lambda request, value: {"Y": np.array([value])},
+                                metrics=ServiceMetrics(pb, "llm"), kind=lambda items: "step")
+    assert responses[0].error.code == "INTERNAL" and "boom" in responses[0].error.message
+    assert responses[1].error is None
+    assert len(logged) == 1 and "boom" in logged[0]

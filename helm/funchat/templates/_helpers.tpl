@@ -169,11 +169,16 @@ tracing.headersSecret through a secretKeyRef, never as a value. */}}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the in-chart Redis serves TLS (redis.internal.tls.secretName). */}}
+{{- define "funchat.redisTls" -}}
+{{- if and (eq .Values.redis.mode "internal") .Values.redis.internal.tls.secretName -}}true{{- else -}}false{{- end -}}
+{{- end -}}
+
 {{/* FUNCHAT_REDIS_URL, without the password (FUNCHAT_REDIS_PASSWORD carries it). */}}
 {{- define "funchat.redisUrl" -}}
 {{- if eq .Values.redis.mode "internal" -}}
 {{- $address := default (printf "%s-redis:6379" (include "funchat.fullname" .)) .Values.orchestrator.addresses.redis -}}
-{{- printf "redis://%s/0" $address -}}
+{{- printf "%s://%s/0" (ternary "rediss" "redis" (include "funchat.redisTls" . | eq "true")) $address -}}
 {{- else -}}
 {{- .Values.redis.external.url -}}
 {{- end -}}

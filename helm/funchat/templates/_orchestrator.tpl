@@ -7,6 +7,10 @@ env:
   {{- include "funchat.redisPasswordEnv" (dict "ctx" . "name" "FUNCHAT_REDIS_PASSWORD") | nindent 2 }}
   - name: FUNCHAT_REDIS_URL
     value: {{ include "funchat.redisUrl" . | quote }}
+  {{- if eq (include "funchat.redisTls" .) "true" }}
+  - name: FUNCHAT_REDIS_CA_FILE
+    value: /etc/funchat/redis-tls/ca.crt
+  {{- end }}
   - name: FUNCHAT_RESUME_SECRET_FILE
     value: /etc/funchat/resume/{{ .Values.secrets.resume.key }}
   - name: FUNCHAT_AUTH
@@ -35,6 +39,11 @@ env:
 - name: resume-secret
   mountPath: /etc/funchat/resume
   readOnly: true
+{{- if eq (include "funchat.redisTls" .) "true" }}
+- name: redis-ca
+  mountPath: /etc/funchat/redis-tls
+  readOnly: true
+{{- end }}
 {{- if eq .Values.auth.mode "api_keys" }}
 # the whole Secret as a directory, no subPath: the kubelet's updates (key rotation) reach the file
 - name: api-keys
@@ -55,6 +64,16 @@ env:
     defaultMode: 0400
     # explicit (the default): the pod waits for the key; also spares podman 4.3's kube play a crash
     optional: false
+{{- if eq (include "funchat.redisTls" .) "true" }}
+# the CA alone (no subPath, so a renewed CA reaches the file): Redis' key stays in its own pod
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.internal.tls.secretName }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+    optional: false
+{{- end }}
 {{- if eq .Values.auth.mode "api_keys" }}
 - name: api-keys
   secret:
@@ -94,6 +113,7 @@ initContainers:
   {{- include "funchat.fetchInitContainer" $ctx | nindent 2 }}
 {{- end }}
 containers:
+  # the Ray container first: KubeRay takes containers[0] for Ray
   - name: {{ ternary "ray-head" "ray-worker" .head }}
     image: {{ include "funchat.image" (dict "ctx" $ctx "image" $o.image) }}
     imagePullPolicy: {{ $o.image.pullPolicy }}
@@ -109,8 +129,9 @@ containers:
       {{- end }}
       - name: serve
         containerPort: 8000
+      # Ray Serve's gRPC proxy, behind the gateway sidecar (on all interfaces: Ray binds [::])
       - name: serve-grpc
-        containerPort: {{ $o.grpcPort }}
+        containerPort: {{ $o.proxyPort }}
       {{- if $o.metricsPort }}
       # bound by the first Serve replica of the pod (funchat/orchestrator/metrics.py)
       - name: metrics
@@ -126,6 +147,100 @@ containers:
       {{- include "funchat.containerSecurityContext" $ctx | nindent 6 }}
     volumeMounts:
       {{- include "funchat.orchestratorMounts" $ctx | nindent 6 }}
+  {{- include "funchat.gatewayContainer" $ctx | nindent 2 }}
 volumes:
   {{- include "funchat.orchestratorVolumes" $ctx | nindent 2 }}
+  {{- with include "funchat.gatewayTlsVolumes" $ctx }}
+  {{- . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* The public API's TLS (values tls.*): env of the container running the gateway. */}}
+{{- define "funchat.gatewayTlsEnv" -}}
+{{- if .Values.tls.secretName }}
+# TLS of the public port; the files are re-read when the kubelet updates the Secret (no restart)
+- name: FUNCHAT_TLS_CERT_FILE
+  value: /etc/funchat/tls/tls.crt
+- name: FUNCHAT_TLS_KEY_FILE
+  value: /etc/funchat/tls/tls.key
+{{- if .Values.tls.clientCASecret }}
+- name: FUNCHAT_TLS_CLIENT_CA_FILE
+  value: /etc/funchat/client-ca/ca.crt
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "funchat.gatewayTlsMounts" -}}
+{{- if .Values.tls.secretName }}
+# whole Secrets as directories, no subPath: a renewed certificate reaches the files
+- name: public-tls
+  mountPath: /etc/funchat/tls
+  readOnly: true
+{{- if .Values.tls.clientCASecret }}
+- name: client-ca
+  mountPath: /etc/funchat/client-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "funchat.gatewayTlsVolumes" -}}
+{{- if .Values.tls.secretName }}
+- name: public-tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0400
+    optional: false
+{{- if .Values.tls.clientCASecret }}
+- name: client-ca
+  secret:
+    secretName: {{ .Values.tls.clientCASecret }}
+    defaultMode: 0400
+    optional: false
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The gateway sidecar of a Ray pod (mode rayservice): the public port, forwarding to the pod's
+Ray Serve gRPC proxy on 127.0.0.1:proxyPort. Ready when the application answers its health check
+through Ray's proxy (plaintext: kubelet's gRPC probes cannot speak TLS); alive while it listens. */}}
+{{- define "funchat.gatewayContainer" -}}
+{{- $o := .Values.orchestrator -}}
+- name: gateway
+  image: {{ include "funchat.image" (dict "ctx" . "image" $o.image) }}
+  imagePullPolicy: {{ $o.image.pullPolicy }}
+  command: [python, -m, funchat.gateway]
+  envFrom:
+    - configMapRef:
+        name: {{ include "funchat.fullname" . }}-orchestrator
+  {{- with include "funchat.gatewayTlsEnv" . }}
+  env:
+    {{- . | nindent 4 }}
+  {{- end }}
+  ports:
+    - name: grpc
+      containerPort: {{ $o.grpcPort }}
+      protocol: TCP
+  readinessProbe:
+    grpc:
+      port: {{ $o.proxyPort }}
+      service: ""
+    periodSeconds: {{ $o.probes.readinessPeriodSeconds }}
+  livenessProbe:
+    tcpSocket:
+      port: grpc
+    periodSeconds: {{ $o.probes.livenessPeriodSeconds }}
+    failureThreshold: 6
+  lifecycle:
+    preStop:
+      sleep:
+        seconds: {{ $o.drain.preStopSleepSeconds }}
+  resources:
+    {{- toYaml $o.gateway.resources | nindent 4 }}
+  securityContext:
+    {{- include "funchat.containerSecurityContext" . | nindent 4 }}
+  {{- with include "funchat.gatewayTlsMounts" . }}
+  volumeMounts:
+    {{- . | nindent 4 }}
+  {{- end }}
 {{- end -}}
