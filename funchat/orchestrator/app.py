@@ -161,17 +161,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _check_port_free(port: int) -> None:
+    """Raises GatewayError when the public port is taken (bound and released at once)."""
+    family, host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise GatewayError(f"the public port {port} (FUNCHAT_GRPC_PORT) is taken: {exc.strerror}") from None
+
+
 def serve_forever(settings: OrchestratorSettings, gateway: GatewayThread) -> int:
     """A local Ray cluster, Serve with its gRPC proxy on the internal port, the application, and
     the gateway on the public port; until SIGTERM / SIGINT (0), or until the gateway stops (1).
-    /metrics (all replicas) is served from here, bound before the replicas start. The gateway
-    binds first, so a taken public port fails before Ray's long start."""
+    /metrics (all replicas) is served from here, bound before the replicas start.
+
+    The gateway starts once ray.init has started Ray's processes: Ray forks them with a Python
+    preexec_fn, and a fork while the gateway's gRPC threads are busy can hang the child (a raylet that
+    never starts: "The current node timed out during startup"). A taken public port still fails
+    before Ray's long start: it is tried first."""
     import ray
 
     metrics_dir = metrics.new_multiprocess_dir()
     exporter = None
     try:
-        gateway.start()
+        _check_port_free(settings.grpc_port)
         if settings.metrics_port:
             exporter = metrics.start_exporter(settings.metrics_port, metrics_dir, settings.metrics_host)
             if exporter is None:
@@ -182,6 +197,7 @@ def serve_forever(settings: OrchestratorSettings, gateway: GatewayThread) -> int
         ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, object_store_memory=200 << 20,
                  logging_level=logging.WARNING, log_to_driver=True, runtime_env=replica_runtime_env(metrics_dir))
         try:
+            gateway.start()
             # Ray's proxy binds all interfaces ([::]) whatever we ask: callers reach the gateway instead,
             # and the replicas check API keys whichever way a call comes in
             serve.start(grpc_options=gRPCOptions(port=gateway.gateway.settings.proxy_port,

@@ -9,6 +9,13 @@
     pcm, state, dropped = await voc.push(codes, None, final=False, speaker="default")
     pcm, state, dropped = await voc.push(more, state, final=True)   # any vocoder replica
 
+A url may name several replicas of the service, "host:port,host:port" (`Replicas`): the client holds
+a channel to each. A stateless request (encode, a vocoder push: the stream's state travels with it)
+goes to the next healthy replica and, when that one is unreachable (UNAVAILABLE), once more to the
+next. A sequence (llm, refined_head) is pinned: its first request picks a replica (retried the same
+way) and its steps follow it; when that replica dies mid-sequence the error reaches the turn, which
+replays the turn on a new sequence, whose first request avoids the replica that failed.
+
 Every Triton error (the service's own INVALID_ARG messages, Triton's input checks, an unreachable
 server) is raised as `ServiceError(model, status, message)`. Each request's wait before it is sent
 (from `ready_at`: when the caller had its inputs; by default when the method was called) is
@@ -66,45 +73,111 @@ def channel_args() -> list[tuple[str, int]]:
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)]
 
 
+UNREACHABLE = "StatusCode.UNAVAILABLE"  # the replica did not answer: try another one
+# How long a replica that answered UNAVAILABLE is passed over. A killed server stays down; a
+# restarted one is back within seconds (and the channel reconnects within RECONNECT_BACKOFF_MS).
+REPLICA_DOWN_S = 5.0
+
+
+class Replicas:
+    """Which replica of a service the next request goes to: round robin over those not marked down.
+
+        replicas = Replicas(["10.0.0.1:8001", "10.0.0.2:8001"])
+        addr = replicas.pick()            # the next one up
+        replicas.failed(addr)             # it answered UNAVAILABLE: passed over for REPLICA_DOWN_S
+        other = replicas.pick(avoid=addr)
+
+    A replica marked down is tried again after `down_s`; when every one is down, the one that went
+    down first is tried (a request must go somewhere, and it is the likeliest to be back).
+    """
+
+    def __init__(self, addresses: list[str], down_s: float = REPLICA_DOWN_S, clock=time.monotonic):
+        if not addresses:
+            raise ValueError("a service needs at least one replica address")
+        self.addresses = list(addresses)
+        self.down_s = down_s
+        self.clock = clock
+        self._down_until: dict[str, float] = {}
+        self._next = 0
+
+    def pick(self, avoid: str | None = None) -> str:
+        """The next replica that is up (other than `avoid`, when there is another)."""
+        now = self.clock()
+        n = len(self.addresses)
+        for i in range(n):
+            address = self.addresses[(self._next + i) % n]
+            if self._down_until.get(address, 0.0) <= now and (address != avoid or n == 1):
+                self._next = (self._next + i + 1) % n
+                return address
+        candidates = [a for a in self.addresses if a != avoid] or self.addresses
+        return min(candidates, key=lambda a: self._down_until.get(a, 0.0))
+
+    def failed(self, address: str) -> None:
+        """`address` answered UNAVAILABLE: pass it over for the next `down_s` seconds."""
+        self._down_until[address] = self.clock() + self.down_s
+
+
 class _Client:
     model = ""
 
     def __init__(self, url: str, timeout_s: float | None = None):
+        """url: "host:port", or the replicas "host:port,host:port"."""
         self.url = url
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args())
+        self.replicas = Replicas([a.strip() for a in url.split(",") if a.strip()])
+        self._clients = {a: grpcclient.InferenceServerClient(a, channel_args=channel_args())
+                         for a in self.replicas.addresses}
 
     def _error(self, exc: InferenceServerException) -> ServiceError:
         return ServiceError(self.model, str(exc.status() or "UNKNOWN"), str(exc.message() or exc))
 
     async def ready(self) -> bool:
-        """The server is up and this model is loaded (False when unreachable)."""
-        try:
-            return bool(await self._client.is_server_ready() and await self._client.is_model_ready(self.model))
-        except InferenceServerException:
-            return False
+        """Some replica is up and has this model loaded (False when none is reachable)."""
+        for client in self._clients.values():
+            try:
+                if await client.is_server_ready() and await client.is_model_ready(self.model):
+                    return True
+            except InferenceServerException:
+                pass
+        return False
 
     async def _infer(self, inputs: list[grpcclient.InferInput], outputs: list[str], ready_at: float,
-                     span: str | None = None, attributes: dict | None = None, **sequence):
-        """One request. span: the name of the CLIENT span to record it under (its trace context goes
-        with the request), or None for an untraced request (a decode step). sequence: tritonclient's
-        sequence_id / sequence_start / sequence_end."""
+                     span: str | None = None, attributes: dict | None = None, replica: str | None = None,
+                     **sequence):
+        """One request. replica: the address to send it to (a sequence's step), or None: the next healthy
+        replica, and once more the next one if that is unreachable. span: the name of the CLIENT span to
+        record it under (its trace context goes with the request), or None for an untraced request (a
+        decode step). sequence: tritonclient's sequence_id / sequence_start / sequence_end.
+        -> (the result, the replica that answered)."""
         metrics.model_queue(self.model, time.perf_counter() - ready_at)
-        with tracing.child_span(span, {"funchat.model": self.model, "server.address": self.url, **(attributes or {})},
+        address = replica or self.replicas.pick()
+        try:
+            return await self._infer_on(address, inputs, outputs, span, attributes, sequence), address
+        except ServiceError as error:
+            if replica is not None or error.status != UNREACHABLE or len(self.replicas.addresses) == 1:
+                raise
+            other = self.replicas.pick(avoid=address)
+            return await self._infer_on(other, inputs, outputs, span, attributes, sequence), other
+
+    async def _infer_on(self, address: str, inputs, outputs, span, attributes, sequence):
+        with tracing.child_span(span, {"funchat.model": self.model, "server.address": address, **(attributes or {})},
                                 kind=tracing.SpanKind.CLIENT) as traced:
             try:
-                return await self._client.infer(self.model, inputs,
-                                                outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
-                                                parameters=tracing.inject() if traced is not None else None,
-                                                client_timeout=self.timeout_s, **sequence)
+                return await self._clients[address].infer(
+                    self.model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                    parameters=tracing.inject() if traced is not None else None, client_timeout=self.timeout_s,
+                    **sequence)
             except InferenceServerException as exc:
                 error = self._error(exc)
+                if error.status == UNREACHABLE:
+                    self.replicas.failed(address)
                 if traced is not None:
                     tracing.mark_error(traced, f"{error.status}: {error.message}")
                 raise error from None
 
     async def close(self) -> None:
-        await self._client.close()
+        for client in self._clients.values():
+            await client.close()
 
     async def __aenter__(self):
         return self
@@ -131,7 +204,7 @@ class AudioTokenizerClient(_Client):
         # Sent with its own dtype (no silent conversion: int16 PCM would need scaling): the service
         # names a dtype other than float32.
         clip = _input("AUDIO", np.ascontiguousarray(audio[None]), np_to_triton_dtype(audio.dtype))
-        result = await self._infer([clip], ["EMBEDDINGS", "N_GROUPS"], ready_at, span="audio_tokenizer.encode",
+        result, _ = await self._infer([clip], ["EMBEDDINGS", "N_GROUPS"], ready_at, span="audio_tokenizer.encode",
                                    attributes={"funchat.audio_samples": int(audio.size)})
         return result.as_numpy("EMBEDDINGS")[0]
 
@@ -154,7 +227,7 @@ class VocoderClient(_Client):
             inputs.append(_input("SPEAKER", np.array([speaker.encode()], dtype=np.object_), "BYTES"))
         if mode is not None:
             inputs.append(_input("MODE", np.array([mode.encode()], dtype=np.object_), "BYTES"))
-        result = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at, span="vocoder.push",
+        result, _ = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at, span="vocoder.push",
                                    attributes={"funchat.codes": int(codes.size), "funchat.final": bool(final),
                                                "funchat.stream_start": state is None})
         audio = result.as_numpy("AUDIO")
@@ -163,14 +236,41 @@ class VocoderClient(_Client):
 
 
 class _SequenceClient(_Client):
-    """A stateful service: every request belongs to a call (Triton sequence, correlation id)."""
+    """A stateful service: every request belongs to a call (Triton sequence, correlation id), which
+    lives in one replica: its first request picks the replica, the others follow (`pinned`)."""
+
+    def __init__(self, url: str, timeout_s: float | None = None):
+        super().__init__(url, timeout_s)
+        self.pinned: dict[int, str] = {}  # call id -> the replica holding its sequence, until it ends
 
     async def _infer_seq(self, inputs: list[grpcclient.InferInput], outputs: list[str], call_id: int,
                          start: bool, end: bool, ready_at: float, attributes: dict | None = None):
-        """A sequence's first request (its prefill) is traced as `<model>.prefill`; the steps are not."""
-        return await self._infer(inputs, outputs, ready_at, span=f"{self.model}.prefill" if start else None,
-                                 attributes={"funchat.correlation_id": call_id, **(attributes or {})},
-                                 sequence_id=call_id, sequence_start=start, sequence_end=end)
+        """A sequence's first request (its prefill) is traced as `<model>.prefill`; the steps are not.
+        An end of a sequence this client never started (a turn that died with another orchestrator
+        replica) goes to every replica: only the one holding it knows it."""
+        span = f"{self.model}.prefill" if start else None
+        attributes = {"funchat.correlation_id": call_id, **(attributes or {})}
+        sequence = {"sequence_id": call_id, "sequence_start": start, "sequence_end": end}
+        replica = None if start else self.pinned.get(call_id)
+        try:
+            if not start and replica is None and end and len(self.replicas.addresses) > 1:
+                return await self._end_anywhere(inputs, outputs, ready_at, attributes, sequence)
+            result, self.pinned[call_id] = await self._infer(inputs, outputs, ready_at, span, attributes,
+                                                             replica=replica, **sequence)
+            return result
+        finally:
+            if end:
+                self.pinned.pop(call_id, None)
+
+    async def _end_anywhere(self, inputs, outputs, ready_at, attributes, sequence):
+        error = None
+        for address in self.replicas.addresses:
+            try:
+                result, _ = await self._infer(inputs, outputs, ready_at, None, attributes, replica=address, **sequence)
+                return result
+            except ServiceError as exc:
+                error = exc
+        raise error
 
 
 class LlmClient(_SequenceClient):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
@@ -30,7 +30,9 @@ class SettingsError(ValueError):
 
 
 class ModelEndpoints(BaseModel):
-    """The gRPC address (host:port) of each model service's tritonserver."""
+    """The gRPC address (host:port) of each model service's tritonserver, or of its replicas:
+    "host:port,host:port" (funchat.orchestrator.model_clients.Replicas spreads the requests and fails
+    over between them)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,6 +40,21 @@ class ModelEndpoints(BaseModel):
     llm: str
     refined_head: str
     vocoder: str
+
+    @field_validator("audio_tokenizer", "llm", "refined_head", "vocoder")
+    @classmethod
+    def _replica_list(cls, value: str) -> str:
+        """Each replica host:port with a port in 1..65535, none twice; normalized to "a,b" (no spaces)."""
+        addresses = [a.strip() for a in value.split(",")]
+        for address in addresses:
+            host, colon, port = address.rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port (a replica's address, e.g. 127.0.0.1:8001; "
+                                 "several replicas: host:port,host:port)")
+        duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
+        if duplicates:
+            raise ValueError(f"replica {duplicates[0]} is listed twice: name each replica once")
+        return ",".join(addresses)
 
 
 class OrchestratorSettings(BaseSettings):
@@ -47,7 +64,8 @@ class OrchestratorSettings(BaseSettings):
     checkpoint: Path = Field(description="checkpoint directory: tokenizer, config.json, vocoder speakers (voices)")
     endpoints: ModelEndpoints = Field(
         description='model services, JSON {"audio_tokenizer": "host:port", "llm": ..., "refined_head": ..., '
-                    '"vocoder": ...} (or one variable each: FUNCHAT_ENDPOINTS__LLM=host:port)')
+                    '"vocoder": ...}, each a replica or several: "host:port,host:port" (or one variable each: '
+                    'FUNCHAT_ENDPOINTS__LLM=host:port)')
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the session store (rediss://: TLS)")
     redis_ca_file: Path | None = Field(None, description="with a rediss:// URL, the CA certificate (PEM) that "
                                                          "verifies the Redis server (unset: the system's CAs)")

@@ -12,9 +12,10 @@ its work overlaps the next LLM steps.
 
 Every turn is a fresh llm / refined_head sequence whose prefill is the whole prompt, rebuilt from
 the session history (user speech kept as the audio tokenizer's rows): nothing of a call lives only
-in a model replica. If a replica loses the sequence mid-turn (restart, idle timeout), the turn is
-replayed from the prefill with the same seed on a new sequence, and what was already streamed is
-not sent again.
+in a model replica. If a replica loses the sequence mid-turn (restart, idle timeout, killed), the turn
+is replayed from the prefill with the same seed on a new sequence, and what was already streamed is
+not sent again; with several replicas of a service the new sequence starts on one that is up
+(`model_clients.Replicas`).
 
 Tracing (under the turn's span, `funchat.orchestrator.exchange`): llm.prefill, refined_head.prefill
 and each vocoder.push are spans of their own, joined by the model services' spans

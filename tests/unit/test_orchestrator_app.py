@@ -77,3 +77,19 @@ def test_the_readme_lists_every_setting_with_its_default():
         elif isinstance(field.default, (int, float, str)):
             assert rows[variable] == f"`{field.default}`", variable
 
+
+
+def test_a_taken_public_port_is_refused_before_ray_starts():
+    # serve_forever tries the public port first: the gateway itself only starts after ray.init
+    import socket
+
+    from funchat.gateway.server import GatewayError
+    from funchat.orchestrator.app import _check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(GatewayError, match=f"public port {port} \\(FUNCHAT_GRPC_PORT\\) is taken"):
+            _check_port_free(port)
+    _check_port_free(port)  # free again
