@@ -28,6 +28,14 @@ def example_wav(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def speech(example_wav):
+    """The recording's samples (float32, 16 kHz)."""
+    from funchat.audio_io import load_audio
+
+    return load_audio(example_wav)
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from funchat.model.init_checkpoint import init_checkpoint
 

@@ -64,6 +64,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.Task] = set()  # one task per accepted connection
 
     @property
     def address(self) -> str:
@@ -130,6 +131,11 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
         await self._close_all()
+        # end every connection's task here, so none is left suspended when the loop stops
+        tasks = [t for t in self._connections if not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _close_all(self) -> None:
         writers, self._writers = list(self._writers), set()
@@ -138,6 +144,9 @@ class TcpProxy:
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
         try:
             server_reader, server_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
@@ -173,6 +182,9 @@ class TcpProxy:
                 if not data:
                     break
                 queue.put_nowait((time.monotonic() + self.faults.delay(direction), data))
+        except asyncio.CancelledError:
+            sender.cancel()  # the proxy stops: drop what waits (it may wait for a heal that never comes)
+            raise
         finally:
             queue.put_nowait(None)
             await asyncio.gather(sender, return_exceptions=True)

@@ -25,6 +25,7 @@ from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUE
                                        SlotPool, forward_failed, pad_right, run_isolated)
 from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
+from funchat.turn.prompt import CONTEXT_TOKENS
 
 
 @dataclass
@@ -60,26 +61,26 @@ class _Ready:
 class LlmEngine:
     """The shared LLM's service logic: prefill and step requests of many calls, batched.
 
+    capacity: the KV positions each call may hold (prompt + steps; the service's `max_context`).
+    The pool is allocated once at `capacity` per call and never grows, so the service's memory is
+    fixed at load; a prompt or step that would go past it gets a SequenceError.
     step_runner: optional, e.g. `funchat.engines.llm_engines.CudaGraphStepRunner`; it runs the
-    batches of single steps (prefills stay eager) on fixed shapes. With one, `capacity` is fixed:
-    the KV cache is allocated once at `capacity` positions per call (plus one scratch row for the
-    runner's padding rows) and never grows, and a call that would go past it gets a SequenceError.
-    Without one, the cache starts at `capacity` and grows as calls need.
+    batches of single steps (prefills stay eager) on fixed shapes, over the same pool plus one
+    scratch row for the runner's padding rows.
     """
 
     def __init__(self, model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUENCES,
-                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, capacity: int = 256,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, capacity: int = CONTEXT_TOKENS,
                  clock: Callable[[], float] = time.monotonic, step_runner: Any = None):
         self.model = model
         self.device = model.device
         self.step_runner = step_runner
+        self.max_context = capacity
         if step_runner is None:
-            self.max_context: int | None = None
             self.pool = SlotPool(model.new_llm_cache, max_sequences, idle_timeout_s, capacity, clock)
         else:
             # Row `max_sequences` is never given to a call (SlotPool uses rows 0..max_sequences-1):
             # the runner's padding rows write there.
-            self.max_context = capacity
             self.pool = SlotPool(lambda rows, cap: model.new_llm_cache(rows + 1, cap), max_sequences,
                                  idle_timeout_s, capacity, clock)
             step_runner.attach(self.pool.cache, scratch_row=max_sequences)
@@ -131,7 +132,7 @@ class LlmEngine:
         """embeds [B, T, E] right-padded (T = 1 for steps), lengths [B], the calls' cache rows ->
         (hidden [B, T, E], logits of each row's last real position [B, V]); appends to the rows."""
         if is_prefill or self.step_runner is None:
-            return self.pool.run(rows, lambda cache: self.model.llm_forward(embeds, cache, lengths))
+            return self.pool.run(rows, embeds.shape[1], lambda cache: self.model.llm_forward(embeds, cache, lengths))
         with self.pool.lock:
             idx = torch.tensor(rows, dtype=torch.long, device=self.pool.cache.lengths.device)
             positions = self.pool.cache.lengths[idx].tolist()  # where each row's new position goes
@@ -173,7 +174,7 @@ class LlmEngine:
             raise SequenceError(f"INPUT_IDS holds ids outside the text vocabulary 0..{vocab - 1}")
         if not 0 <= req.return_top_k <= vocab:
             raise SequenceError(f"RETURN_TOP_K is {req.return_top_k}: use 0 (none) to {vocab} (the vocabulary)")
-        if req.start and self.max_context is not None and ids.numel() > self.max_context:
+        if req.start and ids.numel() > self.max_context:
             raise SequenceError(f"the prompt has {ids.numel()} positions, more than max_context "
                                 f"{self.max_context}")
         if req.start:
@@ -190,7 +191,7 @@ class LlmEngine:
         slot = self.pool.get(req.cid)
         if ids.numel() != 1:
             raise SequenceError(f"a step takes one text id, got {ids.numel()}")
-        if self.max_context is not None and int(self.pool.cache.lengths[slot.row]) >= self.max_context:
+        if self.pool.length(slot) >= self.max_context:
             raise SequenceError(f"sequence {req.cid} holds max_context {self.max_context} positions: "
                                 f"no room for another step; end the call")
         group = None

@@ -466,7 +466,7 @@ def build_llm_engine(settings: LlmEngineSettings, checkpoint: str | Path, device
         raise ValueError(f"llm parameter cuda_graphs=true needs device cuda, got {device!r}: use auto or false")
     model = load_model(checkpoint, dtype=dtype, device=device)
     if settings.cuda_graphs == "auto" and not on_cuda:
-        return LlmEngine(model, max_sequences, idle_timeout_s)  # eager; the cache grows as calls need
+        return LlmEngine(model, max_sequences, idle_timeout_s, capacity=settings.max_context)  # eager
     runner = CudaGraphStepRunner(model, max_batch, use_graphs=settings.cuda_graphs != "false")
     engine = LlmEngine(model, max_sequences, idle_timeout_s, capacity=settings.max_context, step_runner=runner)
     runner.capture_all()  # at load, not during the first calls (nothing to do without graphs)

@@ -22,6 +22,7 @@ from funchat.model.checkpoint import load_model
 from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.qwen3 import KVCache
 from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
+from funchat.turn.prompt import CONTEXT_TOKENS
 
 
 @dataclass
@@ -39,13 +40,18 @@ class SrhEngine:
     """The Speech Refined Head's service logic: g speech tokens per LLM step, batched across calls."""
 
     def __init__(self, model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUENCES,
-                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, capacity: int = 1024,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_context: int = CONTEXT_TOKENS,
                  clock: Callable[[], float] = time.monotonic):
+        """max_context: the LLM positions a call may hold, as the llm service's; the SRH holds g
+        positions per LLM position, so its pool is allocated once at g x max_context per call."""
         if model.audio_invert_tower is None:
             raise ValueError("this checkpoint has no Speech Refined Head")
         self.model = model
         head = model.audio_invert_tower
-        self.pool = SlotPool(head.crq_transformer.new_cache, max_sequences, idle_timeout_s, capacity, clock)
+        self.group = model.cfg.audio.group_size
+        self.max_context = max_context
+        self.pool = SlotPool(head.crq_transformer.new_cache, max_sequences, idle_timeout_s,
+                             self.group * max_context, clock)
         self.bos = head.codebook[model.cfg.audio.bos_token_id]
 
     @torch.inference_mode()
@@ -104,7 +110,7 @@ class SrhEngine:
             return out
 
         try:
-            tokens = self.pool.run([s.row for s in slots], forward)
+            tokens = self.pool.run([s.row for s in slots], h.shape[1] * self.group, forward)  # g per LLM position
         except Exception:
             for slot, generator_state in zip(slots, generator_states):
                 slot.extra["generator"].set_state(generator_state)
@@ -118,6 +124,9 @@ class SrhEngine:
             raise SequenceError(f"SRH_INPUT must be [positions, {e}], got {list(req.srh_input.shape)}")
         if not torch.isfinite(req.srh_input).all():
             raise SequenceError("SRH_INPUT contains non-finite values")
+        positions = req.srh_input.shape[0]
+        if req.start and positions > self.max_context:
+            raise SequenceError(f"SRH_INPUT has {positions} positions, more than max_context {self.max_context}")
         if req.start:
             slot = self.pool.start(req.cid)
             slot.extra.update(history=[], prev_embed=self.bos, sampling=req.sampling,
@@ -126,6 +135,7 @@ class SrhEngine:
             slot = self.pool.get(req.cid)
             if req.srh_input.shape[0] != 1:
                 raise SequenceError(f"a step takes one position, got {req.srh_input.shape[0]}")
+            self.pool.check_room(req.cid, slot, self.group, f"max_context {self.max_context}")
         if req.appended is not None and req.appended.numel():
             slot.extra["history"].extend(int(t) for t in req.appended.reshape(-1))
         return slot
@@ -141,9 +151,10 @@ class _BatchState:
 
 def load_srh_engine(params: ServiceParams) -> SrhEngine:
     """The refined_head service's engine from its config parameters: `checkpoint`, `device`,
-    `dtype`, `threads`, `max_sequences`, `idle_timeout_s`."""
+    `dtype`, `threads`, `max_sequences`, `idle_timeout_s`, `max_context`."""
     max_sequences = params.integer("max_sequences", DEFAULT_MAX_SEQUENCES, minimum=1)
     idle_timeout_s = params.number("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
+    max_context = params.integer("max_context", CONTEXT_TOKENS, minimum=1)
     params.apply_threads()
     model = load_model(params.checkpoint, dtype=params.dtype, device=params.device)
-    return SrhEngine(model, max_sequences=max_sequences, idle_timeout_s=idle_timeout_s)
+    return SrhEngine(model, max_sequences=max_sequences, idle_timeout_s=idle_timeout_s, max_context=max_context)

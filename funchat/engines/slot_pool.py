@@ -41,11 +41,19 @@ class Slot:
 
 
 class SlotPool:
-    """Rows of one KV cache shared by up to `max_sequences` calls."""
+    """Rows of one KV cache shared by up to `max_sequences` calls.
+
+    The cache is allocated once, at `capacity` positions per row, and never grows: its memory is
+    known at load (rows x capacity x the model's bytes per position) and stays flat however long
+    the calls run. A request that would take a row past `capacity` is refused (`check_room`).
+    """
 
     def __init__(self, new_cache: Callable[[int, int], KVCache], max_sequences: int, idle_timeout_s: float,
-                 capacity: int = 256, clock: Callable[[], float] = time.monotonic):
+                 capacity: int, clock: Callable[[], float] = time.monotonic):
+        if capacity < 1:
+            raise ValueError(f"a KV pool needs a positive capacity, got {capacity}")
         self.cache = new_cache(max_sequences, capacity)
+        self.capacity = capacity
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
@@ -95,17 +103,35 @@ class SlotPool:
             if slot is not None:
                 self.cache.lengths[slot.row] = 0
 
-    def run(self, rows: list[int], fn: Callable[[KVCache], Any]) -> Any:
-        """Gather `rows` into a batch cache, run fn on it (it appends), write the rows back."""
+    def length(self, slot: Slot) -> int:
+        """Positions the slot's call holds."""
+        return int(self.cache.lengths[slot.row])
+
+    def check_room(self, cid: int, slot: Slot, positions: int, what: str) -> None:
+        """Refuse (SequenceError INVALID_ARG) `positions` new positions that would not fit the
+        call's row; `what` names the limit in the message (e.g. "max_context 2048")."""
+        held = self.length(slot)
+        if held + positions > self.capacity:
+            raise SequenceError(f"sequence {cid} holds {held} positions and this request adds {positions}: "
+                                f"more than {what} allows ({self.capacity} positions); end the call or start "
+                                f"it again with a shorter prompt")
+
+    def run(self, rows: list[int], new_positions: int, fn: Callable[[KVCache], Any]) -> Any:
+        """Gather `rows` into a batch cache, run fn on it (it appends at most `new_positions` per
+        row, padding included), write the rows back. Only the positions the rows can reach are
+        copied each way, so a step costs what the calls hold, not what the pool could hold."""
         with self.lock:
-            batch = self.cache.select(rows)
-            out = fn(batch)
-            self.cache.ensure_capacity(batch.capacity)
             idx = torch.tensor(rows, dtype=torch.long, device=self.cache.lengths.device)
-            width = batch.capacity
+            held = int(self.cache.lengths[idx].max())
+            batch = self.cache.select(rows, held + new_positions)  # padding may reach past capacity
+            out = fn(batch)
+            end = batch.max_length()  # every kept position lies below the rows' new lengths
+            if end > self.capacity:  # check_room keeps real positions inside; this is a bug guard
+                raise SequenceError(f"a forward left {end} positions, more than the pool's {self.capacity}",
+                                    status="INTERNAL")
             for store, new in ((self.cache.k, batch.k), (self.cache.v, batch.v)):
                 for layer, t in enumerate(new):
-                    store[layer][:, :, :width].index_copy_(0, idx, t)
+                    store[layer][:, :, :end].index_copy_(0, idx, t[:, :, :end])
             self.cache.lengths[idx] = batch.lengths
             return out
 

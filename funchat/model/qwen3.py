@@ -88,12 +88,24 @@ class KVCache:
     def advance(self, new_lens: torch.Tensor) -> None:
         self.lengths = self.lengths + new_lens
 
-    def select(self, rows: list[int]) -> "KVCache":
-        """A cache holding only the given rows (for splitting or reordering a batch)."""
+    def select(self, rows: list[int], width: int | None = None) -> "KVCache":
+        """A cache holding only the given rows (for splitting or reordering a batch), with a time
+        axis of `width` positions (default: this cache's capacity). Positions past this cache's
+        capacity are zeros; positions past `width` are not copied, so a caller that knows how far
+        its rows reach copies only that much."""
         out = KVCache.__new__(KVCache)
         idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        out.k = [t.index_select(0, idx) for t in self.k]
-        out.v = [t.index_select(0, idx) for t in self.v]
+        width = self.capacity if width is None else width
+        copied = min(width, self.capacity)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:  # [B_all, K, C, d] -> [B, K, width, d]
+            kept = t[:, :, :copied].index_select(0, idx)
+            if width == copied:
+                return kept
+            return torch.cat([kept, kept.new_zeros(kept.shape[0], kept.shape[1], width - copied, kept.shape[3])], dim=2)
+
+        out.k = [pick(t) for t in self.k]
+        out.v = [pick(t) for t in self.v]
         out.lengths = self.lengths.index_select(0, idx)
         return out
 

@@ -31,7 +31,8 @@ from funchat.dev.tcp_proxy import TcpProxy
 from funchat.dev.tritonserver import free_port, start_servers
 from funchat.orchestrator.model_clients import LlmClient, ServiceError
 from funchat.orchestrator.turn_runner import FAILED_TURN_END_TIMEOUT_S, new_call_id
-from tests.integration.test_orchestrator import Caller, config, funchat_stub, pcm16_bytes, reply_of
+from tests.integration.pcm import pcm16_bytes
+from tests.integration.test_orchestrator import Caller, config, funchat_stub, reply_of
 
 SERVICE_TIMEOUT_S = 10.0  # FUNCHAT_SERVICE_TIMEOUT_S here: a partition is noticed this fast (a loaded
 #                           2-core machine needs this much for one vocoder push in the worst case)

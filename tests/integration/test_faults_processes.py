@@ -31,13 +31,13 @@ import numpy as np
 import pytest
 import redis
 
-from funchat.audio_io import load_audio
 from funchat.client import AsyncClient, FunchatClientError, session_config
 from funchat.dev import stack as dev_stack
 from funchat.dev.tritonserver import free_port, tail
 from funchat.oracle.generation import GenerationConfig
 from funchat.orchestrator.model_clients import RECONNECT_BACKOFF_MS
 from funchat.turn.schedule import Mode
+from tests.integration.pcm import pcm16_samples
 
 MAX_NEW = 48  # long enough that a kill after the first delta lands mid-turn
 STATEFUL = ("llm", "refined_head")  # the services holding KV cache rows
@@ -107,17 +107,6 @@ def stack(tiny_checkpoint, tmp_path_factory):
                 for f in FAULTS:
                     print(f"| {f['fault']} | {f['saw']} | {f['status_ms']:.0f} | {f['restart_s']:.1f} | "
                           f"{f['recovered_s']:.1f} |")
-
-
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
-
-
-def pcm16_samples(samples: np.ndarray) -> np.ndarray:
-    """What the server decodes from the client's PCM16 bytes (the oracle must hear the same)."""
-    pcm = (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2")
-    return pcm.astype(np.float32) / 32768.0
 
 
 def config(**kw):

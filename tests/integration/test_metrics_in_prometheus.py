@@ -29,6 +29,7 @@ from funchat.audio_io import load_audio
 from funchat.client import authed_stub
 from funchat.dev import stack as dev_stack
 from funchat.dev.tritonserver import free_port
+from tests.integration.pcm import pcm16_bytes
 
 PROMETHEUS = "/usr/bin/prometheus"
 REPLICAS = 2
@@ -114,10 +115,6 @@ def eventually(prometheus: str, expr: str, ok, timeout: float = 30.0) -> float |
         if ok(value) or time.monotonic() > deadline:
             return value
         time.sleep(0.5)
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2").tobytes()
 
 
 def config() -> pb.SessionConfig:
@@ -221,7 +218,7 @@ def test_a_greedy_turn_is_read_back_through_prometheus_with_triton_metrics(clust
             await call.send(pb.ClientEvent(session=config()))
             await call.until("session_created")
             for k in range(0, len(speech), 8000):
-                await call.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16(speech[k:k + 8000]))))
+                await call.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(speech[k:k + 8000]))))
             await call.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
             events = await call.until("response_done")
             await call.hang_up()

@@ -28,7 +28,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from funchat.api import pb, pb_grpc
 from funchat.api_keys import revoke_key
-from funchat.audio_io import load_audio
 from funchat.client import authed_stub
 from funchat.oracle.generation import GenerationConfig
 from funchat.dev.redis_server import start_redis
@@ -37,6 +36,7 @@ from funchat.orchestrator.vad import SpeechStopped, TurnDetector
 from funchat.turn.schedule import Mode
 from funchat.dev.tritonserver import free_port, start_servers
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
+from tests.integration.pcm import pcm16_bytes, pcm16_samples
 
 MAX_NEW = 24
 SECRET = "test-secret-" + "0" * 20
@@ -72,20 +72,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
 def funchat_stub(channel, api_key: str | None = None):
     """A FunchatStub whose calls send `api_key` (None: FUNCHAT_API_KEY, the dev tenant's here; "": none)."""
     return authed_stub(pb_grpc.FunchatStub(channel), api_key)
-
-
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
-
-
-def pcm16_bytes(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2").tobytes()
-
-
-def pcm16_samples(samples: np.ndarray) -> np.ndarray:
-    """What the server decodes from our PCM16 bytes (the oracle must see the same samples)."""
-    return np.frombuffer(pcm16_bytes(samples), dtype="<i2").astype(np.float32) / 32768.0
 
 
 def config(manual=True, greedy=True, seed=0, max_new=MAX_NEW, resume_token="", mode=pb.MODE_SPEECH_TO_SPEECH,

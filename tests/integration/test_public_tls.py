@@ -29,6 +29,7 @@ from funchat.gateway.server import GatewayThread
 from funchat.gateway.settings import GatewaySettings
 from funchat.oracle.generation import GenerationConfig
 from funchat.turn.schedule import Mode
+from tests.integration.pcm import pcm16_bytes, pcm16_samples
 
 MAX_NEW = 24
 SECRET = "test-secret-" + "1" * 20
@@ -85,17 +86,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key, pki):
         redis_server.stop()
 
 
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
-
-
-def pcm16(samples: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """The bytes sent, and the samples the server decodes from them (what the oracle must hear)."""
-    data = (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2").tobytes()
-    return data, np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-
-
 def assert_oracle_tokens(reply, ref) -> None:
     assert reply.status == "completed"
     assert reply.text_tokens == ref.text_tokens
@@ -105,7 +95,7 @@ def assert_oracle_tokens(reply, ref) -> None:
 
 
 def test_greedy_respond_over_mtls_equals_the_oracle(stack, tiny_pipeline, speech):
-    data, heard = pcm16(speech[:32000])
+    data, heard = pcm16_bytes(speech[:32000]), pcm16_samples(speech[:32000])
     config = session_config(greedy=True, seed=0, max_new_tokens=MAX_NEW, turn_detection="manual")
     reply = Client(stack["target"], timeout=120, api_key=stack["key"], tls=stack["tls"]).respond(data, config)
     assert_oracle_tokens(reply, tiny_pipeline.respond(heard, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW)))
@@ -131,7 +121,7 @@ def test_cli_chat_over_mtls(stack, example_wav, tmp_path):
 
 
 def test_converse_over_mtls_equals_the_oracle(stack, tiny_pipeline, speech):
-    data, heard = pcm16(speech[32000:64000])
+    data, heard = pcm16_bytes(speech[32000:64000]), pcm16_samples(speech[32000:64000])
 
     async def call():
         async with AsyncClient(stack["target"], api_key=stack["key"], tls=stack["tls"]) as client:
@@ -189,7 +179,7 @@ def test_gateway_latency(stack, speech, pki):
                 rtts[name] += _health_rtts(channel, 40)
         for channel in channels.values():
             channel.close()
-        data, _ = pcm16(speech[:32000])
+        data = pcm16_bytes(speech[:32000])
         config = session_config(greedy=True, seed=0, max_new_tokens=MAX_NEW, turn_detection="manual")
         first_audio = {name: [] for name in paths}
         for _ in range(3):

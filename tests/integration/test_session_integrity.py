@@ -26,7 +26,6 @@ import pytest
 import redis
 
 from funchat.api import pb, pb_grpc
-from funchat.audio_io import load_audio
 from funchat.client import AsyncClient, FunchatClientError, authed_stub, session_config
 from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import start_orchestrator
@@ -34,6 +33,7 @@ from funchat.dev.tritonserver import free_port, start_servers, stop_pids
 from funchat.oracle.generation import GenerationConfig
 from funchat.orchestrator.sessions import HistoryTurn, SessionStore
 from funchat.turn.schedule import Mode
+from tests.integration.pcm import pcm16_bytes, pcm16_samples
 
 MAX_NEW = 24
 SECRET = "test-secret-" + "1" * 20
@@ -63,20 +63,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
             orch.stop()
         cluster.stop()
         redis_server.stop()
-
-
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
-
-
-def pcm16_bytes(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2").tobytes()
-
-
-def pcm16_samples(samples: np.ndarray) -> np.ndarray:
-    """What the server decodes from our PCM16 bytes (the oracle must see the same samples)."""
-    return np.frombuffer(pcm16_bytes(samples), dtype="<i2").astype(np.float32) / 32768.0
 
 
 def config(max_new: int = MAX_NEW, resume_token: str = "", instructions: str = "", mode: str = "s2s"

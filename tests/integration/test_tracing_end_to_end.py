@@ -28,13 +28,13 @@ from opentelemetry.trace import SpanKind
 
 from funchat import tracing
 from funchat.api import pb, pb_grpc
-from funchat.audio_io import load_audio
 from funchat.client import authed_stub
 from funchat.dev import stack as dev_stack
 from funchat.dev.otlp_receiver import OtlpReceiver
 from funchat.dev.tritonserver import free_port
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings
+from tests.integration.pcm import pcm16_bytes
 
 MAX_NEW = 16
 MODELS = ("audio_tokenizer", "llm", "refined_head", "vocoder")
@@ -65,15 +65,6 @@ def stack(tiny_checkpoint, tmp_path_factory, receiver):
         dev_stack.main(["down", *args])
 
 
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2").tobytes()
-
-
 def greedy_config(manual: bool = True) -> pb.SessionConfig:
     td = pb.TurnDetection(manual=pb.ManualTurns()) if manual else \
         pb.TurnDetection(server_vad=pb.ServerVad(silence_duration_ms=600))
@@ -92,7 +83,7 @@ def in_process_service(stack) -> FunchatService:
 
 async def respond(service: FunchatService, audio: np.ndarray) -> list[pb.ServerEvent]:
     try:
-        return [e async for e in service.Respond(pb.RespondRequest(config=greedy_config(), audio=pcm16(audio)))]
+        return [e async for e in service.Respond(pb.RespondRequest(config=greedy_config(), audio=pcm16_bytes(audio)))]
     finally:
         await service.services.close()
         await service.store.close()
@@ -167,7 +158,7 @@ async def _converse_vad_turn(target: str, audio: np.ndarray, traceparent: str, a
         silence = np.zeros(16000, np.float32)
         for start in range(0, len(audio) + len(silence), 8000):  # 500 ms chunks, speech then 1 s of silence
             chunk = np.concatenate([audio, silence])[start:start + 8000]
-            queue.put_nowait(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16(chunk))))
+            queue.put_nowait(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(chunk))))
         async for event in call:
             events.append(event)
             if event.WhichOneof("event") == "response_done":
@@ -184,7 +175,7 @@ def test_spans_of_every_process_arrive_over_otlp_in_the_callers_trace(stack, rec
     async def call_respond():
         async with grpc.aio.insecure_channel(target) as channel:
             stub = authed_stub(pb_grpc.FunchatStub(channel), stack["api_key"])  # the key, and the traceparent below
-            request = pb.RespondRequest(config=greedy_config(), audio=pcm16(speech[:32000]))
+            request = pb.RespondRequest(config=greedy_config(), audio=pcm16_bytes(speech[:32000]))
             return [e async for e in stub.Respond(request, metadata=(("traceparent", traceparent),))]
 
     events = asyncio.run(call_respond())

@@ -14,7 +14,6 @@ import torch
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from funchat.audio_io import load_audio
 from funchat.oracle.generation import GenerationConfig
 from funchat.model.sampling import GREEDY, SamplingParams
 from funchat.turn.sampling import speech_seed, text_seed
@@ -34,11 +33,6 @@ def stateful(tiny_checkpoint, tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
 
 
 async def _turn(cluster, pipeline, call_id, audio, persona=None, max_new=16, sampling=None, seed=0,

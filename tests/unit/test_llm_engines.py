@@ -174,7 +174,8 @@ def _triton_args(tmp_path, checkpoint, max_batch_size=4, **params):
 
 def test_triton_parameters_choose_the_engine(tiny_checkpoint, tmp_path):
     eager = load_llm_engine(_triton_args(tmp_path, tiny_checkpoint))
-    assert eager.step_runner is None and eager.max_context is None  # cpu + auto: as before
+    assert eager.step_runner is None  # cpu + auto: eager, its pool fixed at the default max_context
+    assert eager.max_context == 2048 and eager.pool.cache.capacity == 2048 and eager.pool.cache.batch == 64
     assert describe_engine(eager) == "torch on cpu, eager"
 
     static = load_llm_engine(_triton_args(tmp_path, tiny_checkpoint, cuda_graphs="false", max_context="300",

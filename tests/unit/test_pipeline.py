@@ -5,16 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from funchat.audio_io import load_audio
 from funchat.errors import AudioInputError, PromptError
 from funchat.oracle.generation import GenerationConfig
 from funchat.model.sampling import GREEDY
 from funchat.turn.schedule import Mode
-
-
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
 
 
 def greedy(mode="s2s", n=24):

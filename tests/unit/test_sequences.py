@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from funchat.audio_io import load_audio
 from funchat.oracle.generation import GenerationConfig
 from funchat.model.sampling import GREEDY, SamplingParams
 from funchat.turn.sampling import speech_seed, text_seed
@@ -22,11 +21,6 @@ class FakeClock:
 
     def __call__(self):
         return self.now
-
-
-@pytest.fixture(scope="module")
-def speech(example_wav):
-    return load_audio(example_wav)
 
 
 def _prompt(pipeline, audio, persona=None, mode=Mode.S2S):
@@ -193,3 +187,54 @@ def test_debug_top_k_only_when_asked(tiny_pipeline):
         error = llm.run([LlmRequest(1, False, False, torch.tensor([4]), return_top_k=bad)])[0]
         assert isinstance(error, SequenceError) and error.status == "INVALID_ARG"
         assert f"RETURN_TOP_K is {bad}: use 0 (none) to {vocab}" in str(error)
+
+
+def _pool_bytes(pool) -> list[tuple[int, int]]:
+    """(data pointer, bytes) of every tensor of a pool's cache: what a growing cache would change."""
+    return [(t.data_ptr(), t.numel() * t.element_size()) for t in pool.cache.k + pool.cache.v]
+
+
+def test_kv_pools_are_allocated_once_and_refuse_what_does_not_fit(tiny_pipeline):
+    model = tiny_pipeline.model
+    g, width = model.cfg.audio.group_size, model.cfg.audio.output_dim
+    llm, srh = LlmEngine(model, max_sequences=2, capacity=8), SrhEngine(model, 2, max_context=8)
+    assert llm.pool.cache.capacity == 8 and srh.pool.cache.capacity == 8 * g  # g SRH positions per LLM position
+    llm_at_load, srh_at_load = _pool_bytes(llm.pool), _pool_bytes(srh.pool)
+
+    too_long = llm.run([LlmRequest(1, True, False, torch.arange(1, 10))])[0]  # 9 positions
+    assert isinstance(too_long, SequenceError) and "the prompt has 9 positions, more than max_context 8" in str(too_long)
+    assert llm.pool.live == 0
+    first = llm.run([LlmRequest(1, True, False, torch.arange(1, 6)), LlmRequest(2, True, False, torch.tensor([3]))])
+    token = first[0].token
+    for _ in range(3):  # 5 + 3 = 8 positions: full
+        token = llm.run([LlmRequest(1, False, False, torch.tensor([token]))])[0].token
+    full = llm.run([LlmRequest(1, False, False, torch.tensor([token])), LlmRequest(2, False, False, torch.tensor([4]))])
+    assert isinstance(full[0], SequenceError) and "holds max_context 8 positions: no room for another step" in str(full[0])
+    assert not isinstance(full[1], SequenceError)  # the other call goes on
+    assert _pool_bytes(llm.pool) == llm_at_load  # nothing grew or moved
+
+    h = torch.randn(8, width, generator=torch.Generator().manual_seed(0))
+    assert isinstance(srh.run([SrhRequest(1, True, False, torch.cat([h, h[:1]]))])[0], SequenceError)  # 9 > 8
+    assert not isinstance(srh.run([SrhRequest(1, True, False, h)])[0], SequenceError)  # 8 x g positions: full
+    step = srh.run([SrhRequest(1, False, False, h[:1])])[0]
+    assert isinstance(step, SequenceError) and f"holds {8 * g} positions and this request adds {g}" in str(step)
+    assert _pool_bytes(srh.pool) == srh_at_load
+
+
+def test_a_bounded_pool_gives_the_same_tokens_as_a_roomy_one(tiny_pipeline):
+    """Batches copy only the positions their rows reach: rows of different lengths, stepped
+    together, give what each gives alone in a pool with far more room."""
+    model = tiny_pipeline.model
+    prompts = {1: torch.arange(1, 12), 2: torch.tensor([5, 6]), 3: torch.arange(20, 27)}
+
+    def drive(llm: LlmEngine, cids: list[int]) -> dict[int, list[int]]:
+        out = {c: [r.token] for c, r in zip(cids, llm.run([LlmRequest(c, True, False, prompts[c]) for c in cids]))}
+        for _ in range(5):
+            steps = llm.run([LlmRequest(c, False, False, torch.tensor([out[c][-1]])) for c in cids])
+            for c, r in zip(cids, steps):
+                out[c].append(r.token)
+        return out
+
+    together = drive(LlmEngine(model, 3, capacity=16), [1, 2, 3])
+    for cid in prompts:
+        assert together[cid] == drive(LlmEngine(model, 1, capacity=2048), [cid])[cid], cid

@@ -347,10 +347,10 @@ def poison_rows(pool, bad_row: int) -> None:
     triggered by one request would."""
     run = pool.run
 
-    def failing(rows, fn):
+    def failing(rows, new_positions, fn):
         if bad_row in rows:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return run(rows, fn)
+        return run(rows, new_positions, fn)
     pool.run = failing
 
 
