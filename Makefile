@@ -86,9 +86,10 @@ restart: setup
 	@test -n "$(SERVICE)" || { echo "usage: make restart SERVICE=redis|audio_tokenizer|llm|refined_head|vocoder|orchestrator" >&2; exit 2; }
 	$(PY) -m funchat.dev.stack restart $(SERVICE)
 
-# tests/deploy runs the chart in containers: it needs the images (deploy-images).
+# tests/deploy runs the chart in containers: it needs the images (deploy-images). The 20 slowest
+# tests are listed at the end (the suite's budget is 30 minutes on 2 cores).
 test: setup deploy-images
-	FUNCHAT_SHARED=$(abspath $(SHARED)) CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" $(PY) -m pytest -q tests
+	FUNCHAT_SHARED=$(abspath $(SHARED)) CONTAINERS_CONF="$(IMAGES_CONTAINERS_CONF)" $(PY) -m pytest -q --durations=20 tests
 
 test-unit: setup
 	FUNCHAT_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -q tests/unit

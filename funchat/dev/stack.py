@@ -87,7 +87,7 @@ REDIS_SECURITY = {"auth": True, "tls": True}
 # it for /metrics. Two ports Ray binds on all interfaces whatever it is told: Serve's gRPC proxy (the
 # public API: our API keys guard it) and each replica's own gRPC server, guarded by Ray's token
 # authentication (its default for a new local cluster, made explicit here). See
-# tests/integration/test_local_stack_exposure.py.
+# tests/integration/make_up/test_local_stack_exposure.py.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "FUNCHAT_METRICS_HOST": HOST}
 
 

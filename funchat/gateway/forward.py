@@ -8,6 +8,13 @@ or message field needs no change here. What a call carries goes through both way
   the deadline, and cancellation (a caller that hangs up cancels the upstream call);
 - upstream -> caller: initial metadata, the messages, the status code, its details and the
   trailing metadata (grpc-status-details-bin included).
+
+Two statuses are completed on the way:
+- a call whose orchestrator replica died (`public_status`). Ray's proxy answers it INTERNAL with
+  Ray's error text (the actor's pid, address and ids); the caller gets UNAVAILABLE, the status a
+  client retries on, with what to do, and Ray's internals stay inside;
+- RESOURCE_EXHAUSTED without a retry hint: Ray's own refusal when its queue is full
+  (max_queued_requests) carries none, unlike the orchestrator's; it gets QUEUE_FULL_RETRY_S.
 """
 
 from __future__ import annotations
@@ -15,13 +22,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 
 import grpc
+
+from funchat.retry_hint import RETRY_AFTER_MS, retry_trailers
 
 # Metadata gRPC sets itself on each hop: copying it would be refused or would lie about the hop
 HOP_METADATA = frozenset({"user-agent", "te", "content-type", "host", "grpc-accept-encoding", "grpc-encoding",
                           "grpc-timeout", "grpc-message-type", "grpc-status", "grpc-message"})
 UNBOUNDED = 1 << 30  # seconds: what grpc.aio reports as the time left of a call without a deadline
+# Ray's RayActorError texts (ray/exceptions.py: ActorDiedError, RayActorError, ActorUnavailableError),
+# which Ray Serve's proxy sends as INTERNAL details when the replica serving a call is gone
+REPLICA_LOST = re.compile(r"The actor (died|is dead|experienced an error|[0-9a-f]+ is unavailable)")
+QUEUE_FULL_RETRY_S = 1.0  # the hint added to a RESOURCE_EXHAUSTED that came without one
+REPLICA_LOST_DETAILS = ("the server handling this call stopped (its orchestrator replica was lost); nothing of the "
+                        "call's finished turns is lost: call again, and Converse with the session's resume_token "
+                        "continues the session")
+
+
+def public_status(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
+    """The status the caller gets for the upstream's (code, details): the same, except a lost replica."""
+    if code == grpc.StatusCode.INTERNAL and REPLICA_LOST.search(details):
+        return grpc.StatusCode.UNAVAILABLE, REPLICA_LOST_DETAILS
+    return code, details
 
 
 def forwarded(metadata) -> tuple[tuple[str, str | bytes], ...]:
@@ -83,12 +107,15 @@ class Forwarder(grpc.GenericRpcHandler):
             context.set_details(f"the client is not reading: a message waited {self.send_timeout_s:g} s to be taken "
                                 f"(FUNCHAT_SEND_TIMEOUT_S); the call was ended. Read the call's events as they come")
             return
-        trailing = await call.trailing_metadata()
-        context.set_trailing_metadata(forwarded(trailing))
+        trailing = forwarded(await call.trailing_metadata())
         code = await call.code()
         if code != grpc.StatusCode.OK:
+            code, details = public_status(code, await call.details() or "")
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and all(k != RETRY_AFTER_MS for k, _ in trailing):
+                trailing += tuple(retry_trailers(code.name, details, QUEUE_FULL_RETRY_S))
             context.set_code(code)
-            context.set_details(await call.details() or "")
+            context.set_details(details)
+        context.set_trailing_metadata(trailing)
 
     @staticmethod
     async def _requests(context: grpc.aio.ServicerContext, call) -> None:

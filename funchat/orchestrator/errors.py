@@ -6,29 +6,21 @@ ends with the status alone (`end_rpc`). Each error sent is counted once (metrics
 the event, or by `end_rpc` where there is none.
 
 Retry hints: an error that says when to retry (`retry_after_s`: a full server or a tenant over its
-limits, RESOURCE_EXHAUSTED) ends its RPC with the hint in the trailing metadata, twice over:
-the standard `google.rpc.RetryInfo` in the status details (`grpc-status-details-bin`, a
-`google.rpc.Status` of the same code and message), which gRPC libraries of every language read,
-and `retry-after-ms` (whole milliseconds as text), which needs no protobuf to read. Both reach the
-caller through Ray Serve's gRPC proxy (its context carries trailing metadata set on it);
-`funchat.client` exposes the hint as `FunchatClientError.retry_after_s`.
+limits, RESOURCE_EXHAUSTED) ends its RPC with the hint in the trailing metadata
+(`funchat.retry_hint`: google.rpc.RetryInfo and `retry-after-ms`). Both reach the caller through
+Ray Serve's gRPC proxy (its context carries trailing metadata set on it); `funchat.client` exposes
+the hint as `FunchatClientError.retry_after_s`.
 """
 
 from __future__ import annotations
 
-import math
-
-from google.rpc import error_details_pb2, status_pb2
 from redis.exceptions import RedisError, ResponseError
 
 from funchat.api import pb
 from funchat.orchestrator import metrics
 from funchat.orchestrator.sessions import (ExpiredResumeToken, InvalidResumeToken, LeaseLost, SessionBusy,
                                            SessionError, SessionNotFound, StoreUnavailable)
-
-
-RETRY_AFTER_MS = "retry-after-ms"
-STATUS_DETAILS = "grpc-status-details-bin"
+from funchat.retry_hint import retry_trailers
 
 
 class ApiError(Exception):
@@ -65,18 +57,6 @@ def set_status(ctx, code: str, message: str, retry_after_s: float | None = None)
     ctx.set_details(message)
     if retry_after_s is not None:
         ctx.set_trailing_metadata(retry_trailers(code, message, retry_after_s))
-
-
-def retry_trailers(code: str, message: str, retry_after_s: float) -> list[tuple[str, str | bytes]]:
-    """The trailing metadata of a retry hint: google.rpc.Status with RetryInfo, and retry-after-ms.
-    The hint is at least 1 ms: 0 would invite a busy loop."""
-    import grpc
-    ms = max(1, math.ceil(retry_after_s * 1000))
-    info = error_details_pb2.RetryInfo()
-    info.retry_delay.FromMilliseconds(ms)
-    status = status_pb2.Status(code=getattr(grpc.StatusCode, code).value[0], message=message)
-    status.details.add().Pack(info)
-    return [(STATUS_DETAILS, status.SerializeToString()), (RETRY_AFTER_MS, str(ms))]
 
 
 async def store_call(coro):

@@ -332,7 +332,8 @@ def test_orchestrator_replica_killed_mid_call(stack, tiny_pipeline, speech):
         assert first.status == "completed"
         # the call ended with a gRPC status the caller can act on (not a hang, not OK)
         assert isinstance(saw, FunchatClientError), saw
-        assert saw.code in ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "ABORTED"), saw
+        # the gateway turns Ray's "actor died" INTERNAL into UNAVAILABLE with what to do (forward.py)
+        assert saw.code == "UNAVAILABLE" and "resume_token" in saw.message, saw
         assert resumed.session_id == created.session_id and resumed.resumed and resumed.turns == 2
         assert history_of(during)[:2] == [("user", ""), ("assistant", first.text)]
         assert again.text_tokens == oracle_tokens(tiny_pipeline, b, [a, first.text])

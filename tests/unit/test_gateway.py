@@ -14,12 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from funchat.api import pb, pb_grpc
 from funchat.client import AsyncClient, Client, FunchatClientError, session_config
 from funchat.client.tls import TlsOptions
 from funchat.dev.tcp_proxy import TcpProxy
 from funchat.dev.tritonserver import free_port
+from funchat.gateway.forward import public_status
 from funchat.gateway.server import GatewayError, GatewayThread
 from funchat.gateway.settings import GatewaySettings, GatewaySettingsError
 from funchat.gateway.tls import CertificateFiles, TlsFilesError
@@ -32,7 +34,8 @@ RAW = dict(request_serializer=None, response_deserializer=None)
 
 class Echo(grpc.GenericRpcHandler):
     """A raw-bytes upstream, /test.Echo/<Method>:
-    Unary: echoes; b"full" -> RESOURCE_EXHAUSTED with trailing metadata and status details; b"meta" ->
+    Unary: echoes; b"full" -> RESOURCE_EXHAUSTED with trailing metadata and status details; b"lost" ->
+      INTERNAL with Ray's text for a dead replica; b"meta" ->
       the invocation metadata it got, as lines.
     Stream: echoes each message; ends when the caller half-closes, or after a b"stop".
     Refuse: ends PERMISSION_DENIED before reading anything.
@@ -61,6 +64,10 @@ class Echo(grpc.GenericRpcHandler):
         if request == b"full":
             context.abort_with_status(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is full: retry later",
                                               (("retry-after-ms", "250"), ("grpc-status-details-bin", DETAILS))))
+        if request == b"queue-full":  # Ray Serve's own refusal: no retry hint
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Request dropped due to backpressure")
+        if request == b"lost":  # what Ray Serve's proxy answers when the call's replica died
+            context.abort(grpc.StatusCode.INTERNAL, RAY_ACTOR_DIED)
         if request == b"meta":
             return "\n".join(f"{k}={v}" for k, v in context.invocation_metadata()).encode()
         context.set_trailing_metadata((("x-trailing", "2"), ("x-bin-bin", b"\x00\xff")))
@@ -90,6 +97,9 @@ class Echo(grpc.GenericRpcHandler):
         self.cancelled.set()
 
 
+RAY_ACTOR_DIED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ServeReplica:funchat:"
+                  "Orchestrator\n\tactor_id: 8a6f1e2b3c4d5e6f7a8b9c0d01000000\n\tpid: 4242\n\tip: 10.1.2.3\n"
+                  "The actor is dead because its worker process has died.")
 DETAILS = b"\x08\x08\x12\x05full!"  # a google.rpc.Status as bytes: passed through untouched
 
 
@@ -175,6 +185,37 @@ def test_error_status_details_and_trailing_metadata_pass_through(echo_gateway):
     trailing = dict(error.trailing_metadata())
     assert trailing["retry-after-ms"] == "250"
     assert trailing["grpc-status-details-bin"] == DETAILS
+
+
+def test_a_lost_replica_is_unavailable_with_what_to_do_and_no_ray_internals(echo_gateway):
+    with grpc.insecure_channel(echo_gateway) as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            unary(channel, b"lost")
+    error = failed.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "orchestrator replica was lost" in error.details() and "resume_token" in error.details()
+    for internal in ("4242", "10.1.2.3", "8a6f1e2b", "ServeReplica"):
+        assert internal not in error.details()
+
+
+def test_a_refusal_without_a_retry_hint_gets_one(echo_gateway):
+    with grpc.insecure_channel(echo_gateway) as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            unary(channel, b"queue-full")
+    error = failed.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(error.trailing_metadata())
+    assert trailing["retry-after-ms"] == "1000"
+    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.retry_delay.ToMilliseconds() == 1000
+
+
+def test_other_internal_errors_pass_unchanged():
+    assert public_status(grpc.StatusCode.INTERNAL, "llm forward failed") == (grpc.StatusCode.INTERNAL,
+                                                                            "llm forward failed")
+    assert public_status(grpc.StatusCode.UNAVAILABLE, "The actor died") == (grpc.StatusCode.UNAVAILABLE,
+                                                                           "The actor died")
 
 
 def test_stream_passes_through_and_half_close_reaches_the_upstream(echo, echo_gateway):

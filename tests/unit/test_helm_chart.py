@@ -722,6 +722,33 @@ def test_public_tls_and_the_gateway():
         objects({"tls": {"secretName": "", "clientCASecret": "client-ca"}})
 
 
+def test_redis_external_with_its_own_ca():
+    """redis.external.caSecret: the orchestrators verify an external rediss:// Redis with that CA,
+    mounted alone; with a plain redis:// url the chart refuses it and says why."""
+    external = {"redis": {"mode": "external", "external": {"url": "rediss://redis.example:6380/0",
+                                                           "caSecret": "corp-ca", "caKey": "root.pem"}}}
+    objs = objects(external)
+    spec = one(objs, "Deployment", f"{PREFIX}-orchestrator")["spec"]["template"]["spec"]
+    orch = container(spec, "orchestrator")
+    assert env_of(orch)["FUNCHAT_REDIS_CA_FILE"] == "/etc/funchat/redis-tls/ca.crt"
+    assert {"name": "redis-ca", "mountPath": "/etc/funchat/redis-tls", "readOnly": True} in orch["volumeMounts"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "redis-ca")["secret"]
+    assert volume["secretName"] == "corp-ca" and volume["items"] == [{"key": "root.pem", "path": "ca.crt"}]
+    plain = deep_merge(external, {"redis": {"external": {"url": "redis://redis.example:6379/0"}}})
+    assert "redis.external.caSecret is set but redis.external.url is not rediss://" in render_error(plain)
+
+
+def test_model_service_addresses_may_list_replicas():
+    """A model service's address may be a comma-separated replica list (the orchestrator fails over
+    between them); Redis' may not."""
+    replicas = "llm-a.example:8001,llm-b.example:8001"
+    objs = objects({"orchestrator": {"addresses": {"llm": replicas}}})
+    endpoints = json.loads(one(objs, "ConfigMap", f"{PREFIX}-orchestrator")["data"]["FUNCHAT_ENDPOINTS"])
+    assert endpoints["llm"] == replicas
+    assert "/orchestrator/addresses/redis" in render_error({"orchestrator": {"addresses": {"redis": "a:1,b:2"}}})
+    assert "/orchestrator/addresses/llm" in render_error({"orchestrator": {"addresses": {"llm": "a:1,"}}})
+
+
 def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
     objs = objects(SCENARIOS["addresses-hostport"])
     name = f"{PREFIX}-orchestrator"

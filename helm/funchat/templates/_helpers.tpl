@@ -174,6 +174,24 @@ tracing.headersSecret through a secretKeyRef, never as a value. */}}
 {{- if and (eq .Values.redis.mode "internal") .Values.redis.internal.tls.secretName -}}true{{- else -}}false{{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the CA that verifies Redis' certificate ("" when none): the in-chart Redis'
+TLS Secret, or redis.external.caSecret for an external rediss:// Redis. */}}
+{{- define "funchat.redisCaSecret" -}}
+{{- if eq (include "funchat.redisTls" .) "true" -}}
+{{- .Values.redis.internal.tls.secretName -}}
+{{- else if and (eq .Values.redis.mode "external") .Values.redis.external.caSecret -}}
+{{- if not (hasPrefix "rediss://" .Values.redis.external.url) -}}
+{{- fail "redis.external.caSecret is set but redis.external.url is not rediss://: a CA only verifies a TLS connection; use rediss:// or drop caSecret" -}}
+{{- end -}}
+{{- .Values.redis.external.caSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The key of the CA in that Secret. */}}
+{{- define "funchat.redisCaKey" -}}
+{{- if eq (include "funchat.redisTls" .) "true" -}}ca.crt{{- else -}}{{ .Values.redis.external.caKey }}{{- end -}}
+{{- end -}}
+
 {{/* FUNCHAT_REDIS_URL, without the password (FUNCHAT_REDIS_PASSWORD carries it). */}}
 {{- define "funchat.redisUrl" -}}
 {{- if eq .Values.redis.mode "internal" -}}

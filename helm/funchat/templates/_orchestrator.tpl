@@ -7,7 +7,7 @@ env:
   {{- include "funchat.redisPasswordEnv" (dict "ctx" . "name" "FUNCHAT_REDIS_PASSWORD") | nindent 2 }}
   - name: FUNCHAT_REDIS_URL
     value: {{ include "funchat.redisUrl" . | quote }}
-  {{- if eq (include "funchat.redisTls" .) "true" }}
+  {{- if include "funchat.redisCaSecret" . }}
   - name: FUNCHAT_REDIS_CA_FILE
     value: /etc/funchat/redis-tls/ca.crt
   {{- end }}
@@ -39,7 +39,7 @@ env:
 - name: resume-secret
   mountPath: /etc/funchat/resume
   readOnly: true
-{{- if eq (include "funchat.redisTls" .) "true" }}
+{{- if include "funchat.redisCaSecret" . }}
 - name: redis-ca
   mountPath: /etc/funchat/redis-tls
   readOnly: true
@@ -64,13 +64,13 @@ env:
     defaultMode: 0400
     # explicit (the default): the pod waits for the key; also spares podman 4.3's kube play a crash
     optional: false
-{{- if eq (include "funchat.redisTls" .) "true" }}
+{{- with include "funchat.redisCaSecret" . }}
 # the CA alone (no subPath, so a renewed CA reaches the file): Redis' key stays in its own pod
 - name: redis-ca
   secret:
-    secretName: {{ .Values.redis.internal.tls.secretName }}
+    secretName: {{ . }}
     items:
-      - key: ca.crt
+      - key: {{ include "funchat.redisCaKey" $ }}
         path: ca.crt
     optional: false
 {{- end }}

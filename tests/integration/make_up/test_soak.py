@@ -1,5 +1,5 @@
 """The short soak CI runs: `make soak` (funchat/dev/soak.py) with 2 callers for 2 minutes on the stack
-as `make up` starts it (redis-server, four tritonservers, Ray Serve), through the public API with
+as `make up` starts it (make_up/conftest.py) (redis-server, four tritonservers, Ray Serve), through the public API with
 its API key: no turn fails, no process of the stack vanishes, and none grows.
 
 The slope bound is looser than `make soak`'s default (1 MB/min over 10 minutes): two minutes on a
@@ -11,28 +11,16 @@ tritonservers (tens of MB per minute at this rate of turns), and KV pools that g
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from funchat.dev.soak import print_table, soak
-from funchat.dev.tritonserver import free_port
 
 MAX_SLOPE_MB_PER_MIN = 8.0
 
 
 @pytest.fixture(scope="module")
-def stack_dir(tiny_checkpoint, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("soak-stack")
-    stack = [sys.executable, "-m", "funchat.dev.stack"]
-    up = subprocess.run([*stack, "up", "--run-dir", str(run_dir), "--checkpoint", str(tiny_checkpoint),
-                         "--grpc-port", str(free_port())], capture_output=True, text=True, timeout=600)
-    if up.returncode != 0:
-        subprocess.call([*stack, "down", "--run-dir", str(run_dir)])
-        pytest.fail(f"the stack did not start:\n{up.stdout}\n{up.stderr}", pytrace=False)
-    yield run_dir
-    subprocess.call([*stack, "down", "--run-dir", str(run_dir)])
+def stack_dir(make_up_stack):
+    return make_up_stack["run_dir"]
 
 
 def test_two_callers_for_two_minutes_no_error_and_no_growth(stack_dir, example_wav):

@@ -16,7 +16,6 @@ runs without authentication (FUNCHAT_AUTH=off: its calls have no gRPC context to
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from opentelemetry.trace import SpanKind
 from funchat import tracing
 from funchat.api import pb, pb_grpc
 from funchat.client import authed_stub
-from funchat.dev import stack as dev_stack
-from funchat.dev.otlp_receiver import OtlpReceiver
 from funchat.dev.tritonserver import free_port
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings
@@ -42,27 +39,13 @@ MODEL_SPANS = {"audio_tokenizer.encode", "llm.prefill", "refined_head.prefill", 
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    with OtlpReceiver() as r:
-        yield r
+def receiver(otlp_receiver):
+    return otlp_receiver
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, receiver):
-    run_dir = tmp_path_factory.mktemp("tracing-stack")
-    args = ["--run-dir", str(run_dir)]
-    with pytest.MonkeyPatch.context() as env:
-        # every process of the stack reads these: the tritonservers and the orchestrator's replicas
-        env.setenv("FUNCHAT_TRACING_ENDPOINT", receiver.endpoint)
-        env.setenv("FUNCHAT_TRACING_HEADERS", "x-funchat-test=1")
-        rc = dev_stack.main(["up", *args, "--checkpoint", str(tiny_checkpoint), "--grpc-port", str(free_port())])
-    try:
-        assert rc == 0, (run_dir / "orchestrator.log").read_text()[-5000:] if (run_dir / "orchestrator.log").exists() \
-            else "the stack did not start"
-        yield {"endpoints": json.loads((run_dir / "endpoints.json").read_text()), "run_dir": run_dir,
-               "api_key": dev_stack.read_api_key(run_dir)}
-    finally:
-        dev_stack.main(["down", *args])
+def stack(make_up_stack):
+    return make_up_stack
 
 
 def greedy_config(manual: bool = True) -> pb.SessionConfig:

@@ -1,4 +1,4 @@
-"""What the local stack exposes: one stack started the way `make up` starts it (funchat.dev.stack:
+"""What the local stack exposes: the stack started the way `make up` starts it (make_up/conftest.py:
 redis-server, the four tritonservers, the Ray Serve orchestrator), every listening socket of every
 one of its processes (children and re-parented ones included), and the secrets it holds.
 
@@ -34,7 +34,6 @@ import pytest
 
 from funchat.api import pb, pb_grpc
 from funchat.dev import stack as dev_stack
-from funchat.dev.tritonserver import free_port
 
 # process title prefix -> (why it may listen beyond loopback, how many such ports it may have)
 ALLOWED_BEYOND_LOOPBACK = {
@@ -64,16 +63,8 @@ class Listener:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("exposure-stack")
-    args = ["--run-dir", str(run_dir)]
-    rc = dev_stack.main(["up", *args, "--checkpoint", str(tiny_checkpoint), "--grpc-port", str(free_port())])
-    try:
-        log = run_dir / "orchestrator.log"
-        assert rc == 0, log.read_text()[-5000:] if log.exists() else "the stack did not start"
-        yield run_dir
-    finally:
-        dev_stack.main(["down", *args])
+def stack(make_up_stack) -> Path:
+    return make_up_stack["run_dir"]
 
 
 def read_json(path: Path) -> dict:
