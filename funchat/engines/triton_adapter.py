@@ -62,6 +62,27 @@ class InputError(FunchatError):
     """A request input that is missing, of the wrong size or out of range; answered INVALID_ARG."""
 
 
+class RequestCancelled(Exception):
+    """A request its caller gave up on (its deadline passed or it hung up) before it ran. It is
+    answered CANCELLED and not run: under overload, work nobody waits for any more would otherwise
+    keep the service busy and its queue growing."""
+
+    status = "CANCELLED"
+
+    def __init__(self, model: str):
+        super().__init__(f"{model}: the caller cancelled this request (or its deadline passed) before it ran; "
+                         f"it was not run")
+
+
+def cancelled(request) -> bool:
+    """Whether Triton marked the request cancelled (Python backend 23.10+: request.is_cancelled());
+    False where that cannot be asked."""
+    try:
+        return bool(request.is_cancelled())
+    except Exception:  # an older backend, or a request object without it
+        return False
+
+
 # ---- parameters ----
 
 @dataclass(frozen=True)
@@ -319,6 +340,10 @@ class TritonIO:
 
         items, where = [], []
         for i, request in enumerate(requests):
+            if cancelled(request):
+                fail(i, RequestCancelled(self.model))
+                metrics.cancelled.increment(1)
+                continue
             try:
                 items.append(parse(request))
                 where.append(i)
@@ -362,7 +387,13 @@ class TritonIO:
             for i, request in enumerate(requests):
                 start_ns, failure = time.time_ns(), None
                 try:
+                    if cancelled(request):
+                        metrics.cancelled.increment(1)
+                        raise RequestCancelled(self.model)
                     responses.append(self.response(handle(request)))
+                except RequestCancelled as exc:
+                    responses.append(self.error(exc))
+                    failure = (exc, self.status(exc))
                 except FunchatError as exc:
                     responses.append(self.error(exc))
                     failure = (exc, self.status(exc))
@@ -383,8 +414,9 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 class ServiceMetrics:
     """Per-model Prometheus metrics on Triton's metrics port, named funchat_<service>_<thing>_<unit>:
-    forward latency (one histogram per kind, e.g. prefill / step), batch size (histogram), and for
-    the stateful services the live calls (gauge)."""
+    forward latency (one histogram per kind, e.g. prefill / step), batch size (histogram), requests
+    skipped because their caller had given up (counter), and for the stateful services the live
+    calls (gauge)."""
 
     def __init__(self, pb_utils, service: str, kinds: tuple[str, ...] = ("prefill", "step"), stateful: bool = True):
         histogram = pb_utils.MetricFamily.HISTOGRAM
@@ -397,6 +429,11 @@ class ServiceMetrics:
         self.latency = {kind: self._latency_family.Metric(labels={"kind": kind}, buckets=LATENCY_BUCKETS)
                         for kind in kinds}
         self.batch = self._batch_family.Metric(labels={}, buckets=BATCH_BUCKETS)
+        self._cancelled_family = pb_utils.MetricFamily(
+            name=f"funchat_{service}_cancelled_requests_total",
+            description=f"{service}: requests not run because their caller had given up (deadline or hang-up)",
+            kind=pb_utils.MetricFamily.COUNTER)
+        self.cancelled = self._cancelled_family.Metric(labels={})
         self.live = None
         if stateful:
             self._live_family = pb_utils.MetricFamily(

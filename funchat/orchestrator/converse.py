@@ -75,7 +75,7 @@ class ConverseCall:
         try:
             while True:
                 if pending is None:
-                    pending = asyncio.ensure_future(events.__anext__())
+                    pending = metrics.spawn(events.__anext__(), "converse.read")
                 limit = self.time_limit(started, last_event)
                 done, _ = await asyncio.wait({pending}, timeout=max(0.0, limit.seconds_left))
                 if not done:
@@ -290,8 +290,9 @@ class ConverseCall:
         await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
             item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
-        response.task = asyncio.create_task(
-            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace).run())
+        response.task = metrics.spawn(
+            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace).run(),
+            "converse.exchange")
 
     async def finish(self) -> None:
         """The caller ended the call: answer speech still in the detector, wait for the reply."""

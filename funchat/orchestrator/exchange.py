@@ -220,7 +220,7 @@ class Exchange:
         """Hold the session for this turn (ABORTED while another turn holds it) and keep holding it."""
         lease_s = self.service.settings.session_lease_s
         self.lease = await store_call(self.service.store.acquire_lease(self.session_id, lease_s))
-        self.lease_keeper = asyncio.create_task(self.keep_lease(lease_s / 3))
+        self.lease_keeper = metrics.spawn(self.keep_lease(lease_s / 3), "exchange.lease")
 
     async def keep_lease(self, every_s: float) -> None:
         """Renew the lease while the turn runs; once it is lost, stop generating (the turn then fails

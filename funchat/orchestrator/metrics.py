@@ -17,6 +17,8 @@ What is measured, and where (the call code only calls the small functions below)
                                                        reply still generating, to that generation stopped
                                                        and its cut turn stored (converse)
     funchat_orchestrator_active_calls                  calls admitted and not yet ended (service)
+    funchat_orchestrator_tasks                         asyncio tasks of calls and turns still running
+                                                       (`spawn`): 0 once no call is open, more is a leak
     funchat_orchestrator_calls_total{outcome}          admitted | refused (over a limit: FUNCHAT_MAX_CALLS,
                                                        or the tenant's calls or rate)
     funchat_orchestrator_refusals_total{reason}        RESOURCE_EXHAUSTED answers by the limit hit:
@@ -64,6 +66,7 @@ once per function and the call goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import functools
@@ -130,6 +133,8 @@ BARGE_IN = Histogram("funchat_orchestrator_barge_in_seconds",
                      "generation stopped.", buckets=LATENCY_BUCKETS)
 ACTIVE_CALLS = Gauge("funchat_orchestrator_active_calls", "Calls admitted and not yet ended.",
                      multiprocess_mode="livesum")
+TASKS = Gauge("funchat_orchestrator_tasks", "Tasks of calls and turns still running (0 when no call is open; "
+              "more is a leak).", multiprocess_mode="livesum")
 CALLS = Counter("funchat_orchestrator_calls_total", "Calls (Converse and Respond) by admission outcome: "
                 "admitted, or refused over a limit (see refusals_total for which).", ["outcome"])
 REFUSALS = Counter("funchat_orchestrator_refusals_total", "RPCs refused with RESOURCE_EXHAUSTED by the limit hit: "
@@ -207,6 +212,26 @@ def request_refused(reason: str) -> None:
 @_never_raises
 def call_ended() -> None:
     ACTIVE_CALLS.dec()
+
+
+@_never_raises
+def task_started() -> None:
+    TASKS.inc()
+
+
+@_never_raises
+def task_ended() -> None:
+    TASKS.dec()
+
+
+def spawn(coro, name: str) -> asyncio.Task:
+    """asyncio.create_task for the orchestrator's call and turn work, counted in
+    funchat_orchestrator_tasks until the task ends, however it ends: a task left behind by a
+    failure shows there (the fault tests read it back to 0)."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    task_started()
+    task.add_done_callback(lambda _: task_ended())
+    return task
 
 
 @_never_raises

@@ -252,7 +252,7 @@ class FunchatService:
             response = Response.new()
             yield pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id))
             outbox = Outbox()
-            task = asyncio.create_task(self._respond(record.session_id, cfg, audio, response, outbox, t_end, trace))
+            task = metrics.spawn(self._respond(record.session_id, cfg, audio, response, outbox, t_end, trace), "respond")
             try:
                 while (item := await outbox.get()) is not END:
                     yield item
@@ -303,7 +303,7 @@ class FunchatService:
             record, resumed = await self.open_session(cfg, tenant, resume_token=first.session.resume_token)
             yield self.session_created(record, resumed)
             call = ConverseCall(self, record.session_id, cfg, trace_parent=caller_trace(ctx), tenant=tenant)
-            reader = asyncio.create_task(call.read(stream))
+            reader = metrics.spawn(call.read(stream), "converse.reader")
             try:
                 while (item := await call.outbox.get()) is not END:
                     if isinstance(item, ApiError):  # fatal: end the call with this status

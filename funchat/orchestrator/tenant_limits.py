@@ -41,6 +41,8 @@ from typing import Callable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from funchat.orchestrator import metrics
+
 log = logging.getLogger(__name__)
 
 # How long to suggest waiting when a tenant is at its call limit: when one of its calls ends is
@@ -201,7 +203,7 @@ class TenantLimiter:
 
     def _start_renewing(self) -> None:
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+            self._renewer = metrics.spawn(self._renew_forever(), "tenant_limits.renew")
 
     async def _renew_forever(self) -> None:
         """Renew this replica's slots every lease/3 while it holds any; a failed renewal is retried at

@@ -441,7 +441,7 @@ class _VocoderStream:
                 self.waiting_since = time.perf_counter()
         self.final = self.final or final
         if self.task is None:
-            self.task = asyncio.create_task(self._run())
+            self.task = metrics.spawn(self._run(), "turn.vocoder")
         self.wake.set()
 
     async def _run(self) -> None:
@@ -490,7 +490,7 @@ class _VocoderStream:
         if self.task is None:
             if not flush or not self.codes and not self.final:
                 return
-            self.task = asyncio.create_task(self._run())
+            self.task = metrics.spawn(self._run(), "turn.vocoder")
         if flush:
             self.final = True
             self.wake.set()

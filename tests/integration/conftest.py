@@ -1,8 +1,11 @@
 """Real tritonservers on free 127.0.0.1 ports, started once per session, their logs shown on failure.
 
 `triton` serves `audio_tokenizer` and `vocoder` (one server each); `triton_vocoder2` is a second,
-independent vocoder server (another replica) for streams continued elsewhere. Both point the
-`checkpoint` parameter at the session's tiny checkpoint (`tests/conftest.py: tiny_checkpoint`).
+independent vocoder server (another replica) for streams continued elsewhere. `model_services` is
+the four model services, one server each, that the modules running an orchestrator with the
+default model settings share (llm frees an idle call's row after 30 s); a test may restart one of
+them (`Cluster.restart`, same ports). All point the `checkpoint` parameter at the session's tiny
+checkpoint (`tests/conftest.py: tiny_checkpoint`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,19 @@ def _servers(tiny_checkpoint, tmp_path_factory) -> dict[str, Cluster]:
     for cluster in clusters.values():
         cluster.stop()
         _CLUSTERS.remove(cluster)
+
+
+@pytest.fixture(scope="session")
+def model_services(tiny_checkpoint, tmp_path_factory) -> Cluster:
+    params = {"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"}, "llm": {"idle_timeout_s": "30"}}
+    try:
+        cluster = start_servers(params=params, run_dir=tmp_path_factory.mktemp("model-services"), timeout=180)
+    except Exception as exc:  # TritonServerError holds the log tail
+        pytest.fail(f"the model services did not start:\n{exc}", pytrace=False)
+    _CLUSTERS.append(cluster)
+    yield cluster
+    cluster.stop()
+    _CLUSTERS.remove(cluster)
 
 
 @pytest.fixture(scope="session")

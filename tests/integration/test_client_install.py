@@ -21,7 +21,7 @@ import soundfile as sf
 
 from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import start_orchestrator
-from funchat.dev.tritonserver import free_port, start_servers
+from funchat.dev.tritonserver import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_NEW = 24
@@ -71,15 +71,13 @@ def client_venv(tmp_path_factory, copy_sources) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
     """-> (target, orchestrator log, API key)"""
     run_dir = tmp_path_factory.mktemp("client-install-stack")
     keys_file, key = make_api_key(run_dir, "dev")
     redis_server = start_redis(run_dir)
-    cluster = orch = None
+    cluster, orch = model_services, None  # the model services are shared (tests/integration/conftest.py)
     try:
-        cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"}},
-                                run_dir=run_dir / "triton", timeout=180)
         env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
                "FUNCHAT_RESUME_SECRET": "test-secret-" + "0" * 20,
                "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints), "FUNCHAT_AUTH": "api_keys",
@@ -89,8 +87,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
     finally:
         if orch is not None:
             orch.stop()
-        if cluster is not None:
-            cluster.stop()
         redis_server.stop()
 
 

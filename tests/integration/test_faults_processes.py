@@ -137,6 +137,23 @@ def assert_no_live_sequences(stack: Stack, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
+def orchestrator_tasks(stack: Stack) -> float:
+    """`funchat_orchestrator_tasks`, summed over the live replicas: call and turn tasks still running."""
+    target = json.loads((stack.run_dir / "endpoints.json").read_text())["orchestrator_metrics"]
+    text = urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("funchat_orchestrator_tasks")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def assert_no_leaked_tasks(stack: Stack, timeout: float = 20.0) -> None:
+    """Once no call is open, no task of a call or a turn is left in any replica (the tenant-limit
+    renewer ends within a third of FUNCHAT_TENANT_SLOT_LEASE_S of the last call)."""
+    deadline = time.monotonic() + timeout
+    while (tasks := orchestrator_tasks(stack)) != 0:
+        assert time.monotonic() < deadline, f"{tasks:g} tasks still running {timeout:g} s after the calls ended"
+        time.sleep(0.5)
+
+
 async def get_session(stack: Stack, session_id: str):
     async with AsyncClient(stack.target, timeout=10) as client:
         return await client.get_session(session_id)
@@ -240,6 +257,7 @@ def test_model_server_killed_mid_turn(stack, model, tiny_pipeline, speech):
         assert first.text_tokens == oracle_tokens(tiny_pipeline, a, [])
         assert again.text_tokens == oracle_tokens(tiny_pipeline, b, [a, first.text] + [b] * kept)
         assert_no_live_sequences(stack)
+        assert_no_leaked_tasks(stack)
         session = asyncio.run(get_session(stack, created.session_id))
         assert [text for role, text in history_of(session) if role == "assistant"] == [first.text, again.text]
         assert session.state == "listening"
@@ -341,6 +359,7 @@ def test_orchestrator_replica_killed_mid_call(stack, tiny_pipeline, speech):
         assert [text for role, text in history_of(session) if role == "assistant"] == [first.text, again.text]
         assert session.state == "listening"
         assert_no_live_sequences(stack)
+        assert_no_leaked_tasks(stack)  # the surviving replica's; the dead one's gauge is dropped
     print(f"orchestrator replica: the call ended {saw.code} {status_ms:.0f} ms after the kill "
           f"({saw.message[:120]!r}); resumed after {resumed_s:.1f} s ({len(attempts)} refused: "
           f"{sorted({f'{e.code}: {e.message[:100]}' for e in attempts})}); state while "
@@ -397,8 +416,9 @@ def test_redis_killed_then_restarted_keeps_the_sessions(stack, tiny_pipeline, sp
 def test_no_acknowledged_turn_was_lost_and_no_kv_slot_leaked(stack):
     """Last: every reply of this module that ended `completed` is in its session's history, after all
     the faults above (the Redis restart among them) and a `restart orchestrator` (a new process on
-    the same port: Ray, Serve, the gateway); no llm / refined_head sequence is left."""
+    the same port: Ray, Serve, the gateway); no llm / refined_head sequence and no orchestrator task is left."""
     assert stack.acknowledged, "no turn was acknowledged: the tests above did not run"
+    assert_no_leaked_tasks(stack)  # after every fault above, the Redis restart among them
     old_pid = stack.state()["orchestrator_pid"]
     with stack.logs_on_failure():
         restart_s = stack.restart("orchestrator")

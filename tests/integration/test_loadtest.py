@@ -25,7 +25,7 @@ import pytest
 
 from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import start_orchestrator
-from funchat.dev.tritonserver import free_port, start_servers
+from funchat.dev.tritonserver import free_port
 from funchat.loadgen import CallerSettings, ConverseCaller, TurnPlan, respond_call
 from funchat.loadgen.records import BARGE_IN, HANG_UP, SILENT
 from funchat.loadgen.utterances import synthesize
@@ -42,15 +42,12 @@ VAD_SILENCE_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
     run_dir = tmp_path_factory.mktemp("loadtest-stack")
     keys_file, key = make_api_key(run_dir, "loadtest")
     redis_server = start_redis(run_dir)
-    cluster = None
-    orch = None
+    cluster, orch = model_services, None  # the model services are shared (tests/integration/conftest.py)
     try:
-        cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"}},
-                                run_dir=run_dir / "triton", timeout=180)
         env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
                "FUNCHAT_RESUME_SECRET": "loadtest-secret-" + "0" * 20,
                "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints), "FUNCHAT_MAX_CALLS": "8",
@@ -63,8 +60,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
     finally:
         if orch is not None:
             orch.stop()
-        if cluster is not None:
-            cluster.stop()
         redis_server.stop()
 
 

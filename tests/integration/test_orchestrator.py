@@ -34,7 +34,7 @@ from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import start_orchestrator
 from funchat.orchestrator.vad import SpeechStopped, TurnDetector
 from funchat.turn.schedule import Mode
-from funchat.dev.tritonserver import free_port, start_servers
+from funchat.dev.tritonserver import free_port
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 from tests.integration.pcm import pcm16_bytes, pcm16_samples
 
@@ -43,12 +43,11 @@ SECRET = "test-secret-" + "0" * 20
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
     run_dir = tmp_path_factory.mktemp("stack")
     keys_file, key = make_api_key(run_dir, "dev")
     redis_server = start_redis(run_dir)
-    cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"},
-                                    "llm": {"idle_timeout_s": "30"}}, run_dir=run_dir / "triton", timeout=180)
+    cluster = model_services  # shared (tests/integration/conftest.py); a test here restarts its llm
     env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
            "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
            "FUNCHAT_MAX_CALLS": "6", "FUNCHAT_MAX_NEW_TOKENS": "512", "FUNCHAT_AUTH": "api_keys",
@@ -65,7 +64,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
     finally:
         if state["orch"] is not None:  # the current one: a test may have restarted it
             state["orch"].stop()
-        cluster.stop()
         redis_server.stop()
 
 
@@ -742,7 +740,8 @@ def test_another_tenant_sees_none_of_a_tenants_sessions(stack, make_api_key, spe
 def test_no_key_secret_is_in_any_log(stack):
     """Last in this module: every key it made (sent, wrong, revoked, another tenant's) has been used."""
     secrets = [key.rsplit("_", 1)[1].encode() for key in stack["keys"]]
-    logs = [p for p in stack["run_dir"].rglob("*") if p.is_file() and p.name != "api_keys"]
+    logs = [p for folder in (stack["run_dir"], stack["cluster"].run_dir) for p in folder.rglob("*")
+            if p.is_file() and p.name != "api_keys"]
     assert any(p.name == "orchestrator.log" for p in logs)
     for path in logs:
         data = path.read_bytes()

@@ -24,7 +24,7 @@ from funchat.audio_io import load_audio
 from funchat.client import AsyncClient, Client, FunchatClientError, TlsOptions, session_config
 from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import OrchestratorProcess
-from funchat.dev.tritonserver import PROJECT_ROOT, free_port, start_servers
+from funchat.dev.tritonserver import PROJECT_ROOT, free_port
 from funchat.gateway.server import GatewayThread
 from funchat.gateway.settings import GatewaySettings
 from funchat.oracle.generation import GenerationConfig
@@ -57,14 +57,13 @@ def _start_orchestrator(run_dir, env: dict, target: str, tls: TlsOptions, timeou
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, make_api_key, pki):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key, pki, model_services):
     run_dir = tmp_path_factory.mktemp("tls-stack")
     keys_file, key = make_api_key(run_dir, "dev")
     cert, cert_key = pki["server"]
     port, proxy_port = free_port(), free_port()
     redis_server = start_redis(run_dir)
-    cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"}},
-                            run_dir=run_dir / "triton", timeout=180)
+    cluster = model_services  # shared (tests/integration/conftest.py)
     env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
            "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
            "FUNCHAT_AUTH": "api_keys", "FUNCHAT_API_KEYS_FILE": str(keys_file),
@@ -82,7 +81,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key, pki):
     finally:
         if orch is not None:
             orch.stop()
-        cluster.stop()
         redis_server.stop()
 
 

@@ -29,7 +29,7 @@ from funchat.api import pb, pb_grpc
 from funchat.client import AsyncClient, FunchatClientError, authed_stub, session_config
 from funchat.dev.redis_server import start_redis
 from funchat.dev.stack import start_orchestrator
-from funchat.dev.tritonserver import free_port, start_servers, stop_pids
+from funchat.dev.tritonserver import free_port, stop_pids
 from funchat.oracle.generation import GenerationConfig
 from funchat.orchestrator.sessions import HistoryTurn, SessionStore
 from funchat.turn.schedule import Mode
@@ -41,12 +41,11 @@ TOKEN_TTL_S = 6  # short, so that a token really expires within the test
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
+def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
     run_dir = tmp_path_factory.mktemp("integrity")
     keys_file, key = make_api_key(run_dir, "dev")
     redis_server = start_redis(run_dir)
-    cluster = start_servers(params={"*": {"checkpoint": str(tiny_checkpoint), "threads": "1"},
-                                    "llm": {"idle_timeout_s": "30"}}, run_dir=run_dir / "triton", timeout=180)
+    cluster = model_services  # shared (tests/integration/conftest.py); a test here restarts its llm
     env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
            "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(cluster.endpoints),
            "FUNCHAT_MAX_NEW_TOKENS": "512", "FUNCHAT_AUTH": "api_keys", "FUNCHAT_API_KEYS_FILE": str(keys_file),
@@ -61,7 +60,6 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key):
     finally:
         if orch is not None:
             orch.stop()
-        cluster.stop()
         redis_server.stop()
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -203,6 +204,43 @@ def test_vocoder_concurrent_streams(triton, triton_vocoder2, vocoder_in_process)
 
     for tokens, (got, _, _) in zip(streams, run(all_streams())):
         assert_same_calls(got, in_process_stream(vocoder_in_process, tokens, "incremental", "speaker1")[0])
+
+
+def cancelled_count(cluster, model: str) -> float:
+    """funchat_<model>_cancelled_requests_total, read from the server's metrics port."""
+    text = urllib.request.urlopen(f"http://{cluster.metrics_endpoints[model]}/metrics", timeout=10).read().decode()
+    line = next(l for l in text.splitlines() if l.startswith(f"funchat_{model}_cancelled_requests_total"))
+    return float(line.split()[-1])
+
+
+def test_vocoder_requests_whose_deadline_passed_in_the_queue_are_not_run(triton):
+    """A request that waited past its caller's deadline (the vocoder busy with a long push) is answered
+    CANCELLED without running: under overload the queue drains instead of running abandoned work."""
+    url = triton.endpoints["vocoder"]
+    long_push = list(range(1, 400))  # seconds of work for the one vocoder instance
+    before = cancelled_count(triton, "vocoder")
+
+    async def main():
+        async with VocoderClient(url) as slow, VocoderClient(url, timeout_s=0.2) as impatient:
+            busy = asyncio.create_task(slow.push(long_push, None, True))
+            await asyncio.sleep(0.3)  # the long push is running
+            refused = []
+            for _ in range(2):
+                with pytest.raises(ServiceError) as info:
+                    await impatient.push(long_push, None, True)
+                refused.append(info.value.status)
+            audio, _, _ = await busy
+            return refused, audio
+
+    refused, audio = run(main())
+    assert refused == ["StatusCode.DEADLINE_EXCEEDED"] * 2 and audio.size == 960 * len(long_push)
+    assert cancelled_count(triton, "vocoder") - before == 2
+    assert push_once_ok(url)  # and the service still answers
+
+
+def push_once_ok(url: str) -> bool:
+    audio, _, _ = run(push_once(url, [1, 2, 3], None, True))
+    return audio.size == 960 * 3
 
 
 # ---- bad inputs: an error naming the problem, then the server still answers ----

@@ -97,6 +97,31 @@ def test_errors_are_counted_once_per_error_sent():
     assert sample("funchat_orchestrator_errors_total", code="INTERNAL") == internal + 1
 
 
+def test_spawned_tasks_are_counted_until_they_end_however_they_end():
+    async def main():
+        before = sample("funchat_orchestrator_tasks")
+        release = asyncio.Event()
+
+        async def waits():
+            await release.wait()
+
+        async def fails():
+            raise RuntimeError("turn failed")
+
+        tasks = [metrics.spawn(waits(), "a"), metrics.spawn(waits(), "b"), metrics.spawn(fails(), "c")]
+        for _ in range(2):  # the tasks run, then the failed one's done callback
+            await asyncio.sleep(0)
+        assert sample("funchat_orchestrator_tasks") == before + 2  # the failed one is done
+        tasks[1].cancel()
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+        assert sample("funchat_orchestrator_tasks") == before
+        assert tasks[0].get_name() == "a"
+
+    asyncio.run(main())
+
+
 def test_a_failing_metric_never_raises_into_the_call(monkeypatch, caplog):
     class Broken:
         def labels(self, *a):

@@ -30,7 +30,8 @@ class FakeTensor:
 
 
 class FakeError:
-    INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL = "INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "INTERNAL"
+    INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED = (
+        "INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "INTERNAL", "CANCELLED")
 
     def __init__(self, message, code=None):
         self.message, self.code = message, code
@@ -43,12 +44,15 @@ class FakeMetric:
     def observe(self, value):
         self.observed.append(value)
 
+    def increment(self, value):
+        self.value = (self.value or 0) + value
+
     def set(self, value):
         self.value = value
 
 
 class FakeFamily:
-    HISTOGRAM, GAUGE = "histogram", "gauge"
+    HISTOGRAM, GAUGE, COUNTER = "histogram", "gauge", "counter"
 
     def __init__(self, name, description, kind):
         self.name = name
@@ -58,10 +62,14 @@ class FakeFamily:
 
 
 class FakeRequest:
-    def __init__(self, inputs=None, outputs=(), parameters="{}"):
+    def __init__(self, inputs=None, outputs=(), parameters="{}", cancelled=False):
         self.inputs = {k: FakeTensor(k, v) for k, v in (inputs or {}).items()}
         self.outputs = list(outputs)
         self._parameters = parameters  # the JSON text the Python backend's request.parameters() returns
+        self._cancelled = cancelled
+
+    def is_cancelled(self):
+        return self._cancelled
 
     def requested_output_names(self):
         return self.outputs
@@ -208,6 +216,25 @@ def test_answer_each_keeps_serving_after_a_failure():
     assert [r.error.code if r.error else None for r in responses] == ["INVALID_ARG", "INTERNAL", None]
     assert responses[0].error.message == "bad tokens" and responses[2].outputs["Y"].tolist() == [3]
     assert metrics.live is None and metrics.batch.observed == [3]
+
+
+def test_requests_their_callers_gave_up_on_are_answered_cancelled_and_not_run():
+    pb = fake_pb_utils([])
+    ran: list = []
+    requests = [FakeRequest({"X": [1]}, cancelled=True), FakeRequest({"X": [2]})]
+
+    io, metrics = TritonIO(pb, "vocoder"), ServiceMetrics(pb, "vocoder", kinds=("chunk",), stateful=False)
+    responses = io.answer_each(requests, lambda r: ran.append(int(r.inputs["X"].array[0])) or {"Y": np.array([1])},
+                               metrics, "chunk")
+    assert ran == [2] and responses[1].error is None and metrics.cancelled.value == 1
+    assert responses[0].error.code == "CANCELLED" and "was not run" in responses[0].error.message
+
+    io = TritonIO(pb, "llm")
+    responses = io.answer_batch(requests, parse=lambda r: int(r.inputs["X"].array[0]),
+                                run=lambda items: ran.extend(items) or items,
+                                outputs=lambda request, value: {"Y": np.array([value])},
+                                metrics=ServiceMetrics(pb, "llm"), kind=lambda items: "step")
+    assert ran == [2, 2] and responses[0].error.code == "CANCELLED" and responses[1].error is None
 
 
 # ---- tracing ----
