@@ -82,4 +82,5 @@ def load_vocoder_engine(params: ServiceParams) -> VocoderEngine:
     vocoder, speakers = load_vocoder(params.checkpoint)
     if not speakers:
         raise ValueError(f"vocoder: {params.checkpoint} has no speakers")
+    vocoder.noise.draw_all()  # memory fixed at load, not grown with the longest reply served
     return VocoderEngine(vocoder, speakers)

@@ -155,6 +155,20 @@ class FixedNoise:
                 self._source = torch.cat([self._source, more], dim=1)
             return self._source[:, :samples]
 
+    def draw_all(self) -> None:
+        """Draw the whole source buffer now (259 MB, as the reference holds it), in one piece: a
+        server's memory is then fixed from its start instead of growing, by doublings, to the
+        longest reply it has served."""
+        with self._lock:
+            self._ensure_built()
+            have = self._source.shape[1]
+            if have < MAX_SOURCE_SAMPLES:
+                whole = torch.empty(1, MAX_SOURCE_SAMPLES, SOURCE_NOISE_CHANNELS)  # [1, 7.2M, 9]
+                whole[:, :have] = self._source
+                whole[:, have:] = torch.rand(1, MAX_SOURCE_SAMPLES - have, SOURCE_NOISE_CHANNELS,
+                                             generator=self._generator)
+                self._source = whole
+
     def rand_ini(self) -> torch.Tensor:
         """The reference's initial harmonic phases [1, 9] (no effect on the output; for checks)."""
         with self._lock:

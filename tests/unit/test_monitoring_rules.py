@@ -147,6 +147,24 @@ def test_a_model_service_with_no_target_up_fires(tmp_path):
     run_promtool_tests(tmp_path, path, [spec])
 
 
+def test_tasks_left_running_with_no_call_open_fire_and_tasks_of_open_calls_do_not(tmp_path):
+    rule, path = rules_file(tmp_path)
+
+    def gauges(tasks: str, calls: str) -> list[dict]:  # two replicas' livesum gauges, one pod
+        return [{"series": f'funchat_orchestrator_tasks{{{ORCH},pod="p"}}', "values": tasks},
+                {"series": f'funchat_orchestrator_active_calls{{{ORCH},pod="p"}}', "values": calls}]
+
+    leaked = gauges("3x40", "2x5 0x35")  # the calls ended at 5m, 3 tasks stayed
+    busy = gauges("6x40", "2x40")  # tasks of open calls
+    idle = gauges("3x5 0x35", "2x5 0x35")  # the tasks ended with the calls
+    run_promtool_tests(tmp_path, path, [
+        _test_case(rule, leaked, "30m", firing=["FunchatOrchestratorTasksLeaked"], quiet=[]),
+        _test_case(rule, leaked, "10m", firing=[], quiet=["FunchatOrchestratorTasksLeaked"]),  # not for 15m yet
+        _test_case(rule, busy, "30m", firing=[], quiet=["FunchatOrchestratorTasksLeaked"]),
+        _test_case(rule, idle, "30m", firing=[], quiet=["FunchatOrchestratorTasksLeaked"]),
+    ])
+
+
 def test_slo_threshold_must_be_a_histogram_bucket():
     import helm_python
 

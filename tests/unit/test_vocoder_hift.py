@@ -125,6 +125,22 @@ def test_noise_prefix_property_and_lazy_growth(config, expected):
     assert torch.equal(once.source_noise(300_000), grown)
 
 
+def test_noise_drawn_all_at_once_equals_the_lazy_draws(config, expected):
+    lazy = FixedNoise.from_constructor_args(config)
+    part = lazy.source_noise(300_000).clone()
+    lazy.draw_all()  # continues after what was drawn
+    assert lazy.source_samples_cached == MAX_SOURCE_SAMPLES
+    buffer = lazy.source_noise(MAX_SOURCE_SAMPLES)
+    assert torch.equal(buffer[:, :300_000], part)
+    whole = FixedNoise.from_constructor_args(config)
+    whole.draw_all()
+    assert torch.equal(whole.source_noise(MAX_SOURCE_SAMPLES), buffer)
+    assert _maxdiff(whole.source_noise(57600), expected["hift_noise_sine"]) == 0.0
+    pointer = whole.source_noise(10).data_ptr()
+    whole.source_noise(5_000_000)
+    assert whole.source_noise(10).data_ptr() == pointer  # never redrawn or moved
+
+
 def test_noise_leaves_global_rng_alone(config):
     torch.manual_seed(1234)
     before = torch.get_rng_state()
