@@ -215,7 +215,9 @@ def summarise(totals: CallerTotals, sampler: MemorySampler, seconds: float, max_
             continue
         processes.append({"process": s.name, "pid": s.pid, "rss_start_mb": round(s.rss_mb[0], 1),
                           "rss_end_mb": round(s.rss_mb[-1], 1), "slope_mb_per_min": round(slope, 3),
-                          "flat": slope <= max_slope})
+                          "flat": slope <= max_slope,
+                          # the samples, to plot or to tell a warm-up from a trend
+                          "rss_series": [[round(t, 1), round(m, 1)] for t, m in zip(s.times_s, s.rss_mb)]})
     growing = [p["process"] for p in processes if not p["flat"]]
     return {"calls": totals.calls, "turns": totals.turns, "errors": len(totals.errors),
             "error_samples": totals.errors[:10], "seconds": round(seconds, 1), "warmup_s": round(warmup, 1),

@@ -30,6 +30,7 @@ def test_flat_processes_and_no_errors_pass():
     summary = summarise(CallerTotals(calls=4, turns=12), sampler_with(flat), seconds=240.0, max_slope=1.0)
     assert summary["passed"] and summary["growing"] == [] and summary["warmup_s"] == 60.0
     assert summary["processes"][0]["flat"]
+    assert len(summary["processes"][0]["rss_series"]) == 24  # every sample kept for the JSON
 
 
 def test_a_growing_process_fails_the_soak():
