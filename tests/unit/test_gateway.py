@@ -541,6 +541,10 @@ class Talker(grpc.GenericRpcHandler):
 
     def talk(self, request: bytes, context):
         self.cancelled.clear()
+        finished = threading.Event()
+        # on the RPC's end, however it ends: a cancelled call's generator may never be resumed (a
+        # blocked send is dropped), so checking is_active() between messages alone can miss it
+        context.add_callback(lambda: None if finished.is_set() else self.cancelled.set())
         until = time.monotonic() + float(request)
         while time.monotonic() < until:
             if not context.is_active():
@@ -548,6 +552,7 @@ class Talker(grpc.GenericRpcHandler):
                 return
             yield MESSAGE
             time.sleep(0.005)
+        finished.set()
 
 
 @pytest.fixture(scope="module")
