@@ -28,7 +28,7 @@ def test_slope_is_megabytes_per_minute_after_the_warmup():
 def test_flat_processes_and_no_errors_pass():
     flat = series("triton:llm/triton_python_backend_stub", 2, [300.0 + (i % 2) * 0.5 for i in range(24)])
     summary = summarise(CallerTotals(calls=4, turns=12), sampler_with(flat), seconds=240.0, max_slope=1.0)
-    assert summary["passed"] and summary["growing"] == [] and summary["warmup_s"] == 60.0
+    assert summary["passed"] and summary["growing"] == [] and summary["warmup_s"] == 120.0  # half the run
     assert summary["processes"][0]["flat"]
     assert len(summary["processes"][0]["rss_series"]) == 24  # every sample kept for the JSON
 
@@ -71,3 +71,13 @@ def test_the_warmup_lasts_until_every_caller_finished_its_first_call():
     sampler = sampler_with(flat)
     totals = CallerTotals(calls=3, turns=9, first_calls_done_at=[sampler.t0 + 30.0, sampler.t0 + 150.0])
     assert summarise(totals, sampler, 240.0, 1.0, callers=2)["warmup_s"] == 150.0
+    totals = CallerTotals(calls=3, turns=9, first_calls_done_at=[sampler.t0 + 30.0, sampler.t0 + 50.0])
+    assert summarise(totals, sampler, 240.0, 1.0, callers=2)["warmup_s"] == 120.0  # at least half the run
+
+
+def test_a_cache_that_levels_off_passes_and_a_steady_leak_does_not():
+    # +30 MB over the first 80 s, then flat: the oneDNN primitive cache filling with new shapes
+    cache = series("triton:vocoder/triton_python_backend_stub", 6, [500.0 + min(i, 8) * 3.75 for i in range(24)])
+    leak = series("orchestrator/ray::ServeReplica:funchat:Orchestrator", 7, [200.0 + 0.5 * i for i in range(24)])
+    summary = summarise(CallerTotals(calls=4, turns=12), sampler_with(cache, leak), seconds=240.0, max_slope=1.0)
+    assert summary["growing"] == ["orchestrator/ray::ServeReplica:funchat:Orchestrator"]  # 3 MB/min all along
