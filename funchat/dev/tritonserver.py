@@ -214,6 +214,64 @@ def stop_pids(pids: Iterable[int], timeout: float = 20.0) -> None:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    if pids:
+        remove_stale_shm_regions()
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+
+
+def _mapped_shm_names(shm_dir: Path = SHM_DIR) -> set[str] | None:
+    """The files of `shm_dir` some process maps; None when a Triton process's maps could not be read."""
+    names: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            maps = (proc / "maps").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+        except PermissionError:  # not ours (e.g. the init of a sandbox): it matters only if it is Triton's
+            try:
+                name = (proc / "comm").read_text().strip()
+            except OSError:
+                return None
+            if name.startswith(("tritonserver", "triton_python")):
+                return None
+            continue
+        for line in maps.splitlines():
+            where = line.find(f"{shm_dir}/")
+            if where >= 0:
+                names.add(line[where + len(str(shm_dir)) + 1:].split()[0])
+    return names
+
+
+def remove_stale_shm_regions(min_age_s: float = 30.0, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove the Python backend's shared-memory regions that no process maps any more. A server
+    stopped by SIGKILL (or killed by a test) cannot unlink its region, and each one left holds its
+    size of the machine's RAM in tmpfs until reboot. Only our own regions older than `min_age_s`
+    go (a server creating one right now maps it at once), and nothing goes when some process's
+    mappings cannot be read. Returns the names removed."""
+    try:
+        candidates = [f for f in shm_dir.glob(SHM_REGION_PREFIX + "*")
+                      if f.stat().st_uid == os.getuid() and time.time() - f.stat().st_mtime > min_age_s]
+    except FileNotFoundError:
+        return []
+    if not candidates:
+        return []
+    mapped = _mapped_shm_names(shm_dir)
+    if mapped is None:
+        return []
+    removed = []
+    for f in candidates:
+        if f.name not in mapped:
+            try:
+                f.unlink()
+                removed.append(f.name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 class Cluster:
@@ -263,6 +321,7 @@ class Cluster:
         install = find_triton()
         _launch(install, server, prepare_backend_dir(install, self.run_dir), server_env(install), exit_timeout_s)
         wait_ready([server], timeout)
+        remove_stale_shm_regions()  # the old server's, if it was killed before this restart
         self.write_files()
 
     def write_files(self) -> None:
@@ -458,6 +517,7 @@ def restart_server(run_dir: str | Path, model: str, timeout: float = 120.0, exit
     except BaseException:
         stop_pids([server.pid])
         raise
+    remove_stale_shm_regions()  # the old server's, if it was killed before this restart
     write_run_files(run_dir, {model: server.info()}, pids=True)
     return server
 

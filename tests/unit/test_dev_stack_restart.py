@@ -54,3 +54,35 @@ def test_the_orchestrator_record_keeps_settings_and_leaves_out_secrets_and_the_c
     assert env["FUNCHAT_CHECKPOINT"] == "/ckpt" and env["FUNCHAT_REPLICAS"] == "3"  # the stack's own win
     assert not {"FUNCHAT_API_KEY", "FUNCHAT_TRACING_HEADERS", "FUNCHAT_REDIS_PASSWORD", "FUNCHAT_RESUME_SECRET"} & set(env)
     assert "s3cret" not in json.dumps(record) and '"pw"' not in json.dumps(record)
+
+
+def test_shared_memory_regions_no_process_maps_are_removed_after_a_kill(tmp_path):
+    """A tritonserver killed with SIGKILL leaves its Python backend region in /dev/shm; stopping or
+    restarting a server removes such regions, and never one a process maps or one just created."""
+    import mmap
+    import os
+    import time
+    import uuid
+
+    from funchat.dev.tritonserver import SHM_DIR, SHM_REGION_PREFIX, remove_stale_shm_regions
+
+    if not SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    tag = uuid.uuid4().hex
+    stale, mapped, fresh = (SHM_DIR / f"{SHM_REGION_PREFIX}test-{tag}-{n}" for n in ("stale", "mapped", "fresh"))
+    old = time.time() - 120
+    try:
+        for f in (stale, mapped, fresh):
+            f.write_bytes(b"\0" * 4096)
+        for f in (stale, mapped):
+            os.utime(f, (old, old))
+        with open(mapped, "r+b") as handle, mmap.mmap(handle.fileno(), 4096) as view:
+            view[0] = 1  # this process maps it, as a live server and its stub do
+            os.utime(mapped, (old, old))
+            removed = remove_stale_shm_regions(min_age_s=30.0)
+            assert stale.name in removed and not stale.exists()
+            assert mapped.exists() and fresh.exists()
+            assert mapped.name not in removed and fresh.name not in removed
+    finally:
+        for f in (stale, mapped, fresh):
+            f.unlink(missing_ok=True)
