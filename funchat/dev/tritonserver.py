@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -86,7 +87,38 @@ def server_env(install: TritonInstall) -> dict[str, str]:
 
 # ---- processes ----
 
+# Listening ports are picked below the kernel's ephemeral range: a port the OS picked (bind to 0) is
+# free now, but in the seconds before its server binds it an outgoing connection of the stack (Ray,
+# Redis, gRPC clients) may take it as its source port (seen in CI). 20000 is above Ray's worker ports.
+PICK_MIN = 20000
+_picked: set[int] = set()  # handed out by this process: never twice
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))  # the wildcard: some servers of the stack bind it
+            return True
+        except OSError:
+            return False
+
+
 def free_port() -> int:
+    """A TCP port no one listens on, outside the ephemeral range when that leaves room."""
+    high = _ephemeral_low() - 1
+    if high - PICK_MIN >= 1000:
+        for _ in range(200):
+            port = random.randint(PICK_MIN, high)
+            if port not in _picked and _bindable(port):
+                _picked.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]

@@ -200,7 +200,14 @@ def test_the_proxy_delays_partitions_heals_and_resets(stack, proxies):
             proxy.heal()
             await one_shot(client)
             proxy.reset()
-            await one_shot(client)  # grpc reconnects through the proxy
+            # grpc reconnects through the proxy. A request sent before the channel has seen the
+            # reset may still go out on the dead connection and fail UNAVAILABLE (seen in CI): at
+            # most that one, then the new connection serves.
+            try:
+                await one_shot(client)
+            except ServiceError as exc:
+                assert exc.status == "StatusCode.UNAVAILABLE", exc
+                await one_shot(client)
         finally:
             await client.close()
 
