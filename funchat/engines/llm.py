@@ -167,11 +167,12 @@ class LlmEngine:
     def _prepare(self, index: int, req: LlmRequest) -> _Ready:
         vocab = self.model.cfg.text.vocab_size
         device = self.device
-        ids = req.input_ids.long().reshape(-1).to(device)
-        if ids.numel() == 0:
+        given = req.input_ids.long().reshape(-1)  # checked where it arrived (the CPU, from Triton): no device sync
+        if given.numel() == 0:
             raise SequenceError("INPUT_IDS is empty")
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        if int(given.min()) < 0 or int(given.max()) >= vocab:
             raise SequenceError(f"INPUT_IDS holds ids outside the text vocabulary 0..{vocab - 1}")
+        ids = given.to(device)
         if not 0 <= req.return_top_k <= vocab:
             raise SequenceError(f"RETURN_TOP_K is {req.return_top_k}: use 0 (none) to {vocab} (the vocabulary)")
         if req.start and ids.numel() > self.max_context:
@@ -196,10 +197,11 @@ class LlmEngine:
                                 f"no room for another step; end the call")
         group = None
         if req.speech_group is not None and req.speech_group.numel():
-            group = req.speech_group.long().reshape(1, -1).to(device)
+            group = req.speech_group.long().reshape(1, -1)
             g, codebook = self.model.cfg.audio.group_size, self.model.cfg.audio.codebook_size
             if group.shape[1] != g or int(group.min()) < 0 or int(group.max()) >= codebook:
                 raise SequenceError(f"SPEECH_GROUP must hold {g} ids in 0..{codebook - 1}")
+            group = group.to(device)
         inputs = self.model.embed_step(ids, group)[0]  # [1, E]
         slot.extra["history"].append(int(ids[0]))  # the previous forward's returned id
         return _Ready(index, slot, inputs, ids)

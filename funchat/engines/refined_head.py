@@ -15,12 +15,14 @@ from typing import Callable
 
 import torch
 
+from funchat.engines.fixed_steps import FixedShapeSteps, context_buckets, decode_position
 from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SequenceError, Slot,
                                        SlotPool, forward_failed, pad_right, run_isolated)
 from funchat.engines.triton_adapter import ServiceParams
 from funchat.model.checkpoint import load_model
 from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.qwen3 import KVCache
+from funchat.model.refined_head import TokenChooser
 from funchat.model.sampling import GREEDY, SamplingParams, penalty_history, select
 from funchat.turn.prompt import CONTEXT_TOKENS
 
@@ -41,17 +43,26 @@ class SrhEngine:
 
     def __init__(self, model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUENCES,
                  idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_context: int = CONTEXT_TOKENS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, step_runner: "SrhStepRunner | None" = None):
         """max_context: the LLM positions a call may hold, as the llm service's; the SRH holds g
-        positions per LLM position, so its pool is allocated once at g x max_context per call."""
+        positions per LLM position, so its pool is allocated once at g x max_context per call.
+        step_runner: optional `SrhStepRunner`; it runs the batches of single steps (prefills stay
+        eager) on fixed shapes over the same pool plus one scratch row for its padding rows."""
         if model.audio_invert_tower is None:
             raise ValueError("this checkpoint has no Speech Refined Head")
         self.model = model
         head = model.audio_invert_tower
         self.group = model.cfg.audio.group_size
         self.max_context = max_context
-        self.pool = SlotPool(head.crq_transformer.new_cache, max_sequences, idle_timeout_s,
-                             self.group * max_context, clock)
+        self.step_runner = step_runner
+        capacity = self.group * max_context
+        if step_runner is None:
+            self.pool = SlotPool(head.crq_transformer.new_cache, max_sequences, idle_timeout_s, capacity, clock)
+        else:
+            # Row `max_sequences` is never given to a call: the runner's padding rows write there.
+            self.pool = SlotPool(lambda rows, cap: head.crq_transformer.new_cache(rows + 1, cap), max_sequences,
+                                 idle_timeout_s, capacity, clock)
+            step_runner.attach(self.pool.cache, scratch_row=max_sequences)
         self.bos = head.codebook[model.cfg.audio.bos_token_id]
 
     @torch.inference_mode()
@@ -74,7 +85,8 @@ class SrhEngine:
             if group:
                 # A forward that raises fails only the requests that fail on their own; their
                 # sequences end (state unknown), so no slot waits for the idle timeout.
-                for (i, _), exc in run_isolated(group, lambda part: self._run_group(part, requests, results)):
+                run = lambda part, p=is_prefill: self._run_group(part, requests, results, p)  # noqa: E731
+                for (i, _), exc in run_isolated(group, run):
                     self.pool.free(requests[i].cid)
                     results[i] = forward_failed("refined_head", exc)
         for i, req in enumerate(requests):
@@ -82,7 +94,8 @@ class SrhEngine:
                 self.pool.free(req.cid)
         return results  # type: ignore[return-value]
 
-    def _run_group(self, group: list[tuple[int, Slot]], requests: list[SrhRequest], results: list) -> None:
+    def _run_group(self, group: list[tuple[int, Slot]], requests: list[SrhRequest], results: list,
+                   is_prefill: bool = True) -> None:
         """One batched forward of `group` ((request index, slot), all prefills or all steps); its
         results go in `results` only when the whole forward succeeded. On failure the calls'
         generators are put back as they were, so a retry draws what this attempt would have."""
@@ -92,14 +105,20 @@ class SrhEngine:
         drawn: list[list[int]] = [[] for _ in group]
         generator_states = [s.extra["generator"].get_state() for s in slots]
 
+        sampled = [b for b, s in enumerate(slots) if not s.extra["sampling"].greedy]
+
         def choose(_j: int, logits: torch.Tensor) -> torch.Tensor:
-            tokens = []
-            for b, slot in enumerate(slots):  # each call has its own history and generator
-                extra = slot.extra
-                history = penalty_history(extra["history"] + drawn[b], extra["sampling"], logits.device)
-                tokens.append(int(select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0]))
-                drawn[b].append(tokens[-1])
-            return torch.tensor(tokens, dtype=torch.long, device=logits.device)
+            """logits [B, V] -> [B] ids: greedy rows take the raw argmax, all at once (no device
+            sync for them); sampled rows draw with their own history and generator."""
+            tokens = logits.argmax(dim=-1)  # [B]
+            if sampled:
+                tokens = tokens.clone()
+                for b in sampled:
+                    extra = slots[b].extra
+                    history = penalty_history(extra["history"] + drawn[b], extra["sampling"], logits.device)
+                    tokens[b] = select(logits[b:b + 1], extra["sampling"], history, extra["generator"])[0]
+                    drawn[b].append(int(tokens[b]))  # the penalty's history: sampled rows only
+            return tokens
 
         def forward(cache: KVCache) -> torch.Tensor:
             prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
@@ -110,13 +129,33 @@ class SrhEngine:
             return out
 
         try:
-            tokens = self.pool.run([s.row for s in slots], h.shape[1] * self.group, forward)  # g per LLM position
+            if is_prefill or self.step_runner is None:
+                tokens = self.pool.run([s.row for s in slots], h.shape[1] * self.group, forward)  # g per LLM position
+            else:
+                tokens = self._fixed_shape_step(h, slots, choose)
         except Exception:
             for slot, generator_state in zip(slots, generator_states):
                 slot.extra["generator"].set_state(generator_state)
             raise
         for b, (i, _) in enumerate(group):
             results[i] = tokens[b]
+
+    def _fixed_shape_step(self, h: torch.Tensor, slots: list[Slot], choose: TokenChooser) -> torch.Tensor:
+        """h [B, 1, E] of calls that each take one step -> tokens [B, g], through the step runner."""
+        rows = [s.row for s in slots]
+        with self.pool.lock:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.pool.cache.lengths.device)
+            positions = self.pool.cache.lengths[idx].tolist()  # each row's cached length
+            prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
+            try:
+                tokens, prev = self.step_runner.step(h[:, 0], prev, rows, positions, choose)
+            except Exception:
+                # leave no trace (run_isolated retries): a sub-step that ran had advanced its rows
+                self.pool.cache.lengths[idx] = torch.tensor(positions, dtype=torch.long, device=idx.device)
+                raise
+        for b, slot in enumerate(slots):
+            slot.extra["prev_embed"] = prev[b]
+        return tokens
 
     def _prepare(self, req: SrhRequest) -> Slot:
         e = self.model.cfg.audio.output_dim
@@ -141,6 +180,41 @@ class SrhEngine:
         return slot
 
 
+class SrhStepRunner(FixedShapeSteps):
+    """SRH steps (one LLM position: g sub-steps, each one new position of the crq_transformer) on
+    fixed shapes over the engine's pool in place (FixedShapeSteps), optionally as CUDA graphs.
+
+    A sub-step's graph covers input_matching, the crq_transformer position and the speech logits;
+    the token is chosen between sub-steps (a sampled call draws on the host), and its codebook
+    row feeds the next sub-step, as `RefinedHead.forward` does for a one-position block.
+    """
+
+    def step(self, h: torch.Tensor, prev_embed: torch.Tensor, rows: list[int], positions: list[int],
+             choose: TokenChooser) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, E] (one LLM position per call), prev_embed [B, E], cache rows and cached lengths ->
+        (tokens [B, g], the new prev_embed [B, E]). Each row gains g positions."""
+        head = self.model.audio_invert_tower
+        b, e = h.shape
+        g = head.cfg.group_size
+        sub = head.pre_matching(h).reshape(b, g, e)  # [B, g, E]
+        tokens, prev = [], prev_embed
+        for j in range(g):
+            x = (sub[:, j] + prev)[:, None]  # [B, 1, E]
+            (logits,) = self._in_pieces(x, rows, [p + j for p in positions])  # [B, V] float32
+            token = choose(j, logits)  # [B]
+            tokens.append(token)
+            prev = head.codebook[token]  # [B, E]
+        return torch.stack(tokens, dim=1), prev
+
+    def _static_step(self, n: int, context: int) -> tuple[torch.Tensor]:
+        """-> (speech logits [n, V] float32,) of the first n buffer rows."""
+        head = self.model.audio_invert_tower
+        x = head.input_matching(self.x_buf[:n])  # [n, 1, E_srh]
+        hidden = decode_position(head.crq_transformer, x, self.rows_buf[:n], self.pos_buf[:n], self.cache,
+                                 self.key_index, context)  # [n, 1, E_srh]
+        return (head._logits(hidden[:, 0]),)
+
+
 @dataclass
 class _BatchState:
     """The RefinedHeadState shape the SRH module expects, over a gathered batch cache."""
@@ -149,12 +223,43 @@ class _BatchState:
     prev_embed: torch.Tensor  # [B, E]
 
 
+CUDA_GRAPHS = ("auto", "true", "false")
+
+
+def build_srh_engine(model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUENCES,
+                     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_context: int = CONTEXT_TOKENS,
+                     cuda_graphs: str = "auto", max_batch: int = 16) -> SrhEngine:
+    """The engine as the service runs it. cuda_graphs: "auto" steps through an `SrhStepRunner`
+    with CUDA graphs on a CUDA device and eagerly (no runner) elsewhere; "true" needs CUDA;
+    "false" runs the runner's fixed shapes without capture (any device)."""
+    on_cuda = model.device.type == "cuda"
+    if cuda_graphs not in CUDA_GRAPHS:
+        raise ValueError(f"refined_head parameter cuda_graphs={cuda_graphs!r} is not accepted: "
+                         f"use one of {', '.join(CUDA_GRAPHS)}")
+    if cuda_graphs == "true" and not on_cuda:
+        raise ValueError(f"refined_head parameter cuda_graphs=true needs device cuda, got {model.device}: "
+                         f"use auto or false")
+    if cuda_graphs == "auto" and not on_cuda:
+        return SrhEngine(model, max_sequences, idle_timeout_s, max_context)
+    g = model.cfg.audio.group_size
+    contexts = context_buckets(g * max_context, smallest=g * 256)
+    runner = SrhStepRunner(model, max_batch, use_graphs=cuda_graphs != "false", context_sizes=contexts)
+    engine = SrhEngine(model, max_sequences, idle_timeout_s, max_context, step_runner=runner)
+    runner.capture_all()  # at load, not during the first calls
+    return engine
+
+
 def load_srh_engine(params: ServiceParams) -> SrhEngine:
     """The refined_head service's engine from its config parameters: `checkpoint`, `device`,
-    `dtype`, `threads`, `max_sequences`, `idle_timeout_s`, `max_context`."""
+    `dtype`, `threads`, `max_sequences`, `idle_timeout_s`, `max_context`, `cuda_graphs`."""
     max_sequences = params.integer("max_sequences", DEFAULT_MAX_SEQUENCES, minimum=1)
     idle_timeout_s = params.number("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
     max_context = params.integer("max_context", CONTEXT_TOKENS, minimum=1)
+    cuda_graphs = params.text("cuda_graphs", "auto").lower()
+    if cuda_graphs not in CUDA_GRAPHS:  # before any weight is read
+        raise ValueError(f"refined_head parameter cuda_graphs={cuda_graphs!r} is not accepted: "
+                         f"use one of {', '.join(CUDA_GRAPHS)}")
     params.apply_threads()
     model = load_model(params.checkpoint, dtype=params.dtype, device=params.device)
-    return SrhEngine(model, max_sequences=max_sequences, idle_timeout_s=idle_timeout_s, max_context=max_context)
+    return build_srh_engine(model, max_sequences, idle_timeout_s, max_context, cuda_graphs,
+                            max_batch=max(1, params.max_batch_size))

@@ -72,14 +72,23 @@ class VocoderEngine:
         return state
 
 
+FLOW_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_vocoder_engine(params: ServiceParams) -> VocoderEngine:
-    """The vocoder service's engine from its config parameters: `checkpoint`, `device` (cpu only:
-    the streaming vocoder keeps its fixed noise and inputs on the CPU), `threads`."""
-    if params.device != "cpu":
-        raise ValueError(f"vocoder parameter device={params.device!r} is not accepted: the streaming vocoder "
-                         f"runs on cpu")
+    """The vocoder service's engine from its config parameters: `checkpoint`, `device` (cpu, cuda,
+    cuda:N; a KIND_GPU instance's "cuda" is its own GPU), `dtype` (the flow's: float32, bfloat16 or
+    float16; HiFT always runs in float32), `threads`. Stream states and the fixed noise stay on the
+    CPU whatever the device."""
+    device = params.device
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"vocoder parameter device={device!r} is not accepted: use cpu, cuda or cuda:N")
+    if params.dtype not in FLOW_DTYPES:
+        raise ValueError(f"vocoder parameter dtype={params.dtype!r} is not accepted: use one of "
+                         f"{', '.join(FLOW_DTYPES)}")
     params.apply_threads()
     vocoder, speakers = load_vocoder(params.checkpoint)
+    vocoder.to_device(device, FLOW_DTYPES[params.dtype])
     if not speakers:
         raise ValueError(f"vocoder: {params.checkpoint} has no speakers")
     vocoder.noise.draw_all()  # memory fixed at load, not grown with the longest reply served

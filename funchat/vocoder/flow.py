@@ -238,7 +238,8 @@ class Flow(nn.Module):
 
     def speaker_embedding(self, xvec: torch.Tensor) -> torch.Tensor:
         """x-vector [B, 192] -> [B, 80]. Normalised first: the x-vector's scale carries no identity."""
-        return self.spk_embed_affine_layer(F.normalize(xvec, dim=1))
+        weight = self.spk_embed_affine_layer.weight
+        return self.spk_embed_affine_layer(F.normalize(xvec.float(), dim=1).to(weight.dtype))
 
     def encode_tokens(self, tokens: torch.Tensor, finalize: bool) -> torch.Tensor:
         """tokens [B, N] -> h [B, N', 80], before the repeat into mel frames.

@@ -15,6 +15,11 @@ Two streaming modes share one serialisable `StreamState`:
   (its whole causal receptive field) with the source phase and the committed f0 carried in the
   state and the source noise at absolute sample positions, so it continues the waveform exactly
   as one causal run over the whole call would.
+
+Devices: `to_device(device, flow_dtype)` puts the model on a GPU, the flow (the DiT, nearly all of
+the work) in float32, bfloat16 or float16 and HiFT in float32 (its STFT and float64 phase sums
+need it). Stream states, noise and returned chunks stay on the CPU: each call moves what it needs,
+so a state is the same bytes whichever device served it.
 """
 
 from __future__ import annotations
@@ -139,6 +144,14 @@ class StreamState:
                    **meta)
 
 
+def _move_state(state: StreamState, device: torch.device) -> None:
+    """Put the state's tensors on `device` (no copy when they are there already)."""
+    for name in ("xvec", "mel", "f0", "cycles"):
+        value = getattr(state, name)
+        if value is not None:
+            setattr(state, name, value.to(device))
+
+
 def _metadata(data: bytes) -> dict[str, str]:
     # safetensors layout: 8-byte little-endian header length, then a JSON header with "__metadata__".
     n = int.from_bytes(data[:8], "little")
@@ -154,6 +167,28 @@ class Token2Wav(nn.Module):
         self.noise = FixedNoise.for_configs(cfg.hift, vocab_size=cfg.flow.vocab_size,
                                             flow_input_size=cfg.flow.input_size, spk_embed_dim=cfg.flow.spk_embed_dim,
                                             flow_output_size=cfg.flow.output_size)
+
+    # ---- device ----
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.input_embedding.weight.device
+
+    @property
+    def flow_dtype(self) -> torch.dtype:
+        return self.flow.input_embedding.weight.dtype
+
+    def to_device(self, device: str | torch.device, flow_dtype: torch.dtype = torch.float32) -> "Token2Wav":
+        """Move the flow (in flow_dtype) and HiFT (float32) to `device`; the noise stays on the CPU."""
+        if flow_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise VocoderInputError(f"flow dtype {flow_dtype} is not supported: use float32, bfloat16 or float16")
+        self.flow.to(device=device, dtype=flow_dtype)
+        self.hift.to(device=device)
+        return self
+
+    def _speaker(self, xvec: torch.Tensor) -> torch.Tensor:
+        """x-vector [B, 192] on any device -> the flow's projected speaker [B, 80] on the model's device."""
+        return self.flow.speaker_embedding(xvec.to(self.device))
 
     # ---- inputs ----
 
@@ -200,9 +235,12 @@ class Token2Wav(nn.Module):
         self._check_length(len(codes), "offline")
         xvec = self.check_xvec(xvec)
         t = len(codes) * self.cfg.flow.token_mel_ratio
-        mel = self.flow.inference(torch.tensor([codes]), xvec[None], self.noise.flow_noise(t), finalize=True)
-        wav = self.hift.inference(mel, self.noise.source_noise(t * self.cfg.hift.samples_per_frame), finalize=True)
-        return (wav[0], mel[0]) if return_mel else wav[0]
+        device = self.device
+        mel = self.flow.inference(torch.tensor([codes], device=device), xvec[None].to(device),
+                                  self.noise.flow_noise(t).to(device), finalize=True)  # [1, 80, t] float32
+        wav = self.hift.inference(mel, self.noise.source_noise(t * self.cfg.hift.samples_per_frame).to(device),
+                                  finalize=True)
+        return (wav[0].cpu(), mel[0].cpu()) if return_mel else wav[0].cpu()
 
     # ---- streaming ----
 
@@ -242,12 +280,17 @@ class Token2Wav(nn.Module):
     def _call(self, state: StreamState, tokens: list[int], finalize: bool,
               trace: list[dict[str, Any]] | None) -> torch.Tensor:
         offset = state.token_offset
-        with parametrize.cached():
-            if state.mode == "reference":
-                chunk, flow_mel = self._reference_call(state, tokens, finalize)
-            else:
-                flow_mel = self.incremental_flow(state, tokens, finalize)
-                chunk = self.incremental_hift(state, flow_mel, finalize)
+        _move_state(state, self.device)
+        try:
+            with parametrize.cached():
+                if state.mode == "reference":
+                    chunk, flow_mel = self._reference_call(state, tokens, finalize)
+                else:
+                    flow_mel = self.incremental_flow(state, tokens, finalize)
+                    chunk = self.incremental_hift(state, flow_mel, finalize)
+        finally:
+            _move_state(state, torch.device("cpu"))  # states travel as bytes: they live on the CPU
+        chunk, flow_mel = chunk.cpu(), flow_mel.cpu()
         if trace is not None:
             trace.append({"tokens": len(tokens), "offset": offset, "finalize": finalize,
                           "samples": chunk.numel(), "flow_mel": flow_mel})
@@ -258,14 +301,16 @@ class Token2Wav(nn.Module):
         ratio, spf = self.cfg.flow.token_mel_ratio, self.cfg.hift.samples_per_frame
         n = len(tokens)
         frames = (n if finalize else n - self.cfg.flow.pre_lookahead_len) * ratio
-        mel = self.flow.inference(torch.tensor([tokens]), state.xvec[None], self.noise.flow_noise(frames), finalize)
+        device = self.device
+        mel = self.flow.inference(torch.tensor([tokens], device=device), state.xvec[None],
+                                  self.noise.flow_noise(frames).to(device), finalize)  # [1, 80, T] float32
         new = mel[0, :, state.token_offset * ratio:]  # [80, new frames]
         state.mel = new if state.mel is None else torch.cat([state.mel, new], dim=1)
         total = state.mel.shape[1]
         if not finalize and total <= self.hift.lookahead_frames:
             state.token_offset = n - self.cfg.flow.pre_lookahead_len
             return torch.zeros(0), mel[0]
-        wav = self.hift.inference(state.mel[None], self.noise.source_noise(total * spf), finalize)[0]
+        wav = self.hift.inference(state.mel[None], self.noise.source_noise(total * spf).to(device), finalize)[0]
         chunk = wav[state.samples_sent:]
         state.samples_sent += chunk.numel()
         state.token_offset = n if finalize else n - self.cfg.flow.pre_lookahead_len
@@ -279,10 +324,10 @@ class Token2Wav(nn.Module):
         end_token = n if finalize else n - cfg.flow.pre_lookahead_len  # tokens whose mel this call makes final
         # Flow over [start, n): left context + new tokens (+ look-ahead), noise at absolute frames.
         start = max(0, state.token_offset - cfg.stream.flow_left_tokens)
-        window = torch.tensor([tokens[start:]])
-        mu = self.flow.mu(window, finalize)  # [1, 80, (end_token - start) * ratio]
-        noise = self._flow_noise_window(start * ratio, end_token * ratio)
-        mel = self.flow.solve(mu, self.flow.speaker_embedding(state.xvec[None]), noise)  # [1, 80, frames]
+        window = torch.tensor([tokens[start:]], device=self.device)
+        mu = self.flow.mu(window, finalize)  # [1, 80, (end_token - start) * ratio] in the flow's dtype
+        noise = self._flow_noise_window(start * ratio, end_token * ratio).to(self.device)
+        mel = self.flow.solve(mu, self._speaker(state.xvec[None]), noise)  # [1, 80, frames] float32
         new = mel[0, :, (state.token_offset - start) * ratio:]  # [80, new frames]
         state.token_offset = end_token
         return new
@@ -299,7 +344,7 @@ class Token2Wav(nn.Module):
         # A non-final decode holds back conv_pre's look-ahead and one more frame: wait until it yields samples.
         if not finalize and f0_new_end - self.hift.conv_pre_lookahead_frames - 1 <= committed:
             state.mel = mel_all
-            return torch.zeros(0)
+            return torch.zeros(0, device=mel_all.device)
         f0_all = self.hift.predict_f0(mel_all[None], finalize=finalize)[0]  # frames [mel_start, f0_new_end)
         first_new = committed - state.mel_start
         f0_hist = state.f0 if state.f0 is not None else f0_all[:0]
@@ -307,7 +352,7 @@ class Token2Wav(nn.Module):
         phase0 = state.cycles[-1:][None] if state.cycles is not None else None
         cycles_new = self.hift.m_source.cycles(f0_all[first_new:][None], phase0)[0]  # [new, 9]
         cycles = torch.cat([state.cycles, cycles_new]) if state.cycles is not None else cycles_new
-        noise = self._source_noise_window(state.mel_start * spf, f0_new_end * spf)
+        noise = self._source_noise_window(state.mel_start * spf, f0_new_end * spf).to(mel_all.device)
         source = self.hift.m_source.excite(f0[None], cycles[None], noise)  # [1, (f0_new_end-mel_start)*480, 1]
         dec_mel = mel_all[None] if finalize else mel_all[None, :, : f0.shape[0]]
         wav = self.hift.decode(dec_mel, source, finalize=finalize)[0]  # from frame mel_start

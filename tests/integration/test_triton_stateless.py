@@ -431,7 +431,7 @@ def test_gpu_config_variants_parse_and_select_gpu(tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    for model in ("audio_tokenizer", "llm", "refined_head"):
+    for model in ("audio_tokenizer", "llm", "refined_head", "vocoder"):
         out = prepare_model_repo(model, DEFAULT_REPO, tmp_path, {}, config_name="gpu")
         config = text_format.Parse((out / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert config.name == model
