@@ -171,6 +171,21 @@ class Stack:
     stop_fns: list = field(default_factory=list, repr=False)
     keep_run_dir: bool = False
     api_key: str = field(default="", repr=False)  # a key of the orchestrator's key file
+    orchestrator_env: dict[str, str] = field(default_factory=dict, repr=False)
+    orchestrator: Any = field(default=None, repr=False)
+
+    def restart_orchestrator(self, overrides: dict[str, str], timeout: float = 180.0) -> None:
+        """Stop the orchestrator and start a new one on the same services with these settings changed
+        (e.g. to compare a setting within one run); Stack.target is its address."""
+        from funchat.dev.stack import start_orchestrator
+        from funchat.dev.tritonserver import free_port
+
+        self.stop_fns.remove(self.orchestrator.stop)
+        self.orchestrator.stop()
+        self.orchestrator = start_orchestrator(self.run_dir, {**self.orchestrator_env, **overrides}, free_port(),
+                                               timeout=timeout, api_key=self.api_key)
+        self.stop_fns.append(self.orchestrator.stop)
+        self.target = self.orchestrator.target
 
     def stop(self) -> None:
         for fn in reversed(self.stop_fns):
@@ -218,7 +233,7 @@ def start_stack(checkpoint: Path, max_calls: int, timeout: float) -> Stack:
                "FUNCHAT_AUTH": "api_keys"}
         orch = start_orchestrator(run_dir, env, free_port(), timeout=timeout, api_key=stack.api_key)
         stack.stop_fns.append(orch.stop)
-        stack.target = orch.target
+        stack.target, stack.orchestrator, stack.orchestrator_env = orch.target, orch, env
         log(f"stack: orchestrator {orch.target} ({time.monotonic() - t0:.1f} s)")
         return stack
     except BaseException as exc:

@@ -90,7 +90,10 @@ class Plan:
     capacity: int = field(init=False)
 
     def __post_init__(self):
-        self.capacity = max(max(self.contexts), self.prompt + self.reply_steps + 8)
+        # room for a conversation's kept turns (the capacity simulation's prompts grow turn by turn)
+        groups_per_turn = math.ceil(self.audio_seconds * 5)  # 5 Hz <|AUDIO|> positions
+        per_turn = REPLY_AS_TEXT + 3 + groups_per_turn + self.reply_steps + 1
+        self.capacity = max(max(self.contexts), self.prompt + TURNS_KEPT * per_turn + 8)
 
     @classmethod
     def for_device(cls, device: torch.device, quick: bool) -> "Plan":
@@ -190,7 +193,10 @@ class Tier:
             log(f"CUDA graph capture failed; stepping without graphs:\n{self.graphs_error}")
             self._build_llm(model, plan, max_batch, contexts, use_graphs=False)
         self.capture_s = time.perf_counter() - t0
-        srh_context = max(plan.srh_positions, plan.prompt + plan.reply_steps) + 8
+        # the SRH holds a conversation's kept turns too (TURNS_KEPT prompts growing by what each adds)
+        per_turn = REPLY_AS_TEXT + 3 + groups_for_frames(speech_frames_for_samples(int(plan.audio_seconds * SAMPLE_RATE),
+                                                                                   SAMPLE_RATE), model.cfg.audio.group_size)
+        srh_context = max(plan.srh_positions, plan.prompt + TURNS_KEPT * (per_turn + plan.reply_steps + 1)) + 8
         t1 = time.perf_counter()
         self.srh = build_srh_engine(model, max_batch, max_context=srh_context, max_batch=max_batch,
                                     cuda_graphs="true" if device.type == "cuda" else "false")
@@ -236,14 +242,18 @@ class Tier:
             self.srh.pool.free(cid)
 
     def llm_steps(self, cids: list[int], tokens: list[int], groups: list[torch.Tensor | None],
-                  end: bool = False) -> list:
-        reqs = [LlmRequest(cid, False, end, torch.tensor([tok]), speech_group=group)
-                for cid, tok, group in zip(cids, tokens, groups)]
+                  end: bool = False, keep_ids: list[int] | None = None) -> list:
+        keep_ids = keep_ids or [0] * len(cids)
+        reqs = [LlmRequest(cid, False, end, torch.tensor([tok]), speech_group=group, keep_id=keep)
+                for cid, tok, group, keep in zip(cids, tokens, groups, keep_ids)]
         return checked(self.llm.run(reqs))
 
-    def srh_steps(self, cids: list[int], srh_inputs: list[torch.Tensor], end: bool = False) -> list[torch.Tensor]:
+    def srh_steps(self, cids: list[int], srh_inputs: list[torch.Tensor], end: bool = False,
+                  keep_ids: list[int] | None = None) -> list[torch.Tensor]:
         # srh_input crosses to the CPU as it does between the services (llm -> orchestrator -> refined_head)
-        reqs = [SrhRequest(cid, False, end, x.float().cpu()) for cid, x in zip(cids, srh_inputs)]
+        keep_ids = keep_ids or [0] * len(cids)
+        reqs = [SrhRequest(cid, False, end, x.float().cpu(), keep_id=keep)
+                for cid, x, keep in zip(cids, srh_inputs, keep_ids)]
         return checked(self.srh.run(reqs))
 
 
@@ -416,27 +426,101 @@ def encode(tier: Tier, clips: list[np.ndarray]) -> list[torch.Tensor]:
     return [rows.cpu() for rows in tier.model.encode_audio(mels, frames)]
 
 
-def start_turns(tier: Tier, cids: list[int], clips: list[np.ndarray], positions: int) -> list:
-    """Encode the callers' audio and prefill their prompts in llm and SRH, batched; -> llm results."""
+REPLY_AS_TEXT = 25  # text positions a reply adds to the next prompt (its words, <|im_end|>, the user header)
+
+
+def start_turns(tier: Tier, cids: list[int], clips: list[np.ndarray], positions: int,
+                kept: list[tuple[int, int]] | None = None) -> list:
+    """Encode the callers' audio and prefill their prompts in llm and SRH, batched; -> llm results.
+    kept: per call (keep id, kept prompt positions) or (keep id, 0): a call with kept rows sends only
+    what its next prompt adds (the last reply as text, the new audio, the header), as the
+    orchestrator does; otherwise the whole `positions`-position prompt."""
     rows = encode(tier, clips)
     g = tier.cfg.audio.group_size
-    reqs = [LlmRequest(cid, True, False, tier.prompt_ids(positions, r.shape[0]), audio=r) for cid, r in zip(cids, rows)]
-    results = checked(tier.llm.run(reqs))
-    checked(tier.srh.run([SrhRequest(cid, True, False, res.srh_input.float().cpu()) for cid, res in zip(cids, results)]))
+    kept = kept or [(0, 0)] * len(cids)
+    llm_reqs, srh_prefix = [], []
+    for cid, r, (keep_id, held) in zip(cids, rows, kept):
+        if held:
+            share = held - 1  # as the orchestrator: all of the last prompt but its last position
+            ids = tier.prompt_ids(REPLY_AS_TEXT + r.shape[0] + 2 + 1, r.shape[0])
+            llm_reqs.append(LlmRequest(cid, True, False, ids, audio=r, keep_id=keep_id, prefix=share))
+            srh_prefix.append(share)
+        else:
+            llm_reqs.append(LlmRequest(cid, True, False, tier.prompt_ids(positions, r.shape[0]), audio=r,
+                                       keep_id=keep_id))
+            srh_prefix.append(0)
+    results = checked(tier.llm.run(llm_reqs))
+    checked(tier.srh.run([SrhRequest(req.cid, True, False, res.srh_input.float().cpu(), keep_id=req.keep_id,
+                                     prefix=prefix) for req, res, prefix in zip(llm_reqs, results, srh_prefix)]))
     assert all(r.shape[0] == groups_for_frames(speech_frames_for_samples(len(c), SAMPLE_RATE), g)
                for r, c in zip(rows, clips))
     return results
 
 
-def bench_first_audio(tier: Tier, vocoder: Token2Wav, plan: Plan, first_chunk_warm: Callable[[], None]) -> dict[str, Any]:
+def bench_prefill_parts(tier: Tier, plan: Plan) -> dict[str, Any]:
+    """Where a turn's prefill time goes at one call, each part timed alone (device synced): log-mel
+    (CPU), encoder, llm prefill, SRH prefill (its 5 sub-steps at the last position included), for a
+    whole prompt and for a later turn's suffix from kept rows."""
+    clip = caller_audio(plan.audio_seconds)
+    out: dict[str, Any] = {}
+    for name in ("whole", "kept", "whole", "kept"):  # the first pair warms up; the second is reported
+        keep_id = 3_000_000 + len(out)
+        held = 0
+        if name == "kept":
+            (warm_cid,) = tier.cids(1)
+            start_turns(tier, [warm_cid], [clip], plan.prompt, kept=[(keep_id, 0)])
+            tier.llm.run([LlmRequest(warm_cid, False, True, torch.tensor([5]), keep_id=keep_id)])
+            tier.srh.run([SrhRequest(warm_cid, False, True, torch.zeros(1, tier.width), keep_id=keep_id)])
+            held = plan.prompt
+        parts = {}
+        t = time.perf_counter()
+        mel = log_mel_spectrogram(clip, tier.cfg.audio.num_mel_bins).to(tier.device)
+        sync(tier.device)
+        parts["mel_ms"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        (rows,) = tier.model.encode_audio([mel], [speech_frames_for_samples(len(clip), SAMPLE_RATE)])
+        rows = rows.cpu()
+        parts["encoder_ms"] = (time.perf_counter() - t) * 1e3
+        (cid,) = tier.cids(1)
+        if held:
+            ids = tier.prompt_ids(REPLY_AS_TEXT + rows.shape[0] + 3, rows.shape[0])
+            req = LlmRequest(cid, True, False, ids, audio=rows, keep_id=keep_id, prefix=held - 1)
+        else:
+            req = LlmRequest(cid, True, False, tier.prompt_ids(plan.prompt, rows.shape[0]), audio=rows)
+        t = time.perf_counter()
+        (res,) = checked(tier.llm.run([req]))
+        parts["llm_prefill_ms"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        checked(tier.srh.run([SrhRequest(cid, True, False, res.srh_input.float().cpu(), keep_id=req.keep_id,
+                                         prefix=req.prefix)]))
+        parts["srh_prefill_ms"] = (time.perf_counter() - t) * 1e3
+        parts["positions"] = int(req.input_ids.numel())
+        tier.free([cid])
+        out[name] = parts
+    log(f"prefill parts: {out}")
+    return out
+
+
+def bench_first_audio(tier: Tier, vocoder: Token2Wav, plan: Plan, first_chunk_warm: Callable[[], None],
+                      later_turn: bool = False) -> dict[str, Any]:
+    """First audio of a turn at one call: a first turn (the whole prompt), or with later_turn a
+    conversation's next turn from the rows the services kept of a `plan.prompt`-position prompt."""
     xvec = torch.randn(vocoder.cfg.flow.spk_embed_dim, generator=torch.Generator().manual_seed(1))
     clip = caller_audio(plan.audio_seconds)
     samples, parts = [], []
     first_chunk_warm()
     for i in range(plan.first_audio_repeats + 1):
+        kept = None
+        if later_turn:  # a previous turn left its rows: prefill it whole and keep them
+            keep_id = 1_000_000 + i
+            (warm_cid,) = tier.cids(1)
+            start_turns(tier, [warm_cid], [clip], plan.prompt, kept=[(keep_id, 0)])
+            tier.llm.run([LlmRequest(warm_cid, False, True, torch.tensor([5]), keep_id=keep_id)])
+            tier.srh.run([SrhRequest(warm_cid, False, True, torch.zeros(1, tier.width), keep_id=keep_id)])
+            kept = (keep_id, plan.prompt)
         (cid,) = tier.cids(1)
         t0 = time.perf_counter()
-        (res,) = start_turns(tier, [cid], [clip], plan.prompt)
+        (res,) = start_turns(tier, [cid], [clip], plan.prompt, kept=[kept] if kept else None)
         sync(tier.device)
         t_prefill = time.perf_counter()
         speech: list[int] = []
@@ -458,12 +542,16 @@ def bench_first_audio(tier: Tier, vocoder: Token2Wav, plan: Plan, first_chunk_wa
         parts.append({"encode_prefill_ms": (t_prefill - t0) * 1e3, "steps_ms": (t_steps - t_prefill) * 1e3,
                       "vocoder_ms": (t_end - t_steps) * 1e3})
     result = {**summarize(samples), "prompt_positions": plan.prompt, "caller_audio_s": plan.audio_seconds,
+              "turn": "later, from kept rows" if later_turn else "first",
               "parts_median_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
-    log(f"first audio at 1 call: {result['median_ms']:.1f} ms ({result['parts_median_ms']})")
+    log(f"first audio at 1 call ({result['turn']} turn): {result['median_ms']:.1f} ms ({result['parts_median_ms']})")
     return result
 
 
 # ---- 5: tier capacity ----
+
+TURNS_KEPT = 4  # a simulated conversation starts over (its whole prompt again) after this many turns
+
 
 @dataclass
 class SimCall:
@@ -475,17 +563,26 @@ class SimCall:
     token: int = 0
     group: torch.Tensor | None = None
     first_audio_ms: float | None = None
+    keep_id: int = 0  # with kept prefixes: the conversation's rows
+    held: int = 0  # prompt positions of its kept rows (0: none kept, the next prompt goes whole)
+    prompt: int = 0  # positions of the prompt being answered
+    turns: int = 0
 
 
-def run_level(tier: Tier, plan: Plan, calls: int, vocoder_first_chunk_ms: float) -> dict[str, Any]:
-    """`calls` callers looping turns for warmup + level_seconds; ticks and first audio after the warm-up."""
+def run_level(tier: Tier, plan: Plan, calls: int, vocoder_first_chunk_ms: float, kept: bool) -> dict[str, Any]:
+    """`calls` callers looping turns for warmup + level_seconds; ticks and first audio after the warm-up.
+    kept: conversations keep their rows between turns and prefill only what a prompt adds (up to
+    TURNS_KEPT turns, then the whole prompt again); otherwise every turn prefills a whole
+    `plan.prompt`-position prompt."""
     clip = caller_audio(plan.audio_seconds, seed=calls)
     period = plan.reply_steps * STEP_AUDIO_S + plan.caller_seconds
     t_start = time.perf_counter()
     measure_from = t_start + plan.warmup_seconds
     stop_at = measure_from + plan.level_seconds
-    sims = [SimCall(0, t_start + i * period / calls) for i in range(calls)]
+    sims = [SimCall(0, t_start + i * period / calls, keep_id=(2_000_000 + calls * 1000 + i) if kept else 0)
+            for i in range(calls)]
     ticks, first_audio = [], []
+    kept_turns = 0  # turns that started from kept rows
     while True:
         now = time.perf_counter()
         if now >= stop_at:
@@ -497,9 +594,16 @@ def run_level(tier: Tier, plan: Plan, calls: int, vocoder_first_chunk_ms: float)
             continue
         if arriving:
             cids = tier.cids(len(arriving))
-            start_turns(tier, cids, [clip] * len(arriving), plan.prompt)
+            for c in arriving:
+                if c.turns >= TURNS_KEPT:
+                    c.held, c.turns = 0, 0
+                kept_turns += bool(c.held)
+            start_turns(tier, cids, [clip] * len(arriving), plan.prompt, kept=[(c.keep_id, c.held) for c in arriving])
             for c, cid in zip(arriving, cids):
-                c.cid, c.decoding, c.steps, c.speech = cid, True, 0, 0
+                added = REPLY_AS_TEXT + groups_for_frames(speech_frames_for_samples(len(clip), SAMPLE_RATE),
+                                                          tier.cfg.audio.group_size) + 3
+                c.prompt = c.held - 1 + added if c.held else plan.prompt
+                c.cid, c.decoding, c.steps, c.speech, c.turns = cid, True, 0, 0, c.turns + 1
                 c.token, c.group, c.first_audio_ms = tier.cfg.audio_bos_index, None, None
             decoding = [c for c in sims if c.decoding]
         last = [c.steps + 1 == plan.reply_steps for c in decoding]
@@ -509,9 +613,11 @@ def run_level(tier: Tier, plan: Plan, calls: int, vocoder_first_chunk_ms: float)
         for group_calls, end in ((going, False), (ending, True)):
             if not group_calls:
                 continue
+            keep_ids = [c.keep_id for c in group_calls] if end else None
             results = tier.llm_steps([c.cid for c in group_calls], [c.token for c in group_calls],
-                                     [c.group for c in group_calls], end=end)
-            groups = tier.srh_steps([c.cid for c in group_calls], [r.srh_input for r in results], end=end)
+                                     [c.group for c in group_calls], end=end, keep_ids=keep_ids)
+            groups = tier.srh_steps([c.cid for c in group_calls], [r.srh_input for r in results], end=end,
+                                    keep_ids=keep_ids)
             done = time.perf_counter()
             for c, r, grp in zip(group_calls, results, groups):
                 c.token, c.group, c.steps, c.speech = r.token, grp.cpu() % 6561, c.steps + 1, c.speech + grp.numel()
@@ -521,35 +627,42 @@ def run_level(tier: Tier, plan: Plan, calls: int, vocoder_first_chunk_ms: float)
                         first_audio.append(c.first_audio_ms)
                 if end:
                     c.decoding, c.arrival = False, done + plan.caller_seconds
+                    c.held = c.prompt if c.keep_id else 0
         tick = time.perf_counter() - now
         if now >= measure_from:
             ticks.append(tick * 1e3)
     for c in sims:
         if c.decoding:
             tier.free([c.cid])
+    for engine in (tier.llm, tier.srh):  # the next level's conversations are new
+        for keep_id in [c.keep_id for c in sims if c.keep_id in engine.pool.kept]:
+            engine.pool._drop_kept(keep_id, None)
     ticks.sort()
     first_audio.sort()
     holds_real_time = bool(ticks) and percentile(ticks, 95) <= STEP_AUDIO_S * 1e3
     holds_first_audio = bool(first_audio) and percentile(first_audio, 95) <= FIRST_AUDIO_P95_MS
-    result = {"calls": calls, "ticks": len(ticks), "tick_p50_ms": percentile(ticks, 50),
+    result = {"calls": calls, "kept_prefixes": kept, "kept_turns": kept_turns, "ticks": len(ticks), "tick_p50_ms": percentile(ticks, 50),
               "tick_p95_ms": percentile(ticks, 95), "turns": len(first_audio),
               "first_audio_p50_ms": percentile(first_audio, 50), "first_audio_p95_ms": percentile(first_audio, 95),
               "real_time": holds_real_time, "holds": holds_real_time and holds_first_audio}
-    log(f"tier {calls:>3} calls: tick p50 {result['tick_p50_ms']:.1f} p95 {result['tick_p95_ms']:.1f} ms, "
+    log(f"tier {'kept' if kept else 'whole'} {calls:>3} calls: tick p50 {result['tick_p50_ms']:.1f} p95 {result['tick_p95_ms']:.1f} ms, "
         f"first audio p50 {result['first_audio_p50_ms']:.0f} p95 {result['first_audio_p95_ms']:.0f} ms "
         f"({len(first_audio)} turns): {'holds' if result['holds'] else 'does not hold'}")
     return result
 
 
 def bench_capacity(tier: Tier, plan: Plan, vocoder_first_chunk_ms: float) -> dict[str, Any]:
-    levels = []
-    for calls in plan.levels:
-        levels.append(run_level(tier, plan, calls, vocoder_first_chunk_ms))
-        if not levels[-1]["holds"]:
-            break  # the next level only holds less
-    held = [lv["calls"] for lv in levels if lv["holds"]]
-    return {"levels": levels, "max_real_time_calls": max(held) if held else 0,
-            "vocoder_first_chunk_ms_added": vocoder_first_chunk_ms}
+    """Each variant (whole prompts every turn; kept prefixes) up to its first level that does not hold."""
+    out: dict[str, Any] = {"vocoder_first_chunk_ms_added": vocoder_first_chunk_ms}
+    for name, kept in (("whole", False), ("kept", True)):
+        levels = []
+        for calls in plan.levels:
+            levels.append(run_level(tier, plan, calls, vocoder_first_chunk_ms, kept))
+            if not levels[-1]["holds"]:
+                break  # the next level only holds less
+        held = [lv["calls"] for lv in levels if lv["holds"]]
+        out[name] = {"levels": levels, "max_real_time_calls": max(held) if held else 0}
+    return out
 
 
 # ---- 6: DRSR ----
@@ -605,20 +718,25 @@ def print_tables(report: dict[str, Any]) -> None:
             for n, r in levels.items():
                 print(f"{name:>10}{n:>7}{r['first_chunk_ms']['median_ms']:>15.1f}ms{r['first_chunk_max_ms']:>7.1f}ms"
                       f"{r['rtf_per_call']:>10.3f}")
-    if "first_audio" in report:
-        f = report["first_audio"]
-        print(f"\nfirst audio at 1 call: p50 {f['median_ms']:.1f} ms, p95 {f['p95_ms']:.1f} ms "
-              f"({f['prompt_positions']}-position prompt, {f['caller_audio_s']:g} s of caller audio): "
-              + ", ".join(f"{k} {x:.1f}" for k, x in f["parts_median_ms"].items()))
+    if "prefill_parts" in report:
+        print("\nprefill parts at 1 call (ms): " + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) for name, parts in report["prefill_parts"].items()))
+    for key in ("first_audio", "first_audio_later_turn"):
+        if key in report:
+            f = report[key]
+            print(f"\nfirst audio at 1 call, {f['turn']} turn: p50 {f['median_ms']:.1f} ms, p95 {f['p95_ms']:.1f} ms "
+                  f"({f['prompt_positions']}-position prompt, {f['caller_audio_s']:g} s of caller audio): "
+                  + ", ".join(f"{k} {x:.1f}" for k, x in f["parts_median_ms"].items()))
     if "capacity" in report:
         c = report["capacity"]
         print(f"\ntier capacity (llm + SRH; first audio includes the vocoder's {c['vocoder_first_chunk_ms_added']:.0f} ms)")
-        print(f"{'calls':>6}{'tick p50':>10}{'tick p95':>10}{'FA p50':>9}{'FA p95':>9}{'turns':>7}  holds")
-        for lv in c["levels"]:
-            print(f"{lv['calls']:>6}{lv['tick_p50_ms']:>10.1f}{lv['tick_p95_ms']:>10.1f}{lv['first_audio_p50_ms']:>9.0f}"
-                  f"{lv['first_audio_p95_ms']:>9.0f}{lv['turns']:>7}  {lv['holds']}")
-        print(f"largest number of real-time calls with first audio p95 <= {FIRST_AUDIO_P95_MS:.0f} ms: "
-              f"{c['max_real_time_calls']}")
+        print(f"{'prompts':>8}{'calls':>6}{'tick p50':>10}{'tick p95':>10}{'FA p50':>9}{'FA p95':>9}{'turns':>7}  holds")
+        for name in ("whole", "kept"):
+            for lv in c[name]["levels"]:
+                print(f"{name:>8}{lv['calls']:>6}{lv['tick_p50_ms']:>10.1f}{lv['tick_p95_ms']:>10.1f}"
+                      f"{lv['first_audio_p50_ms']:>9.0f}{lv['first_audio_p95_ms']:>9.0f}{lv['turns']:>7}  {lv['holds']}")
+            print(f"{name}: largest number of real-time calls with first audio p95 <= {FIRST_AUDIO_P95_MS:.0f} ms: "
+                  f"{c[name]['max_real_time_calls']}")
     if "drsr" in report:
         d = report["drsr"]
         print(f"\nDRSR gain (GPU time of 1 s of speech, context {d['context']}): "
@@ -629,8 +747,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="the small grid on any device")
-    parser.add_argument("--sections", nargs="+", default=["llm", "srh", "vocoder", "first_audio", "capacity"],
-                        choices=["llm", "srh", "vocoder", "first_audio", "capacity"])
+    parser.add_argument("--sections", nargs="+",
+                        default=["llm", "srh", "vocoder", "prefill_parts", "first_audio", "capacity"],
+                        choices=["llm", "srh", "vocoder", "prefill_parts", "first_audio", "capacity"])
     parser.add_argument("--json", default="bench-results/bench-gpu.json")
     args = parser.parse_args(argv)
 
@@ -679,6 +798,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         section("profile", lambda: profile_steps(tier, plan, max(b for b in plan.batches if b <= 64)))
     if "llm_step" in report and "srh_step" in report:
         section("drsr", lambda: drsr_gain(report["llm_step"], report["srh_step"], plan))
+    if "prefill_parts" in args.sections:
+        section("prefill_parts", lambda: bench_prefill_parts(tier, plan))
     vocoder_first_ms = math.nan
     if "vocoder" in args.sections and section("vocoder", lambda: bench_vocoder(plan, device)):
         levels = report["vocoder"]["by_dtype"]
@@ -692,6 +813,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         if "first_audio" in args.sections:
             section("first_audio", lambda: bench_first_audio(tier, vocoder, plan, warm))
+            section("first_audio_later_turn", lambda: bench_first_audio(tier, vocoder, plan, warm, later_turn=True))
         if "capacity" in args.sections:
             if math.isnan(vocoder_first_ms):
                 warm()

@@ -39,6 +39,8 @@ class LlmRequest:
     sampling: SamplingParams = GREEDY  # START only: how the call's text tokens are chosen
     seed: int = 0  # START only: the call's text draws (the orchestrator sends funchat.turn.sampling.text_seed)
     return_top_k: int = 0  # debugging: also return this forward's k largest raw logits and their ids
+    keep_id: int = 0  # START: the conversation's kept row to continue (with prefix); END: keep the row under it
+    prefix: int = 0  # START: positions of the kept row this prompt shares; input_ids/audio are the rest
 
 
 @dataclass
@@ -111,7 +113,7 @@ class LlmEngine:
                     results[r.index] = forward_failed("llm", exc)
         for i, req in enumerate(requests):
             if req.end and not isinstance(results[i], SequenceError):
-                self.pool.free(req.cid)
+                self.pool.end(req.cid, req.keep_id)
         return results  # type: ignore[return-value]
 
     def _run_group(self, is_prefill: bool, group: list[_Ready], requests: list[LlmRequest], results: list) -> None:
@@ -175,18 +177,21 @@ class LlmEngine:
         ids = given.to(device)
         if not 0 <= req.return_top_k <= vocab:
             raise SequenceError(f"RETURN_TOP_K is {req.return_top_k}: use 0 (none) to {vocab} (the vocabulary)")
-        if req.start and ids.numel() > self.max_context:
-            raise SequenceError(f"the prompt has {ids.numel()} positions, more than max_context "
+        if req.start and req.prefix < 0:
+            raise SequenceError(f"PREFIX is {req.prefix}: use 0 (a whole prompt) or the kept positions to reuse")
+        if req.start and req.prefix + ids.numel() > self.max_context:
+            raise SequenceError(f"the prompt has {req.prefix + ids.numel()} positions, more than max_context "
                                 f"{self.max_context}")
         if req.start:
-            slot = self.pool.start(req.cid)
+            slot = self.pool.start(req.cid, req.keep_id, req.prefix)
+            kept_ids = slot.extra.get("history", [])[:req.prefix]  # the kept row's ids (prompt + step inputs)
             audio = [req.audio.to(device)] if req.audio is not None and req.audio.numel() else []
             try:
                 inputs = self.model.embed_prompt(ids[None], audio)[0]  # [T, E]
             except Exception as exc:
                 self.pool.free(req.cid)
                 raise SequenceError(str(exc)) from None
-            slot.extra.update(sampling=req.sampling, history=ids.tolist(),
+            slot.extra.update(sampling=req.sampling, history=kept_ids + ids.tolist(),
                               generator=torch.Generator(device=device).manual_seed(req.seed))
             return _Ready(index, slot, inputs, ids)
         slot = self.pool.get(req.cid)

@@ -32,7 +32,7 @@ from funchat.model.config import FunAudioChatConfig
 from funchat.model.qwen3 import KVCache
 from funchat.engines.fixed_steps import FixedShapeSteps, batch_buckets, context_buckets, decode_position  # noqa: F401
 from funchat.engines.llm import LlmEngine
-from funchat.engines.slot_pool import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SlotPool
+from funchat.engines.slot_pool import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_KEEP_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SlotPool
 from funchat.engines.triton_adapter import ServiceParams
 from funchat.turn.prompt import CONTEXT_TOKENS
 
@@ -321,12 +321,16 @@ def describe_engine(engine: LlmEngine) -> str:
 def load_llm_engine(params: ServiceParams) -> LlmEngine:
     """The llm service's engine from its config parameters: `engine`, `cuda_graphs`, `max_context`,
     `tensorrt_plans` (LlmEngineSettings), `checkpoint`, `device`, `dtype`, `threads`,
-    `max_sequences`, `idle_timeout_s`. Bad values raise ValueError before any weight is read."""
+    `max_sequences`, `idle_timeout_s`, `keep_timeout_s`. Bad values raise ValueError before any
+    weight is read."""
     settings = LlmEngineSettings.from_params(params.values)
     max_sequences = params.integer("max_sequences", DEFAULT_MAX_SEQUENCES, minimum=1)
     idle_timeout_s = params.number("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
+    keep_timeout_s = params.number("keep_timeout_s", DEFAULT_KEEP_TIMEOUT_S)
     params.apply_threads()
-    return build_llm_engine(settings, params.checkpoint, device=params.device, dtype=params.dtype,
-                            max_sequences=max_sequences, idle_timeout_s=idle_timeout_s,
-                            max_batch=max(1, params.max_batch_size),
-                            plans_dir=params.path("tensorrt_plans", settings.tensorrt_plans))
+    engine = build_llm_engine(settings, params.checkpoint, device=params.device, dtype=params.dtype,
+                              max_sequences=max_sequences, idle_timeout_s=idle_timeout_s,
+                              max_batch=max(1, params.max_batch_size),
+                              plans_dir=params.path("tensorrt_plans", settings.tensorrt_plans))
+    engine.pool.keep_timeout_s = keep_timeout_s
+    return engine

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from funchat.engines.fixed_steps import FixedShapeSteps, context_buckets, decode_position
-from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SequenceError, Slot,
-                                       SlotPool, forward_failed, pad_right, run_isolated)
+from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_KEEP_TIMEOUT_S, DEFAULT_MAX_SEQUENCES,
+                                       SequenceError, Slot, SlotPool, forward_failed, pad_right, run_isolated)
 from funchat.engines.triton_adapter import ServiceParams
 from funchat.model.checkpoint import load_model
 from funchat.model.funaudiochat import FunAudioChat
@@ -36,6 +36,9 @@ class SrhRequest:
     appended: torch.Tensor | None = None  # speech ids the schedule appended after the previous step
     sampling: SamplingParams = GREEDY  # START only
     seed: int = 0  # START only
+    keep_id: int = 0  # START: the conversation's kept row to continue (with prefix); END: keep the row under it
+    prefix: int = 0  # START: LLM positions of the kept row this prompt shares (the SRH keeps g per position)
+    partial: bool = False  # START: a prompt chunk that does not end the prompt: every sub-frame, no token
 
 
 class SrhEngine:
@@ -67,7 +70,8 @@ class SrhEngine:
 
     @torch.inference_mode()
     def run(self, requests: list[SrhRequest]) -> list[torch.Tensor | SequenceError]:
-        """One result per request, in order: speech ids [g] int64, or the request's SequenceError."""
+        """One result per request, in order: speech ids [g] int64 (none for a partial prompt chunk),
+        or the request's SequenceError."""
         self.pool.reap_idle()
         results: list[torch.Tensor | SequenceError | None] = [None] * len(requests)
         ready = []
@@ -80,9 +84,20 @@ class SrhEngine:
                 if req.start:
                     self.pool.free(req.cid)
                 results[i] = forward_failed("refined_head", exc)
-        for is_prefill in (True, False):
-            group = [(i, s) for i, s in ready if (requests[i].start or requests[i].srh_input.shape[0] > 1) == is_prefill]
-            if group:
+        def kind(i: int) -> str:
+            req = requests[i]
+            if req.start and req.partial:
+                return "partial"
+            return "prefill" if req.start or req.srh_input.shape[0] > 1 else "step"
+
+        for group_kind in ("partial", "prefill", "step"):
+            group = [(i, s) for i, s in ready if kind(i) == group_kind]
+            is_prefill = group_kind != "step"
+            if group_kind == "partial" and group:
+                for (i, _), exc in run_isolated(group, lambda part: self._extend(part, requests, results)):
+                    self.pool.free(requests[i].cid)
+                    results[i] = forward_failed("refined_head", exc)
+            elif group:
                 # A forward that raises fails only the requests that fail on their own; their
                 # sequences end (state unknown), so no slot waits for the idle timeout.
                 run = lambda part, p=is_prefill: self._run_group(part, requests, results, p)  # noqa: E731
@@ -91,8 +106,23 @@ class SrhEngine:
                     results[i] = forward_failed("refined_head", exc)
         for i, req in enumerate(requests):
             if req.end and not isinstance(results[i], SequenceError):
-                self.pool.free(req.cid)
+                self.pool.end(req.cid, req.keep_id)
         return results  # type: ignore[return-value]
+
+    def _extend(self, group: list[tuple[int, Slot]], requests: list[SrhRequest], results: list) -> None:
+        """Partial prompt chunks: every sub-frame of every position into the calls' rows, with the
+        turn's previous-token embedding (the start token), as the whole prompt's prefill computes them."""
+        h, lengths = pad_right([requests[i].srh_input.to(self.bos.device, self.bos.dtype) for i, _ in group])
+        lengths = lengths.to(self.bos.device)
+        slots = [s for _, s in group]
+
+        def forward(cache: KVCache) -> None:
+            prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
+            self.model.audio_invert_tower.extend(h, _BatchState(cache, prev), lengths)
+
+        self.pool.run([s.row for s in slots], h.shape[1] * self.group, forward)
+        for i, _ in group:
+            results[i] = torch.zeros(0, dtype=torch.long)
 
     def _run_group(self, group: list[tuple[int, Slot]], requests: list[SrhRequest], results: list,
                    is_prefill: bool = True) -> None:
@@ -164,10 +194,13 @@ class SrhEngine:
         if not torch.isfinite(req.srh_input).all():
             raise SequenceError("SRH_INPUT contains non-finite values")
         positions = req.srh_input.shape[0]
-        if req.start and positions > self.max_context:
-            raise SequenceError(f"SRH_INPUT has {positions} positions, more than max_context {self.max_context}")
+        if req.start and req.prefix < 0:
+            raise SequenceError(f"PREFIX is {req.prefix}: use 0 (a whole prompt) or the kept positions to reuse")
+        if req.start and req.prefix + positions > self.max_context:
+            raise SequenceError(f"SRH_INPUT has {req.prefix + positions} positions with the kept prefix, more than "
+                                f"max_context {self.max_context}")
         if req.start:
-            slot = self.pool.start(req.cid)
+            slot = self.pool.start(req.cid, req.keep_id, self.group * req.prefix)
             slot.extra.update(history=[], prev_embed=self.bos, sampling=req.sampling,
                               generator=torch.Generator(device=self.bos.device).manual_seed(req.seed))
         else:
@@ -251,9 +284,10 @@ def build_srh_engine(model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUE
 
 def load_srh_engine(params: ServiceParams) -> SrhEngine:
     """The refined_head service's engine from its config parameters: `checkpoint`, `device`,
-    `dtype`, `threads`, `max_sequences`, `idle_timeout_s`, `max_context`, `cuda_graphs`."""
+    `dtype`, `threads`, `max_sequences`, `idle_timeout_s`, `keep_timeout_s`, `max_context`, `cuda_graphs`."""
     max_sequences = params.integer("max_sequences", DEFAULT_MAX_SEQUENCES, minimum=1)
     idle_timeout_s = params.number("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
+    keep_timeout_s = params.number("keep_timeout_s", DEFAULT_KEEP_TIMEOUT_S)
     max_context = params.integer("max_context", CONTEXT_TOKENS, minimum=1)
     cuda_graphs = params.text("cuda_graphs", "auto").lower()
     if cuda_graphs not in CUDA_GRAPHS:  # before any weight is read
@@ -261,5 +295,7 @@ def load_srh_engine(params: ServiceParams) -> SrhEngine:
                          f"use one of {', '.join(CUDA_GRAPHS)}")
     params.apply_threads()
     model = load_model(params.checkpoint, dtype=params.dtype, device=params.device)
-    return build_srh_engine(model, max_sequences, idle_timeout_s, max_context, cuda_graphs,
-                            max_batch=max(1, params.max_batch_size))
+    engine = build_srh_engine(model, max_sequences, idle_timeout_s, max_context, cuda_graphs,
+                              max_batch=max(1, params.max_batch_size))
+    engine.pool.keep_timeout_s = keep_timeout_s
+    return engine

@@ -5,6 +5,13 @@ KV cache pool. A batch of steps from different calls runs as one forward: the ca
 gathered into a batch cache, the forward appends to it, and the rows are written back. A cap
 bounds the live calls and an idle timeout frees the slot of an abandoned call.
 
+Kept prefixes: a sequence that ends with a keep id leaves its row "kept" under that id instead of
+freeing it, so the conversation's next prompt (a new sequence with the same keep id and a prefix
+length) reuses the positions it shares and prefills only the rest. Kept rows are the pool's spare
+capacity: a START that finds no free row evicts the least recently kept one, and kept rows older
+than `keep_timeout_s` are freed. A START whose kept row is gone gets NOT_FOUND, and its caller sends
+the whole prompt instead.
+
 Shapes: B calls in a batch, T new positions, E width.
 """
 
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +30,7 @@ from funchat.model.qwen3 import KVCache
 # The one default of the `max_sequences` and `idle_timeout_s` parameters (engines and services).
 DEFAULT_MAX_SEQUENCES = 64
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_KEEP_TIMEOUT_S = 600.0  # how long a conversation's kept prefix waits for its next turn
 
 
 class SequenceError(Exception):
@@ -49,15 +58,19 @@ class SlotPool:
     """
 
     def __init__(self, new_cache: Callable[[int, int], KVCache], max_sequences: int, idle_timeout_s: float,
-                 capacity: int, clock: Callable[[], float] = time.monotonic):
+                 capacity: int, clock: Callable[[], float] = time.monotonic,
+                 keep_timeout_s: float = DEFAULT_KEEP_TIMEOUT_S):
         if capacity < 1:
             raise ValueError(f"a KV pool needs a positive capacity, got {capacity}")
         self.cache = new_cache(max_sequences, capacity)
         self.capacity = capacity
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
+        self.keep_timeout_s = keep_timeout_s
         self.clock = clock
         self.slots: dict[int, Slot] = {}  # correlation id -> slot
+        self.kept: OrderedDict[int, Slot] = OrderedDict()  # keep id -> row, least recently kept first
+        self.counts = {"prefix_hits": 0, "prefix_misses": 0, "kept_evicted": 0, "kept_expired": 0}
         self.lock = threading.RLock()
 
     @property
@@ -65,28 +78,75 @@ class SlotPool:
         return len(self.slots)
 
     def reap_idle(self) -> list[int]:
-        """Free the slots of calls idle longer than the timeout; -> their correlation ids."""
+        """Free the slots of calls idle longer than the timeout, and kept rows older than theirs;
+        -> the freed calls' correlation ids."""
         now = self.clock()
         with self.lock:
             stale = [cid for cid, s in self.slots.items() if now - s.last_used > self.idle_timeout_s]
             for cid in stale:
                 self.free(cid)
+            for keep_id in [k for k, s in self.kept.items() if now - s.last_used > self.keep_timeout_s]:
+                self._drop_kept(keep_id, "kept_expired")
         return stale
 
-    def start(self, cid: int) -> Slot:
+    def start(self, cid: int, keep_id: int = 0, prefix: int = 0) -> Slot:
+        """A row for sequence `cid`. With `prefix` > 0 it is the row kept under `keep_id`, cut back to
+        its first `prefix` positions (NOT_FOUND when that row is gone or shorter); otherwise a fresh
+        row (a row kept under `keep_id` is dropped: the caller starts the conversation over)."""
         with self.lock:
             if cid in self.slots:  # a new START on a live id restarts that call
                 self.free(cid)
-            if len(self.slots) >= self.max_sequences:
+            if prefix > 0:
+                slot = self.kept.pop(keep_id, None)
+                held = -1 if slot is None else int(self.cache.lengths[slot.row])
+                if held < prefix:
+                    if slot is not None:
+                        self._free_row(slot)
+                    self.counts["prefix_misses"] += 1
+                    raise SequenceError(f"no kept prefix of {prefix} positions under keep id {keep_id} (evicted, "
+                                        f"expired or never kept): send the whole prompt with prefix 0",
+                                        status="NOT_FOUND")
+                self.counts["prefix_hits"] += 1
+                self.cache.lengths[slot.row] = prefix
+                slot.last_used = self.clock()
+                self.slots[cid] = slot
+                return slot
+            if keep_id in self.kept:
+                self._drop_kept(keep_id, None)
+            if len(self.slots) + len(self.kept) >= self.max_sequences:
                 self.reap_idle()
             if len(self.slots) >= self.max_sequences:
                 raise SequenceError(f"all {self.max_sequences} sequence slots are busy; retry later or raise "
                                     f"max_sequences", status="UNAVAILABLE")
-            used = {s.row for s in self.slots.values()}
+            if len(self.slots) + len(self.kept) >= self.max_sequences:
+                self._drop_kept(next(iter(self.kept)), "kept_evicted")  # the least recently kept
+            used = {s.row for s in self.slots.values()} | {s.row for s in self.kept.values()}
             row = next(r for r in range(self.max_sequences) if r not in used)
             self.cache.lengths[row] = 0
             slot = self.slots[cid] = Slot(row, self.clock())
             return slot
+
+    def end(self, cid: int, keep_id: int = 0) -> None:
+        """Sequence `cid` ended: its row is kept under `keep_id` (most recent), or freed when 0."""
+        with self.lock:
+            slot = self.slots.pop(cid, None)
+            if slot is None:
+                return
+            if not keep_id:
+                self._free_row(slot)
+                return
+            if keep_id in self.kept:
+                self._drop_kept(keep_id, None)
+            slot.last_used = self.clock()
+            self.kept[keep_id] = slot
+
+    def _drop_kept(self, keep_id: int, count: str | None) -> None:
+        self._free_row(self.kept.pop(keep_id))
+        if count:
+            self.counts[count] += 1
+
+    def _free_row(self, slot: Slot) -> None:
+        self.cache.lengths[slot.row] = 0
 
     def get(self, cid: int) -> Slot:
         with self.lock:
@@ -101,7 +161,7 @@ class SlotPool:
         with self.lock:
             slot = self.slots.pop(cid, None)
             if slot is not None:
-                self.cache.lengths[slot.row] = 0
+                self._free_row(slot)
 
     def length(self, slot: Slot) -> int:
         """Positions the slot's call holds."""

@@ -436,10 +436,22 @@ class ServiceMetrics:
         self.cancelled = self._cancelled_family.Metric(labels={})
         self.live = None
         if stateful:
+            gauge = pb_utils.MetricFamily.GAUGE
             self._live_family = pb_utils.MetricFamily(
                 name=f"funchat_{service}_live_sequences", description=f"{service}: calls holding a KV cache row",
-                kind=pb_utils.MetricFamily.GAUGE)
+                kind=gauge)
             self.live = self._live_family.Metric(labels={})
+            self._kept_family = pb_utils.MetricFamily(
+                name=f"funchat_{service}_kept_prefixes",
+                description=f"{service}: conversations whose KV cache row is kept for their next turn", kind=gauge)
+            self.kept = self._kept_family.Metric(labels={})
+            self._events_family = pb_utils.MetricFamily(
+                name=f"funchat_{service}_kept_prefix_events_total",
+                description=f"{service}: kept prefixes reused (prefix_hits), gone when asked for (prefix_misses), "
+                            f"evicted for a new call (kept_evicted), freed after keep_timeout_s (kept_expired)",
+                kind=pb_utils.MetricFamily.COUNTER)
+            self.events: dict[str, Any] = {}
+            self._exported: dict[str, int] = {}
 
     @contextmanager
     def timed(self, kind: str, requests: int) -> Iterator[None]:
@@ -451,6 +463,17 @@ class ServiceMetrics:
             self.latency[kind].observe(time.perf_counter() - t0)
             self.batch.observe(requests)
 
-    def set_live(self, calls: int) -> None:
-        if self.live is not None:
-            self.live.set(calls)
+    def set_pool(self, pool) -> None:
+        """A stateful service's `SlotPool` after an execute(): live calls and kept prefixes (gauges),
+        and what the pool's cumulative counts added since the last call (counters)."""
+        if self.live is None:
+            return
+        self.live.set(pool.live)
+        self.kept.set(len(pool.kept))
+        for event, total in pool.counts.items():
+            added = total - self._exported.get(event, 0)
+            if added > 0:
+                if event not in self.events:
+                    self.events[event] = self._events_family.Metric(labels={"event": event})
+                self.events[event].increment(added)
+                self._exported[event] = total

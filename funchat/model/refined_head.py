@@ -58,6 +58,17 @@ class RefinedHead(nn.Module):
         # hidden [B, E_srh] -> [B, V] float32
         return (self.output_matching(hidden) @ self.codebook.T).float()
 
+    def extend(self, h: torch.Tensor, state: RefinedHeadState, lengths: torch.Tensor | None = None) -> None:
+        """A prompt chunk that does not end the prompt: h [B, L, E] (right-padded) -> every sub-frame
+        of every position into the cache, all with the previous-token embedding, as `forward` computes
+        the sub-frames of a whole prompt's positions before its last; no token is chosen."""
+        b, l, e = h.shape
+        g = self.cfg.group_size
+        if lengths is None:
+            lengths = torch.full((b,), l, dtype=torch.long, device=h.device)
+        x = self.pre_matching(h).reshape(b, l * g, e) + state.prev_embed[:, None]  # [B, L*g, E]
+        self.crq_transformer(self.input_matching(x), state.cache, lengths * g)
+
     def forward(self, h: torch.Tensor, state: RefinedHeadState, choose: TokenChooser,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """h [B, L, E] (right-padded; `lengths` [B] real positions) -> chosen tokens [B, g]."""

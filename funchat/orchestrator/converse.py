@@ -57,6 +57,7 @@ class ConverseCall:
             threshold=cfg.vad["threshold"], prefix_padding_ms=cfg.vad["prefix_padding_ms"],
             silence_duration_ms=cfg.vad["silence_duration_ms"], max_utterance_s=self.settings.max_turn_s)
         self.buffer: list[np.ndarray] = []  # manual mode: audio since the last commit (16 kHz)
+        self.aheads: list[asyncio.Task] = []  # earlier replies' prefills ahead (Response.ahead), awaited at the end
         self.buffered = 0
         self.response: Response | None = None
 
@@ -281,6 +282,8 @@ class ConverseCall:
 
     async def start_turn(self, audio: np.ndarray, stopped: SpeechStopped | None = None) -> None:
         """stopped: the VAD's event that ended this turn (None: a commit)."""
+        if self.response is not None and self.response.ahead is not None:
+            self.aheads.append(self.response.ahead)  # the new turn's prefill waits for it (TurnRunner's lock)
         if self.response is not None and self.response.running():
             await self.interrupt(barge_in=True)
         t_end = time.perf_counter()
@@ -304,9 +307,18 @@ class ConverseCall:
                     await self.start_turn(np.asarray(ev.audio, dtype=np.float32), ev)
         if self.response is not None and self.response.task is not None:
             await asyncio.gather(self.response.task, return_exceptions=True)
+        await self.wait_aheads()
 
     async def close(self) -> None:
         """The RPC is over (ended, failed or cancelled): stop a reply still generating."""
         if self.response is not None and self.response.running():
             self.response.cancel.set()
             await asyncio.gather(self.response.task, return_exceptions=True)
+        await self.wait_aheads()
+
+    async def wait_aheads(self) -> None:
+        """The call's prefills ahead are short: a call ends with none left running."""
+        if self.response is not None and self.response.ahead is not None:
+            self.aheads.append(self.response.ahead)
+        await asyncio.gather(*self.aheads, return_exceptions=True)
+        self.aheads.clear()

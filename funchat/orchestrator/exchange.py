@@ -101,6 +101,9 @@ class Response:
     first_audio_at: float | None = None
     played_ms: int | None = None  # from the caller's playback acks
     history_index: int | None = None  # where its assistant turn sits in the history
+    # the prefill ahead of the conversation's next turn, started once this reply is stored and done
+    # (not part of `task`: a next turn that comes at once is not a barge-in)
+    ahead: asyncio.Task | None = None
 
     @classmethod
     def new(cls) -> Response:
@@ -183,11 +186,13 @@ class Exchange:
             outcome.latency_ms["audio_tokenizer"] = encode_ms
             self.response.outcome = outcome
             assistant = await self.emit_ending(outcome)
-            await self.store_turns(rows, n_groups, assistant, record.turns)
+            stored = await self.store_turns(rows, n_groups, assistant, record.turns)
             await self.drop_lease()  # free before the caller hears it is done: its next turn may come at once
             await self.emit(self.with_resume_token(outcome.done_event()))
             status = outcome.status
             self.trace_outcome(outcome)
+            self.response.ahead = metrics.spawn(self.prefill_ahead(request, [*record.turns, *stored]),
+                                                "exchange.prefill_ahead")
             return outcome
         except TurnError as exc:
             await self.fail(exc.code, exc.message, "turn")
@@ -326,7 +331,8 @@ class Exchange:
             history=history, persona=cfg.instructions or None, tools=cfg.tools or None, voice=cfg.voice or None,
             text_sampling=text_sampling, speech_sampling=speech_sampling,
             seed=cfg.seed if cfg.seed is not None else secrets.randbits(31),
-            max_new_tokens=cfg.max_new_tokens or self.service.settings.max_new_tokens, call_id=new_call_id())
+            max_new_tokens=cfg.max_new_tokens or self.service.settings.max_new_tokens, call_id=new_call_id(),
+            conversation=self.session_id)
 
     async def mark_responding(self, request: TurnRequest) -> None:
         """The session's turn state: which model replicas, correlation id and seed this reply uses."""
@@ -399,9 +405,17 @@ class Exchange:
         prompt can hold (the prompt builder would drop them anyway)."""
         return self.service.info.unusable_history([*history, *new])
 
+    async def prefill_ahead(self, request: TurnRequest, history: list[HistoryTurn]) -> None:
+        """While the caller listens: the start of the next prompt into the kept rows (best effort:
+        a failure only means the next turn prefills more)."""
+        try:
+            await self.service.runner.prefill_ahead(request, history)
+        except Exception as exc:  # noqa: BLE001 - never fail a turn that was answered
+            log.warning("prefill ahead of session %s's next turn failed: %s", self.session_id, exc)
+
     async def store_turns(self, rows: np.ndarray, n_groups: int, assistant: HistoryTurn,
-                          history: list[HistoryTurn]) -> None:
-        """Both turns at the end of the history, the oldest trimmed; session listening."""
+                          history: list[HistoryTurn]) -> list[HistoryTurn]:
+        """Both turns at the end of the history, the oldest trimmed; session listening. -> the two turns."""
         turns = [self.user_turn(rows, n_groups), assistant]
         store = self.service.store
         stored = await store_call(store.append_turns(self.session_id, turns, lease=self.lease,
@@ -409,6 +423,7 @@ class Exchange:
         self.response.history_index = stored - 1
         await store_call(store.set_state(self.session_id, "listening", active=None, owner=self.service.replica_id,
                                          lease=self.lease))
+        return turns
 
     def with_resume_token(self, event: pb.ServerEvent) -> pb.ServerEvent:
         """A response_done carrying a fresh resume token (tokens are short-lived: the caller keeps the

@@ -149,6 +149,12 @@ SESSION_STORE = Histogram("funchat_orchestrator_session_store_seconds", "One Ses
                           ["op"], buckets=FAST_BUCKETS)
 TURNS = Counter("funchat_orchestrator_turns_total", "Turns by mode and how they ended: completed, cancelled, "
                 "interrupted, failed.", ["mode", "status"])
+KEPT_PREFIX = Counter("funchat_orchestrator_kept_prefix_total", "Prefills by what the model services kept of "
+                      "the conversation's last prompt: hit (reused), miss (gone: the whole prompt was sent), none "
+                      "(nothing kept: a first turn, a conversation new to this replica); ahead: prefills of the "
+                      "next prompt's start made right after a turn.", ["outcome"])
+PREFILL_POSITIONS = Counter("funchat_orchestrator_prefill_positions_total", "Prompt positions of turn prefills: "
+                            "reused from a kept prefix, or prefilled.", ["kind"])
 
 # The label values known in advance start at 0, so that every series exists from a replica's start
 # (rate() and the dashboards see a 0, not "no data"). SessionStore operations register as they are
@@ -168,6 +174,10 @@ for _mode in MODES:
         TURNS.labels(_mode, _status)
 for _stage in STAGES:
     STAGE.labels(_stage)
+for _outcome in ("hit", "miss", "none", "ahead"):
+    KEPT_PREFIX.labels(_outcome)
+for _kind in ("reused", "prefilled"):
+    PREFILL_POSITIONS.labels(_kind)
 for _service in SERVICES:
     MODEL_QUEUE.labels(_service)
 
@@ -274,6 +284,13 @@ def model_queue(service: str, seconds: float) -> None:
 @_never_raises
 def barge_in(seconds: float) -> None:
     BARGE_IN.observe(seconds)
+
+
+@_never_raises
+def kept_prefix(outcome: str, reused: int, prefilled: int) -> None:
+    KEPT_PREFIX.labels(outcome).inc()
+    PREFILL_POSITIONS.labels("reused").inc(reused)
+    PREFILL_POSITIONS.labels("prefilled").inc(prefilled)
 
 
 @_never_raises

@@ -32,6 +32,7 @@ as one aggregated span (funchat.orchestrator.turn_runner).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -239,24 +240,41 @@ class _SequenceClient(_Client):
     """A stateful service: every request belongs to a call (Triton sequence, correlation id), which
     lives in one replica: its first request picks the replica, the others follow (`pinned`)."""
 
+    KEPT_AT_CAPACITY = 65536  # keep ids whose replica is remembered (least recently kept dropped first)
+
     def __init__(self, url: str, timeout_s: float | None = None):
         super().__init__(url, timeout_s)
         self.pinned: dict[int, str] = {}  # call id -> the replica holding its sequence, until it ends
+        self.kept_at: OrderedDict[int, str] = OrderedDict()  # keep id -> the replica keeping its row
 
     async def _infer_seq(self, inputs: list[grpcclient.InferInput], outputs: list[str], call_id: int,
-                         start: bool, end: bool, ready_at: float, attributes: dict | None = None):
+                         start: bool, end: bool, ready_at: float, attributes: dict | None = None,
+                         keep_id: int = 0, prefix: int = 0):
         """A sequence's first request (its prefill) is traced as `<model>.prefill`; the steps are not.
         An end of a sequence this client never started (a turn that died with another orchestrator
-        replica) goes to every replica: only the one holding it knows it."""
+        replica) goes to every replica: only the one holding it knows it. A start that continues a
+        kept row (prefix > 0) goes to the replica keeping it (NOT_FOUND when none is known); an end
+        with a keep id remembers where the row stays."""
         span = f"{self.model}.prefill" if start else None
         attributes = {"funchat.correlation_id": call_id, **(attributes or {})}
+        if keep_id:
+            inputs = inputs + [_input("KEEP_ID", np.array([[keep_id]], dtype=np.int64), "INT64")]
+        if start and prefix:
+            inputs = inputs + [_input("PREFIX", np.array([[prefix]], dtype=np.int64), "INT64")]
+            attributes["funchat.kept_prefix"] = prefix
         sequence = {"sequence_id": call_id, "sequence_start": start, "sequence_end": end}
-        replica = None if start else self.pinned.get(call_id)
+        replica = self.pinned.get(call_id) if not start else self.kept_at.pop(keep_id, None) if prefix else None
+        if start and prefix and replica is None:
+            raise ServiceError(self.model, "StatusCode.NOT_FOUND", f"no replica is known to keep row {keep_id}")
         try:
             if not start and replica is None and end and len(self.replicas.addresses) > 1:
                 return await self._end_anywhere(inputs, outputs, ready_at, attributes, sequence)
             result, self.pinned[call_id] = await self._infer(inputs, outputs, ready_at, span, attributes,
                                                              replica=replica, **sequence)
+            if end and keep_id:
+                self.kept_at[keep_id] = self.pinned[call_id]
+                while len(self.kept_at) > self.KEPT_AT_CAPACITY:
+                    self.kept_at.popitem(last=False)
             return result
         finally:
             if end:
@@ -281,10 +299,12 @@ class LlmClient(_SequenceClient):
 
     async def prefill(self, call_id: int, input_ids, audio_embeds: np.ndarray | None = None, end: bool = False,
                       sampling: SamplingParams = GREEDY, seed: int = 0,
-                      srh_input: bool = True) -> tuple[int, np.ndarray | None]:
+                      srh_input: bool = True, keep_id: int = 0, prefix: int = 0) -> tuple[int, np.ndarray | None]:
         """Start a call with its prompt ids [T] (and the <|AUDIO|> rows [n, E]) and how its text
         tokens are chosen (seed: the text stream, `funchat.turn.sampling.text_seed`) -> (the chosen
-        text id, srh_input [T, E], or None when srh_input=False: a speech-to-text turn needs none)."""
+        text id, srh_input [T, E], or None when srh_input=False: a speech-to-text turn needs none).
+        keep_id, prefix: continue the row kept under keep_id, cut back to `prefix` positions;
+        input_ids and audio_embeds are then the rest of the prompt."""
         ready_at = time.perf_counter()
         inputs = [_input("INPUT_IDS", np.asarray(input_ids, dtype=np.int64).reshape(1, -1), "INT64")]
         if audio_embeds is not None and len(audio_embeds):
@@ -293,22 +313,25 @@ class LlmClient(_SequenceClient):
         inputs += _sampling_inputs(sampling, seed)
         return await self._run(inputs, call_id, True, end, srh_input, ready_at,
                                {"funchat.prompt_tokens": len(input_ids),
-                                "funchat.audio_rows": 0 if audio_embeds is None else len(audio_embeds)})
+                                "funchat.audio_rows": 0 if audio_embeds is None else len(audio_embeds)},
+                               keep_id=keep_id, prefix=prefix)
 
     async def step(self, call_id: int, text_token: int, speech_group=None, end: bool = False,
-                   srh_input: bool = True) -> tuple[int, np.ndarray | None]:
+                   srh_input: bool = True, keep_id: int = 0) -> tuple[int, np.ndarray | None]:
         """One LLM step of a call: its text id (+ the last speech group to fuse) -> (the chosen text
-        id, srh_input [1, E], or None when srh_input=False)."""
+        id, srh_input [1, E], or None when srh_input=False). keep_id with end: keep the row."""
         ready_at = time.perf_counter()
         inputs = [_input("INPUT_IDS", np.array([[int(text_token)]], dtype=np.int64), "INT64")]
         if speech_group is not None:
             inputs.append(_input("SPEECH_GROUP", np.asarray(speech_group, dtype=np.int64).reshape(1, -1), "INT64"))
-        return await self._run(inputs, call_id, False, end, srh_input, ready_at)
+        return await self._run(inputs, call_id, False, end, srh_input, ready_at, keep_id=keep_id)
 
     async def _run(self, inputs, call_id: int, start: bool, end: bool, srh_input: bool,
-                   ready_at: float, attributes: dict | None = None) -> tuple[int, np.ndarray | None]:
+                   ready_at: float, attributes: dict | None = None, keep_id: int = 0,
+                   prefix: int = 0) -> tuple[int, np.ndarray | None]:
         outputs = list(LLM_STEP_OUTPUTS if srh_input else LLM_STEP_OUTPUTS[:1])  # only what the caller uses
-        result = await self._infer_seq(inputs, outputs, call_id, start, end, ready_at, attributes)
+        result = await self._infer_seq(inputs, outputs, call_id, start, end, ready_at, attributes,
+                                       keep_id=keep_id, prefix=prefix)
         return int(result.as_numpy("TEXT_TOKEN").reshape(-1)[0]), \
             result.as_numpy("SRH_INPUT")[0] if srh_input else None
 
@@ -334,10 +357,12 @@ class RefinedHeadClient(_SequenceClient):
 
     async def run(self, call_id: int, srh_input: np.ndarray, start: bool = False, end: bool = False,
                   appended=None, greedy: bool = True, temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
-                  repetition_penalty: float = 1.2, seed: int = 0) -> np.ndarray:
+                  repetition_penalty: float = 1.2, seed: int = 0, keep_id: int = 0, prefix: int = 0,
+                  partial: bool = False) -> np.ndarray:
         """One forward's speech group: srh_input [T, E] from the llm service -> speech ids [5].
         appended: speech ids the turn appended since the previous request (repetition penalty history);
-        the sampling settings are read at start."""
+        the sampling settings are read at start. keep_id, prefix: as the llm's (prefix in LLM
+        positions); partial: a prompt chunk that does not end the prompt (no speech ids: [0])."""
         ready_at = time.perf_counter()
         inputs = [_input("SRH_INPUT", np.ascontiguousarray(srh_input, dtype=np.float32)[None], "FP32")]
         if appended is not None and len(appended):
@@ -349,6 +374,9 @@ class RefinedHeadClient(_SequenceClient):
                        _input("TOP_K", np.array([[top_k]], dtype=np.int32), "INT32"),
                        _input("REPETITION_PENALTY", np.array([[repetition_penalty]], dtype=np.float32), "FP32"),
                        _input("SEED", np.array([[seed]], dtype=np.int64), "INT64")]
+        if partial:
+            inputs.append(_input("PARTIAL", np.array([[True]]), "BOOL"))
         result = await self._infer_seq(inputs, ["SPEECH_TOKENS"], call_id, start, end, ready_at,
-                                       {"funchat.positions": int(srh_input.shape[0])} if start else None)
+                                       {"funchat.positions": int(srh_input.shape[0])} if start else None,
+                                       keep_id=keep_id, prefix=prefix)
         return result.as_numpy("SPEECH_TOKENS")[0]

@@ -45,6 +45,7 @@ from funchat.orchestrator import metrics
 from funchat.orchestrator.errors import ApiError, set_status, store_call
 from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
 from funchat.orchestrator.ingress import UnparsableMessage
+from funchat.orchestrator.kept_prompts import KeptPrompts
 from funchat.orchestrator.outbox import END, Outbox
 from funchat.orchestrator.sessions import SessionRecord, SessionStore
 from funchat.orchestrator.settings import OrchestratorSettings
@@ -106,7 +107,8 @@ class FunchatService:
     @property
     def runner(self) -> TurnRunner:
         if self._runner is None:
-            self._runner = TurnRunner(self.info, self.services)
+            kept = KeptPrompts(self.info.special.audio) if self.settings.keep_prefixes else None
+            self._runner = TurnRunner(self.info, self.services, kept)
         return self._runner
 
     # ---- authentication ----
@@ -277,6 +279,8 @@ class FunchatService:
             await Exchange(self, session_id, cfg, audio, response, outbox.put, t_end, trace).run()
         finally:
             outbox.put_nowait(END)
+            if response.ahead is not None:  # the caller has its reply; this task ends with the prefill ahead
+                await asyncio.gather(response.ahead, return_exceptions=True)
 
     # ---- Converse: a call ----
 

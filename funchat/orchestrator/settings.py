@@ -109,6 +109,9 @@ class OrchestratorSettings(BaseSettings):
     max_new_tokens: int = Field(512, description="reply length cap (the context caps it too)")
     max_chunk_ms: int = Field(1000, description="longest caller audio chunk accepted in one event")
     max_turn_s: float = Field(60.0, description="longest caller turn (audio) accepted")
+    keep_prefixes: bool = Field(True, description="the llm and refined_head services keep each conversation's rows "
+                                                  "between turns, so a turn prefills only what its prompt adds "
+                                                  "(false: every turn prefills its whole prompt)")
     max_message_bytes: int = Field(16 << 20, ge=1 << 20, le=(2 << 30) - 1,
                                    description="largest gRPC message the public API accepts (Ray Serve's proxy, "
                                                "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); a Respond of the longest turn "

@@ -10,12 +10,14 @@ both as the oracle does. So under greedy decoding (or a fixed seed) the tokens a
 The vocoder runs in its own task and takes every code that has piled up each time it is free, so
 its work overlaps the next LLM steps.
 
-Every turn is a fresh llm / refined_head sequence whose prefill is the whole prompt, rebuilt from
-the session history (user speech kept as the audio tokenizer's rows): nothing of a call lives only
-in a model replica. If a replica loses the sequence mid-turn (restart, idle timeout, killed), the turn
-is replayed from the prefill with the same seed on a new sequence, and what was already streamed is
-not sent again; with several replicas of a service the new sequence starts on one that is up
-(`model_clients.Replicas`).
+Every turn is a fresh llm / refined_head sequence whose prompt is rebuilt from the session history
+(user speech kept as the audio tokenizer's rows): nothing of a call lives only in a model replica.
+What the services kept of the conversation's last prompt (`kept_prompts`) only saves work: the
+turn prefills the positions its prompt adds to the kept ones, and falls back to the whole prompt
+when they are gone. If a replica loses the sequence mid-turn (restart, idle timeout, killed), the
+turn is replayed from the whole prompt with the same seed on a new sequence, and what was already
+streamed is not sent again; with several replicas of a service the new sequence starts on one that
+is up (`model_clients.Replicas`).
 
 Tracing (under the turn's span, `funchat.orchestrator.exchange`): llm.prefill, refined_head.prefill
 and each vocoder.push are spans of their own, joined by the model services' spans
@@ -30,6 +32,7 @@ import json
 import re
 import secrets
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +42,7 @@ from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.errors import AudioInputError, ContextOverflowError
 from funchat.orchestrator import metrics
+from funchat.orchestrator.kept_prompts import KeptPrompts, PrefillPlan
 from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
                                                 VocoderClient)
 from funchat.orchestrator.sessions import HistoryTurn
@@ -81,6 +85,7 @@ class TurnRequest:
     seed: int = 0
     max_new_tokens: int = 512
     call_id: int = 0  # the llm / refined_head correlation id (0 = draw one); replays draw new ones
+    conversation: str = ""  # the session: what the services kept of its last prompt is reused ("" = never)
 
 
 @dataclass
@@ -166,9 +171,57 @@ class ModelServices:
 class TurnRunner:
     """Runs turns; events go to an `emit` coroutine (the call's outgoing stream)."""
 
-    def __init__(self, info: PromptBuilder, services: ModelServices):
+    def __init__(self, info: PromptBuilder, services: ModelServices, kept: KeptPrompts | None = None):
+        """kept: what the services keep of each conversation's last prompt (None: every turn sends
+        its whole prompt and nothing is kept)."""
         self.info = info
         self.services = services
+        self.kept = kept
+        # One prefill at a time per conversation: a turn waits for the prefill ahead of it, which
+        # moves the kept rows (weak: a conversation's lock goes when nothing holds it)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def conversation_lock(self, conversation: str) -> asyncio.Lock:
+        lock = self._locks.get(conversation)
+        if lock is None:
+            lock = self._locks[conversation] = asyncio.Lock()
+        return lock
+
+    async def prefill_ahead(self, req: TurnRequest, history: list[HistoryTurn]) -> int:
+        """After `req`'s turn was stored (`history` ends with it): prefill, into the conversation's
+        kept rows, what its next prompt will begin with, up to the caller's next audio; -> the
+        positions sent (0 when there was nothing to do or it failed: the next turn then prefills
+        more itself)."""
+        kept = self.kept
+        if kept is None or not req.conversation:
+            return 0
+        try:
+            prompt = self.info.build(req.mode.value, req.persona, req.tools, history, 1, req.max_new_tokens)
+        except ContextOverflowError:
+            return 0
+        ids = prompt.ids
+        known = ids[:len(ids) - ids[::-1].index(self.info.token_ids.audio_bos)]  # up to the next audio's bos
+        clips = [t.audio_rows for t in prompt.kept(history) if t.audio_rows is not None]
+        width = self.info.facts.hidden_size
+        rows = np.concatenate(clips, axis=0).astype(np.float32, copy=False) if clips else np.zeros((0, width), np.float32)
+        with_srh = req.mode is Mode.S2S
+        async with self.conversation_lock(req.conversation):
+            plan = kept.plan(req.conversation, known, rows, with_srh)
+            if plan.prefix >= len(known):
+                return 0
+            cid = new_call_id()
+            try:
+                _, h = await self.services.llm.prefill(cid, known[plan.prefix:], rows[plan.audio_rows:], end=True,
+                                                       srh_input=with_srh, keep_id=plan.keep_id, prefix=plan.prefix)
+                if with_srh:
+                    await self.services.refined_head.run(cid, h, start=True, end=True, keep_id=plan.keep_id,
+                                                         prefix=plan.prefix, partial=True)
+            except ServiceError:  # the rows are in an unknown state: the next turn sends its whole prompt
+                kept.forget(req.conversation)
+                return 0
+            kept.remember(req.conversation, plan.keep_id, known, rows, with_srh, complete=True)
+            metrics.kept_prefix("ahead", plan.prefix, len(known) - plan.prefix)
+            return len(known) - plan.prefix
 
     async def encode(self, audio16k: np.ndarray) -> tuple[np.ndarray, int]:
         """Caller speech (16 kHz float32) -> (rows [n_groups, E], n_groups) from the audio tokenizer."""
@@ -217,14 +270,14 @@ class TurnRunner:
                 await stream.generate(ids, rows, max_new)
                 break
             except ServiceError as exc:
-                await stream.close_sequences(timeout_s=FAILED_TURN_END_TIMEOUT_S)
+                await stream.close_sequences(timeout_s=FAILED_TURN_END_TIMEOUT_S, keep=False)
                 if exc.status in LOST_SEQUENCE and exc.model in ("llm", "refined_head") and attempt < MAX_REPLAYS:
                     stream.replays += 1
                     continue  # replay from the prefill on a new sequence; streamed output is not repeated
                 await stream.abandon()
                 raise TurnError("UNAVAILABLE", f"model service {exc.model} failed: {exc.message}") from None
             except BaseException:
-                await stream.close_sequences(timeout_s=FAILED_TURN_END_TIMEOUT_S)
+                await stream.close_sequences(timeout_s=FAILED_TURN_END_TIMEOUT_S, keep=False)
                 await stream.abandon()
                 raise
         return await stream.finish(len(ids), prompt.dropped)
@@ -251,6 +304,9 @@ class _TurnStream:
         self.generation_started: float | None = None  # the first prefill sent (the real-time factor's start)
         self.decode_ns: list[int] = []  # [first decode step started, last one ended] (time.time_ns)
         self.decode_steps = {"llm": 0, "refined_head": 0}
+        self.plan = PrefillPlan(0, 0, 0)  # the kept rows this attempt's prefill reuses
+        self.prompt_ids: list[int] = []
+        self.prompt_rows: np.ndarray | None = None
 
     def ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
@@ -259,32 +315,29 @@ class _TurnStream:
         req, llm, srh = self.req, self.services.llm, self.services.refined_head
         sched = self.schedule = TurnSchedule(self.info.token_ids, req.mode, max_new, prompt_last_token=ids[-1])
         self.call_id = req.call_id if req.call_id and not self.replays else new_call_id()
-        speech = req.speech_sampling
         t = time.perf_counter()
         if self.generation_started is None:
             self.generation_started = t
         self.sequences_open = True
-        # The llm service chooses the text tokens (the oracle's text stream); a speech-to-text turn
-        # does not ask for the SRH input it would not use.
-        token, h = await llm.prefill(self.call_id, ids, rows, sampling=req.text_sampling, seed=text_seed(req.seed),
-                                     srh_input=sched.runs_srh)
-        seconds = time.perf_counter() - t
-        metrics.stage("llm_prefill", seconds)
-        self.latency.setdefault("llm_prefill", seconds * 1000.0)
-        group, appended, step_index, speech_start = None, None, 0, None
+        self.prompt_ids, self.prompt_rows = ids, rows
+        kept = self.runner.kept
+        if kept is not None and req.conversation:
+            async with self.runner.conversation_lock(req.conversation):  # after a prefill ahead of this turn
+                plan = kept.plan(req.conversation, ids, rows, sched.runs_srh)
+                if self.replays:  # after a lost sequence nothing kept is trusted
+                    plan = PrefillPlan(plan.keep_id, 0, 0)
+                token, group = await self._prefills(plan, ids, rows, sched, t)
+        else:
+            token, group = await self._prefills(PrefillPlan(0, 0, 0), ids, rows, sched, t)
+        appended, step_index, speech_start = None, 0, None
         while True:
-            if sched.runs_srh:
+            if sched.runs_srh and step_index:
                 t = time.perf_counter()
-                if step_index:
-                    self._decode_step("refined_head")
-                group = await srh.run(self.call_id, h, start=step_index == 0, appended=appended,
-                                      greedy=speech.greedy, temperature=speech.temperature, top_p=speech.top_p,
-                                      top_k=speech.top_k, repetition_penalty=speech.repetition_penalty,
-                                      seed=speech_seed(req.seed))
+                self._decode_step("refined_head")
+                group = await srh.run(self.call_id, h, appended=appended)
                 self.srh_seconds.append(time.perf_counter() - t)
                 metrics.stage("refined_head", self.srh_seconds[-1])
-                if step_index:
-                    self.decode_ns[1] = time.time_ns()
+                self.decode_ns[1] = time.time_ns()
                 group = group.tolist()
             out = sched.observe(token, group)
             appended = out.speech_group  # the refined head's penalty history grows by what was kept
@@ -306,6 +359,45 @@ class _TurnStream:
             self.decode_ns[1] = time.time_ns()
             metrics.stage("llm_step", self.llm_seconds[-1])
         await self.close_sequences()
+
+    async def _prefills(self, plan: PrefillPlan, ids: list[int], rows: np.ndarray, sched: TurnSchedule,
+                        t: float) -> tuple[int, list[int] | None]:
+        """The llm prefill (it chooses the first text token: the oracle's text stream) and, in a
+        speech-to-speech turn, the refined_head's on its SRH input (a speech-to-text turn does not
+        ask for what it would not use) -> (text id, speech group or None). With a kept prefix only the
+        rest of the prompt is sent; if either service no longer keeps it, both start over with the
+        whole prompt."""
+        req, llm, srh = self.req, self.services.llm, self.services.refined_head
+        speech = req.speech_sampling
+        while True:
+            try:
+                token, h = await llm.prefill(self.call_id, ids[plan.prefix:], rows[plan.audio_rows:],
+                                             sampling=req.text_sampling, seed=text_seed(req.seed),
+                                             srh_input=sched.runs_srh, keep_id=plan.keep_id, prefix=plan.prefix)
+                seconds = time.perf_counter() - t
+                metrics.stage("llm_prefill", seconds)
+                self.latency.setdefault("llm_prefill", seconds * 1000.0)
+                group = None
+                if sched.runs_srh:
+                    t_srh = time.perf_counter()
+                    group = await srh.run(self.call_id, h, start=True, greedy=speech.greedy,
+                                          temperature=speech.temperature, top_p=speech.top_p, top_k=speech.top_k,
+                                          repetition_penalty=speech.repetition_penalty, seed=speech_seed(req.seed),
+                                          keep_id=plan.keep_id, prefix=plan.prefix)
+                    self.srh_seconds.append(time.perf_counter() - t_srh)
+                    metrics.stage("refined_head", self.srh_seconds[-1])
+                    group = group.tolist()
+            except ServiceError as exc:
+                if not plan.prefix or exc.status != "StatusCode.NOT_FOUND":
+                    raise
+                metrics.kept_prefix("miss", 0, len(ids))
+                plan = PrefillPlan(plan.keep_id, 0, 0)  # the kept rows are gone: the whole prompt
+                t = time.perf_counter()
+                continue
+            metrics.kept_prefix("hit" if plan.prefix else "none", plan.prefix, len(ids) - plan.prefix)
+            self.plan = plan
+            self.latency["kept_prefix"] = float(plan.prefix)
+            return token, group
 
     def _decode_step(self, service: str) -> None:
         """Count one decode request (after the prefills) for the aggregated `decode` span."""
@@ -353,24 +445,36 @@ class _TurnStream:
             delta, self.sent_text = final_text[len(self.sent_text):], final_text
             await self.emit(pb.ServerEvent(text_delta=pb.TextDelta(response_id=self.req.response_id, delta=delta)))
 
-    async def close_sequences(self, timeout_s: float | None = None) -> None:
+    async def close_sequences(self, timeout_s: float | None = None, keep: bool = True) -> None:
         """End the call's llm and refined_head sequences so their slots are freed now, not at the idle
-        timeout. timeout_s: give up waiting after this long (the services' idle timeouts free them)."""
+        timeout, or, with `keep` (a turn that ran to its end or was cut by the caller), kept for the
+        conversation's next prompt. timeout_s: give up waiting after this long (the services' idle
+        timeouts free them)."""
         if not self.sequences_open:
             return
         self.sequences_open = False
         cid, sched = self.call_id, self.schedule
+        kept = self.runner.kept
+        keep_id = self.plan.keep_id if keep and kept is not None and self.req.conversation else 0
         nxt = sched.next_input if sched is not None and sched.next_input is not None else None
         ends = [self.services.llm.step(cid, nxt.text_token if nxt else self.info.token_ids.end_ids[0], None, end=True,
-                                       srh_input=False)]
-        if sched is not None and sched.runs_srh:
+                                       srh_input=False, keep_id=keep_id)]
+        with_srh = sched is not None and sched.runs_srh
+        if with_srh:
             width = self.info.facts.hidden_size
-            ends.append(self.services.refined_head.run(cid, np.zeros((1, width), np.float32), end=True))
+            ends.append(self.services.refined_head.run(cid, np.zeros((1, width), np.float32), end=True,
+                                                       keep_id=keep_id))
         ending = asyncio.gather(*ends, return_exceptions=True)  # a lost sequence needs no ending
         try:
-            await asyncio.wait_for(ending, timeout_s)
+            results = await asyncio.wait_for(ending, timeout_s)
         except asyncio.TimeoutError:
-            pass
+            results = [TimeoutError()]
+        if kept is None or not self.req.conversation:
+            return
+        if keep_id and not any(isinstance(r, BaseException) for r in results):
+            kept.remember(self.req.conversation, keep_id, self.prompt_ids, self.prompt_rows, with_srh)
+        else:
+            kept.forget(self.req.conversation)
 
     async def abandon(self) -> None:
         """The turn failed: stop the vocoder task, which would otherwise wait for codes forever

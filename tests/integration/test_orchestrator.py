@@ -194,6 +194,10 @@ def test_two_greedy_turns_through_converse_equal_the_oracle(stack, tiny_pipeline
     ref2 = tiny_pipeline.respond(b, history=history, gen=gen)
     assert_same_as_oracle(replies[1], ref2, tiny_checkpoint)
     assert replies[1]["done"].usage.input_tokens == ref2.prompt_tokens
+    # the second turn continued the rows the services kept of the first prompt (and still equals
+    # the oracle's whole-prompt prefill)
+    assert replies[0]["done"].latency_ms["kept_prefix"] == 0
+    assert 0 < replies[1]["done"].latency_ms["kept_prefix"] < ref2.prompt_tokens
 
     # the session in Redis holds both exchanges as the model saw them
     r = redis.Redis.from_url(stack["redis"].url)

@@ -234,3 +234,44 @@ def test_custom_metrics_are_exported(stateful, tiny_pipeline, speech):
         assert metrics[f'funchat_{service}_forward_seconds_count{{kind="step"}}'] >= 3
         assert metrics[f"funchat_{service}_batch_size_count"] >= 4
         assert f"funchat_{service}_live_sequences" in metrics
+
+
+def test_kept_rows_and_partial_chunks_through_the_services(stateful, tiny_pipeline, speech):
+    """A prompt sent in two sequences (a partial chunk kept under a keep id, then the rest from it)
+    gives the whole-prompt prefill's text token and speech group; the kept-prefix counters count it;
+    a prefix the service does not keep is refused NOT_FOUND."""
+    audio = speech[:24000]
+    ids = tiny_pipeline.prompts.ids("s2s", None, None, [], tiny_pipeline.audio_groups(len(audio)))
+    rows = tiny_pipeline.encode_audio(audio).numpy()
+    audio_id = tiny_pipeline.prompts.special.audio
+    cut = ids.index(audio_id) + 3  # the caller still speaking: the history and 3 audio positions so far
+
+    async def main():
+        llm, srh = LlmClient(stateful.endpoints["llm"]), RefinedHeadClient(stateful.endpoints["refined_head"])
+        try:
+            whole_token, h = await llm.prefill(601, ids, rows)
+            whole_group = await srh.run(601, h, start=True)
+            _, h1 = await llm.prefill(602, ids[:cut], rows[:3], end=True, keep_id=77)
+            partial = await srh.run(602, h1, start=True, end=True, keep_id=77, partial=True)
+            token, h2 = await llm.prefill(603, ids[cut:], rows[3:], keep_id=77, prefix=cut)
+            group = await srh.run(603, h2, start=True, keep_id=77, prefix=cut)
+            for cid in (601, 603):
+                await llm.step(cid, token, None, end=True, srh_input=False)
+                await srh.run(cid, np.zeros((1, h.shape[1]), np.float32), end=True)
+            return whole_token, whole_group, partial, token, group, h2.shape[0]
+        finally:
+            await llm.close()
+            await srh.close()
+
+    whole_token, whole_group, partial, token, group, sent = asyncio.run(main())
+    assert partial.shape == (0,) and sent == len(ids) - cut
+    assert token == whole_token and group.tolist() == whole_group.tolist()
+    for service in ("llm", "refined_head"):
+        metrics = _scrape(stateful.metrics_endpoints[service])
+        assert metrics[f'funchat_{service}_kept_prefix_events_total{{event="prefix_hits"}}'] >= 1
+        assert f"funchat_{service}_kept_prefixes" in metrics
+    with pytest.raises(ServiceError) as info:
+        asyncio.run(_raw_llm(stateful.endpoints["llm"], 604, [1, 2], True,
+                             inputs=[("KEEP_ID", np.array([[999]], np.int64), "INT64"),
+                                     ("PREFIX", np.array([[5]], np.int64), "INT64")]))
+    assert info.value.status == "StatusCode.NOT_FOUND" and "no kept prefix of 5 positions" in info.value.message

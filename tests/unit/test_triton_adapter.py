@@ -184,8 +184,12 @@ def test_answer_batch_answers_each_request_with_its_status():
     assert (responses[2].error.code, responses[2].error.message) == ("NOT_FOUND", "unknown or ended sequence 2")
     assert responses[3].error.code == "UNAVAILABLE"
     assert metrics.latency["step"].observed and metrics.batch.observed == [3]  # the parsed requests
-    metrics.set_live(5)
-    assert metrics.live.value == 5
+    pool = SimpleNamespace(live=5, kept={11: None, 12: None}, counts={"prefix_hits": 3, "kept_evicted": 0})
+    metrics.set_pool(pool)
+    assert metrics.live.value == 5 and metrics.kept.value == 2 and metrics.events["prefix_hits"].value == 3
+    pool.counts["prefix_hits"] = 4  # the pool's counts are cumulative: the counter gets what they added
+    metrics.set_pool(pool)
+    assert metrics.events["prefix_hits"].value == 4 and "kept_evicted" not in metrics.events
 
     def broken(items):
         raise RuntimeError("CUDA error: out of memory")

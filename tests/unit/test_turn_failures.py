@@ -32,7 +32,7 @@ class FakeLlm:
         self.calls += 1
         return self.token, np.zeros((len(ids), self.width), np.float32)
 
-    async def step(self, call_id, text_token, speech_group=None, end=False, srh_input=True):
+    async def step(self, call_id, text_token, speech_group=None, end=False, srh_input=True, keep_id=0):
         if end:
             self.ended.append(call_id)
             if self.end_hangs:

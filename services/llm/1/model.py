@@ -33,7 +33,7 @@ class TritonPythonModel:
         responses = self.io.answer_batch(
             requests, self._parse, self.engine.run, self._outputs, self.metrics,
             kind=lambda batch: "prefill" if any(r.start for r in batch) else "step")
-        self.metrics.set_live(self.engine.pool.live)
+        self.metrics.set_pool(self.engine.pool)
         return responses
 
     def _parse(self, request) -> LlmRequest:
@@ -43,7 +43,8 @@ class TritonPythonModel:
         return LlmRequest(cid, start, end, input_ids=_tensor(io.required(request, "INPUT_IDS")),
                           audio=_tensor(io.optional(request, "AUDIO_EMBEDS")),
                           speech_group=_tensor(io.optional(request, "SPEECH_GROUP")),
-                          sampling=sampling, seed=seed, return_top_k=int(io.scalar(request, "RETURN_TOP_K", 0)))
+                          sampling=sampling, seed=seed, return_top_k=int(io.scalar(request, "RETURN_TOP_K", 0)),
+                          keep_id=int(io.scalar(request, "KEEP_ID", 0)), prefix=int(io.scalar(request, "PREFIX", 0)))
 
     def _outputs(self, request, result):
         wanted = self.io.requested(request)  # None: the client named no outputs, so all

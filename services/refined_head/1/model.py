@@ -19,9 +19,9 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = self.io.answer_batch(
             requests, self._parse, self.engine.run,
-            outputs=lambda request, tokens: {"SPEECH_TOKENS": tokens.cpu().numpy()[None]},  # [1, g]
+            outputs=lambda request, tokens: {"SPEECH_TOKENS": tokens.cpu().numpy()[None]},  # [1, g] ([1, 0]: PARTIAL)
             metrics=self.metrics, kind=lambda batch: "prefill" if any(r.start for r in batch) else "step")
-        self.metrics.set_live(self.engine.pool.live)
+        self.metrics.set_pool(self.engine.pool)
         return responses
 
     def _parse(self, request) -> SrhRequest:
@@ -31,7 +31,8 @@ class TritonPythonModel:
         appended = io.optional(request, "APPENDED")
         return SrhRequest(cid, start, end, srh_input=torch.from_numpy(io.required(request, "SRH_INPUT")[0].copy()),
                           appended=None if appended is None else torch.from_numpy(appended[0].copy()),
-                          sampling=sampling, seed=seed)
+                          sampling=sampling, seed=seed, keep_id=int(io.scalar(request, "KEEP_ID", 0)),
+                          prefix=int(io.scalar(request, "PREFIX", 0)), partial=bool(io.scalar(request, "PARTIAL", False)))
 
     def finalize(self):
         stop_tracing()
