@@ -159,8 +159,10 @@ class SrhEngine:
             return out
 
         try:
-            if is_prefill or self.step_runner is None:
+            if self.step_runner is None:
                 tokens = self.pool.run([s.row for s in slots], h.shape[1] * self.group, forward)  # g per LLM position
+            elif is_prefill:
+                tokens = self._prefill_then_sub_steps(h, lengths, slots, choose)
             else:
                 tokens = self._fixed_shape_step(h, slots, choose)
         except Exception:
@@ -172,13 +174,38 @@ class SrhEngine:
 
     def _fixed_shape_step(self, h: torch.Tensor, slots: list[Slot], choose: TokenChooser) -> torch.Tensor:
         """h [B, 1, E] of calls that each take one step -> tokens [B, g], through the step runner."""
+        head = self.model.audio_invert_tower
+        sub = head.pre_matching(h[:, 0]).reshape(h.shape[0], self.group, -1)  # [B, g, E]
+        return self._sub_steps(sub, slots, choose, first=0)
+
+    def _prefill_then_sub_steps(self, h: torch.Tensor, lengths: torch.Tensor, slots: list[Slot],
+                                choose: TokenChooser) -> torch.Tensor:
+        """Prefills with a step runner: the block (sub-frames 0 .. L*g-g) eagerly over the gathered
+        rows, then the last position's one-position sub-steps 1 .. g-1 through the runner's graphs."""
+        head = self.model.audio_invert_tower
+        out: dict[str, torch.Tensor] = {}
+
+        def block(cache: KVCache) -> None:
+            state = _BatchState(cache, torch.stack([s.extra["prev_embed"] for s in slots]))  # prev [B, E]
+            out["first"], out["last_sub"] = head.first_sub_frames(h, state, choose, lengths)
+            out["prev"] = state.prev_embed
+
+        self.pool.run([s.row for s in slots], h.shape[1] * self.group, block)
+        for b, slot in enumerate(slots):
+            slot.extra["prev_embed"] = out["prev"][b]
+        rest = self._sub_steps(out["last_sub"], slots, choose, first=1)  # [B, g-1]
+        return torch.cat([out["first"][:, None], rest], dim=1)  # [B, g]
+
+    def _sub_steps(self, sub: torch.Tensor, slots: list[Slot], choose: TokenChooser, first: int) -> torch.Tensor:
+        """Sub-steps first .. g-1 of one position per call (sub [B, g, E]) through the step runner
+        -> tokens [B, g - first]; each row gains g - first positions."""
         rows = [s.row for s in slots]
         with self.pool.lock:
             idx = torch.tensor(rows, dtype=torch.long, device=self.pool.cache.lengths.device)
             positions = self.pool.cache.lengths[idx].tolist()  # each row's cached length
             prev = torch.stack([s.extra["prev_embed"] for s in slots])  # [B, E]
             try:
-                tokens, prev = self.step_runner.step(h[:, 0], prev, rows, positions, choose)
+                tokens, prev = self.step_runner.sub_steps(sub, prev, rows, positions, choose, first)
             except Exception:
                 # leave no trace (run_isolated retries): a sub-step that ran had advanced its rows
                 self.pool.cache.lengths[idx] = torch.tensor(positions, dtype=torch.long, device=idx.device)
@@ -227,13 +254,20 @@ class SrhStepRunner(FixedShapeSteps):
         """h [B, E] (one LLM position per call), prev_embed [B, E], cache rows and cached lengths ->
         (tokens [B, g], the new prev_embed [B, E]). Each row gains g positions."""
         head = self.model.audio_invert_tower
-        b, e = h.shape
-        g = head.cfg.group_size
-        sub = head.pre_matching(h).reshape(b, g, e)  # [B, g, E]
+        sub = head.pre_matching(h).reshape(h.shape[0], head.cfg.group_size, -1)  # [B, g, E]
+        return self.sub_steps(sub, prev_embed, rows, positions, choose, first=0)
+
+    def sub_steps(self, sub: torch.Tensor, prev_embed: torch.Tensor, rows: list[int], positions: list[int],
+                  choose: TokenChooser, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sub-frames first .. g-1 of one position per call: sub [B, g, E] (`pre_matching`'s split),
+        prev_embed [B, E] -> (tokens [B, g - first], the new prev_embed [B, E]); each row gains
+        g - first positions from its cached length. A prefill's last position takes sub-steps 1 ..
+        g-1 here after its block; a step takes all g."""
+        head = self.model.audio_invert_tower
         tokens, prev = [], prev_embed
-        for j in range(g):
+        for j in range(first, head.cfg.group_size):
             x = (sub[:, j] + prev)[:, None]  # [B, 1, E]
-            (logits,) = self._in_pieces(x, rows, [p + j for p in positions])  # [B, V] float32
+            (logits,) = self._in_pieces(x, rows, [p + j - first for p in positions])  # [B, V] float32
             token = choose(j, logits)  # [B]
             tokens.append(token)
             prev = head.codebook[token]  # [B, E]

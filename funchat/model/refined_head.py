@@ -72,25 +72,30 @@ class RefinedHead(nn.Module):
     def forward(self, h: torch.Tensor, state: RefinedHeadState, choose: TokenChooser,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """h [B, L, E] (right-padded; `lengths` [B] real positions) -> chosen tokens [B, g]."""
+        first, last_sub = self.first_sub_frames(h, state, choose, lengths)
+        tokens = [first]
+        for j in range(1, self.cfg.group_size):
+            x = (last_sub[:, j] + state.prev_embed)[:, None]  # [B, 1, E]
+            out = self.crq_transformer(self.input_matching(x), state.cache, torch.ones_like(first))  # [B, 1, E_srh]
+            token = choose(j, self._logits(out[:, 0]))  # [B]
+            tokens.append(token)
+            state.prev_embed = self.codebook[token]  # [B, E]
+        return torch.stack(tokens, dim=1)  # [B, g]
+
+    def first_sub_frames(self, h: torch.Tensor, state: RefinedHeadState, choose: TokenChooser,
+                         lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's sub-frames 0 .. L*g-g of each row, all with the previous token's embedding, and
+        the first token -> (token [B], the last real position's g sub-frames [B, g, E]: the one-position
+        sub-steps j = 1 .. g-1 that follow, here or in a fixed-shape step runner)."""
         b, l, e = h.shape
         g = self.cfg.group_size
         if lengths is None:
             lengths = torch.full((b,), l, dtype=torch.long, device=h.device)
         rows = torch.arange(b, device=h.device)
         sub = self.pre_matching(h).reshape(b, l * g, e)  # [B, L*g, E]
-
-        tokens = []
-        for j in range(g):
-            if j == 0:
-                # sub-frames 0 .. L*g-g of each row, all with the previous token's embedding
-                x = sub[:, : l * g - (g - 1)] + state.prev_embed[:, None]  # [B, L*g-g+1, E]
-                new_lens = lengths * g - (g - 1)
-            else:
-                x = (sub[rows, lengths * g - (g - j)] + state.prev_embed)[:, None]  # [B, 1, E]
-                new_lens = torch.ones_like(lengths)
-            out = self.crq_transformer(self.input_matching(x), state.cache, new_lens)  # [B, T, E_srh]
-            last = out[rows, new_lens - 1]  # [B, E_srh]
-            token = choose(j, self._logits(last))  # [B]
-            tokens.append(token)
-            state.prev_embed = self.codebook[token]  # [B, E]
-        return torch.stack(tokens, dim=1)  # [B, g]
+        x = sub[:, : l * g - (g - 1)] + state.prev_embed[:, None]  # [B, L*g-g+1, E]
+        new_lens = lengths * g - (g - 1)
+        out = self.crq_transformer(self.input_matching(x), state.cache, new_lens)  # [B, T, E_srh]
+        token = choose(0, self._logits(out[rows, new_lens - 1]))  # [B]
+        state.prev_embed = self.codebook[token]  # [B, E]
+        return token, sub.reshape(b, l, g, e)[rows, lengths - 1]  # [B], [B, g, E]
