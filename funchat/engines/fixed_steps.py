@@ -15,6 +15,18 @@ from funchat.model.funaudiochat import FunAudioChat
 from funchat.model.qwen3 import KVCache, Qwen3Model, apply_rotary
 
 
+CUDA_GRAPHS = ("auto", "true", "false")  # the llm's and refined_head's `cuda_graphs` parameter
+
+
+def check_cuda_graphs(service: str, value: str) -> str:
+    """A `cuda_graphs` parameter value, lowercased; ValueError names it and the accepted values."""
+    graphs = (value or "auto").strip().lower()
+    if graphs not in CUDA_GRAPHS:
+        raise ValueError(f"{service} parameter cuda_graphs={value!r} is not accepted: "
+                         f"use one of {', '.join(CUDA_GRAPHS)}")
+    return graphs
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """Batch sizes that get a graph: powers of two below max_batch, then max_batch (16 -> 1, 2, 4, 8, 16)."""
     sizes, n = [], 1

@@ -30,14 +30,14 @@ from funchat.errors import CheckpointError
 from funchat.model.checkpoint import load_model, tensor_index
 from funchat.model.config import FunAudioChatConfig
 from funchat.model.qwen3 import KVCache
-from funchat.engines.fixed_steps import FixedShapeSteps, batch_buckets, context_buckets, decode_position  # noqa: F401
+from funchat.engines.fixed_steps import (CUDA_GRAPHS, FixedShapeSteps, batch_buckets,  # noqa: F401
+                                        check_cuda_graphs, context_buckets, decode_position)
 from funchat.engines.llm import LlmEngine
 from funchat.engines.slot_pool import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_KEEP_TIMEOUT_S, DEFAULT_MAX_SEQUENCES, SlotPool
 from funchat.engines.triton_adapter import ServiceParams
 from funchat.turn.prompt import CONTEXT_TOKENS
 
 ENGINES = ("torch", "tensorrt")
-CUDA_GRAPHS = ("auto", "true", "false")
 DEFAULT_MAX_CONTEXT = CONTEXT_TOKENS  # the reference's context (prompt + reply)
 DEFAULT_TENSORRT_PLANS = "build/llm_trt"  # build_engines.sh --out (services/tensorrt/README.md), from the server's cwd
 
@@ -69,10 +69,7 @@ class LlmEngineSettings:
         if engine not in ENGINES:
             raise ValueError(f"llm parameter engine={params.get('engine')!r} is not accepted: "
                              f"use one of {', '.join(ENGINES)}")
-        graphs = (params.get("cuda_graphs") or "auto").strip().lower()
-        if graphs not in CUDA_GRAPHS:
-            raise ValueError(f"llm parameter cuda_graphs={params.get('cuda_graphs')!r} is not accepted: "
-                             f"use one of {', '.join(CUDA_GRAPHS)}")
+        graphs = check_cuda_graphs("llm", params.get("cuda_graphs") or "auto")
         raw = (params.get("max_context") or str(DEFAULT_MAX_CONTEXT)).strip()
         max_context = int(raw) if raw.isdigit() else 0
         if max_context < 1:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
-from funchat.engines.fixed_steps import FixedShapeSteps, context_buckets, decode_position
+from funchat.engines.fixed_steps import FixedShapeSteps, check_cuda_graphs, context_buckets, decode_position
 from funchat.engines.slot_pool import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_KEEP_TIMEOUT_S, DEFAULT_MAX_SEQUENCES,
                                        SequenceError, Slot, SlotPool, forward_failed, pad_right, run_isolated)
 from funchat.engines.triton_adapter import ServiceParams
@@ -92,15 +93,11 @@ class SrhEngine:
 
         for group_kind in ("partial", "prefill", "step"):
             group = [(i, s) for i, s in ready if kind(i) == group_kind]
-            is_prefill = group_kind != "step"
-            if group_kind == "partial" and group:
-                for (i, _), exc in run_isolated(group, lambda part: self._extend(part, requests, results)):
-                    self.pool.free(requests[i].cid)
-                    results[i] = forward_failed("refined_head", exc)
-            elif group:
+            if group:
                 # A forward that raises fails only the requests that fail on their own; their
                 # sequences end (state unknown), so no slot waits for the idle timeout.
-                run = lambda part, p=is_prefill: self._run_group(part, requests, results, p)  # noqa: E731
+                run = partial(self._extend, requests=requests, results=results) if group_kind == "partial" else \
+                    partial(self._run_group, requests=requests, results=results, is_prefill=group_kind == "prefill")
                 for (i, _), exc in run_isolated(group, run):
                     self.pool.free(requests[i].cid)
                     results[i] = forward_failed("refined_head", exc)
@@ -249,14 +246,6 @@ class SrhStepRunner(FixedShapeSteps):
     row feeds the next sub-step, as `RefinedHead.forward` does for a one-position block.
     """
 
-    def step(self, h: torch.Tensor, prev_embed: torch.Tensor, rows: list[int], positions: list[int],
-             choose: TokenChooser) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, E] (one LLM position per call), prev_embed [B, E], cache rows and cached lengths ->
-        (tokens [B, g], the new prev_embed [B, E]). Each row gains g positions."""
-        head = self.model.audio_invert_tower
-        sub = head.pre_matching(h).reshape(h.shape[0], head.cfg.group_size, -1)  # [B, g, E]
-        return self.sub_steps(sub, prev_embed, rows, positions, choose, first=0)
-
     def sub_steps(self, sub: torch.Tensor, prev_embed: torch.Tensor, rows: list[int], positions: list[int],
                   choose: TokenChooser, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sub-frames first .. g-1 of one position per call: sub [B, g, E] (`pre_matching`'s split),
@@ -290,9 +279,6 @@ class _BatchState:
     prev_embed: torch.Tensor  # [B, E]
 
 
-CUDA_GRAPHS = ("auto", "true", "false")
-
-
 def build_srh_engine(model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUENCES,
                      idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_context: int = CONTEXT_TOKENS,
                      cuda_graphs: str = "auto", max_batch: int = 16) -> SrhEngine:
@@ -300,9 +286,7 @@ def build_srh_engine(model: FunAudioChat, max_sequences: int = DEFAULT_MAX_SEQUE
     with CUDA graphs on a CUDA device and eagerly (no runner) elsewhere; "true" needs CUDA;
     "false" runs the runner's fixed shapes without capture (any device)."""
     on_cuda = model.device.type == "cuda"
-    if cuda_graphs not in CUDA_GRAPHS:
-        raise ValueError(f"refined_head parameter cuda_graphs={cuda_graphs!r} is not accepted: "
-                         f"use one of {', '.join(CUDA_GRAPHS)}")
+    cuda_graphs = check_cuda_graphs("refined_head", cuda_graphs)
     if cuda_graphs == "true" and not on_cuda:
         raise ValueError(f"refined_head parameter cuda_graphs=true needs device cuda, got {model.device}: "
                          f"use auto or false")
@@ -323,10 +307,7 @@ def load_srh_engine(params: ServiceParams) -> SrhEngine:
     idle_timeout_s = params.number("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
     keep_timeout_s = params.number("keep_timeout_s", DEFAULT_KEEP_TIMEOUT_S)
     max_context = params.integer("max_context", CONTEXT_TOKENS, minimum=1)
-    cuda_graphs = params.text("cuda_graphs", "auto").lower()
-    if cuda_graphs not in CUDA_GRAPHS:  # before any weight is read
-        raise ValueError(f"refined_head parameter cuda_graphs={cuda_graphs!r} is not accepted: "
-                         f"use one of {', '.join(CUDA_GRAPHS)}")
+    cuda_graphs = check_cuda_graphs("refined_head", params.text("cuda_graphs", "auto"))  # before any weight is read
     params.apply_threads()
     model = load_model(params.checkpoint, dtype=params.dtype, device=params.device)
     engine = build_srh_engine(model, max_sequences, idle_timeout_s, max_context, cuda_graphs,

@@ -15,19 +15,6 @@ from funchat.engines.vocoder import load_vocoder_engine
 from funchat.vocoder.checkpoint import init_vocoder, load_reference_folder
 from funchat.vocoder.token2wav import StreamState, VocoderInputError
 
-GOLDEN = "golden/cosyvoice3-token2wav-tiny-a"
-
-
-@pytest.fixture(scope="module")
-def golden_dir(shared):
-    return shared / GOLDEN / "checkpoint"
-
-
-@pytest.fixture(scope="module")
-def xvec(shared) -> torch.Tensor:
-    with np.load(shared / GOLDEN / "expected.npz") as f:
-        return torch.from_numpy(f["in_spk"][0].copy())
-
 
 def stream_mel(model, xvec, toks: list[int]) -> tuple[torch.Tensor, torch.Tensor, StreamState]:
     """Push toks in hops of 15, then finish -> (flow mel [80, frames], wav [samples], final state)."""

@@ -36,7 +36,6 @@ from funchat.vocoder.hift import Hift
 from funchat.vocoder.synthesize import synthesize
 from funchat.vocoder.token2wav import MODES, StreamConfig, StreamState, Token2Wav, VocoderInputError
 
-GOLDEN = "golden/cosyvoice3-token2wav-tiny-a"
 SPT = 960  # samples per token at 24 kHz
 EXACT = 1e-5  # the tolerance (float64 HiFT: seen ~2e-16)
 ROUNDING = 5e-4  # float32 length-dependent rounding through the source phase (seen: 7e-5; amplitude ~0.1)
@@ -45,17 +44,6 @@ HOPS = ((15, 15), (5, 10), (25, 25))
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def golden_dir(shared):
-    return shared / GOLDEN / "checkpoint"
-
-
-@pytest.fixture(scope="module")
-def xvec(shared) -> torch.Tensor:
-    with np.load(shared / GOLDEN / "expected.npz") as f:
-        return torch.from_numpy(f["in_spk"][0].copy())
 
 
 @pytest.fixture(scope="module")
