@@ -2,24 +2,54 @@
 
 Same computation as `funchat.oracle.pipeline.ReferencePipeline.encode_audio`: Whisper log-mel
 (`funchat.model.mel`), then `FunAudioChat.encode_audio` (windowed encoder, mean of 5, Linear).
-Stateless. Each clip is checked on its own (`check`), then the good ones of a batch are encoded
+Stateless. Each request is checked on its own (`check`), then the good ones of a batch are encoded
 together in one encoder call (`encode`).
+
+Three kinds of request (`TokenizerRequest`):
+- a whole clip: all its rows;
+- one encoder window of a turn still being spoken (`window`): the samples its mel frames read
+  (`EncoderWindows.segment`) -> its rows, floored at (max(top, the window's own max) - 8), and the
+  window's own log-mel max and min, with which the caller keeps its windows consistent;
+- the end of such a turn (`encoded` > 0): the whole clip and the `top` its first `encoded`
+  windows were floored at. The clip's true max decides which of them still hold (a window is
+  stale when the true floor would change one of its values); the rows are returned from the first
+  stale window on (`first_window`), so the caller reuses the windows before it.
 
 Shapes: n samples, g groups (<|AUDIO|> positions), E LLM width.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from funchat.audio_io import SAMPLE_RATE, validate_audio
+from funchat.encoder_windows import EncoderWindows
 from funchat.engines.triton_adapter import ServiceParams
 from funchat.errors import AudioInputError
 from funchat.model.checkpoint import ENCODER_PREFIXES, load_model
 from funchat.model.funaudiochat import FunAudioChat
-from funchat.model.mel import log_mel_spectrogram
+from funchat.model.mel import clip_log10_mel, floor_and_scale, window_log10_mel
 from funchat.turn.prompt import CONTEXT_TOKENS, check_clip, speech_frames_for_samples
+
+
+@dataclass
+class TokenizerRequest:
+    clip: np.ndarray  # [n] float32: a whole clip, or one window's segment
+    window: int | None = None  # the segment of this encoder window (None: a whole clip)
+    top: float = -math.inf  # window: the turn's floor top so far; end of turn: the first windows' top
+    encoded: int = 0  # end of turn: leading windows the caller holds (encoded with `top`)
+
+
+@dataclass
+class Encoded:
+    rows: np.ndarray  # [g, E] float32
+    first_window: int = 0  # the rows start at this encoder window
+    top: float = 0.0  # the log-mel max: a window's own, or the whole clip's
+    low: float = 0.0  # a window's log-mel min (before the floor)
 
 
 class AudioTokenizerEngine:
@@ -29,23 +59,76 @@ class AudioTokenizerEngine:
         self.context_tokens = context_tokens
         self.n_mels = model.cfg.audio.num_mel_bins
         self.group_size = model.cfg.audio.group_size
+        self.windows = EncoderWindows(model.cfg.audio.n_window, self.group_size)
 
-    def check(self, audio: np.ndarray) -> np.ndarray:
-        """AUDIO [1, n] as sent -> the clip [n] float32; AudioInputError naming the problem.
-        The positions rule is the prompt's (funchat.turn.prompt), so a clip the service accepts fits
-        the prompt the orchestrator builds for it."""
+    def check(self, audio: np.ndarray, window: int | None = None, top: float | None = None,
+              encoded: int = 0) -> TokenizerRequest:
+        """AUDIO [1, n] as sent (and the optional WINDOW, TOP, ENCODED) -> the request;
+        AudioInputError naming the problem. The positions rule is the prompt's (funchat.turn.prompt),
+        so a clip the service accepts fits the prompt the orchestrator builds for it."""
         if audio.ndim != 2 or audio.shape[0] != 1:
             raise AudioInputError(f"AUDIO has shape {list(audio.shape)}: send one clip per request, shape [1, n]")
         clip = validate_audio(audio[0], SAMPLE_RATE, source="AUDIO")
+        if top is not None and math.isnan(top):
+            raise AudioInputError("TOP is NaN: send the log-mel max the service returned")
+        top = -math.inf if top is None else float(top)
+        if window is not None:
+            if encoded:
+                raise AudioInputError("WINDOW and ENCODED exclude each other: a window request encodes one window")
+            if window < 0:
+                raise AudioInputError(f"WINDOW is {window}: windows count from 0")
+            start, end = self.windows.segment(window)
+            if len(clip) != end - start:
+                raise AudioInputError(f"AUDIO has {len(clip)} samples; window {window} reads {end - start} "
+                                      f"(samples {start} to {end} of the turn)")
+            return TokenizerRequest(clip, window, top)
         check_clip(len(clip), self.group_size, self.context_tokens, what="AUDIO")
-        return clip
+        if encoded:
+            ready = self.windows.ready(len(clip))
+            if not 0 < encoded <= ready:
+                raise AudioInputError(f"ENCODED is {encoded}, but this clip has {ready} whole windows")
+            if not math.isfinite(top):
+                raise AudioInputError(f"TOP is {top}: with ENCODED send the top the windows were encoded with")
+        return TokenizerRequest(clip, None, top, encoded)
 
     @torch.inference_mode()
-    def encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
-        """Checked clips [n_i] -> their rows [g_i, E] float32, in one encoder call."""
-        mels = [log_mel_spectrogram(c, n_mels=self.n_mels).to(self.device) for c in clips]
-        frames = [speech_frames_for_samples(len(c), SAMPLE_RATE) for c in clips]
-        return [rows.float().cpu().numpy() for rows in self.model.encode_audio(mels, frames)]
+    def encode(self, requests: list[TokenizerRequest]) -> list[Encoded]:
+        """Checked requests -> their rows, in one encoder call."""
+        mels, frames, meta = [], [], []
+        for req in requests:
+            mel, n_frames, info = self._log_mel(req)
+            mels.append(mel.to(self.device))
+            frames.append(n_frames)
+            meta.append(info)
+        encoded = self.model.encode_audio(mels, frames)
+        return [Encoded(rows.float().cpu().numpy(), **info) for rows, info in zip(encoded, meta)]
+
+    def _log_mel(self, req: TokenizerRequest) -> tuple[torch.Tensor, int, dict]:
+        """-> (the log-mel to encode [n_mels, F], its 25 Hz frames, what else the answer says)."""
+        per_window = self.windows.mel_frames
+        if req.window is not None:
+            raw = window_log10_mel(req.clip, at_clip_start=req.window == 0, n_mels=self.n_mels)  # [n_mels, 200]
+            own_top, low = float(raw.max()), float(raw.min())
+            mel = floor_and_scale(raw, max(req.top, own_top))
+            return mel, per_window // 4, {"first_window": req.window, "top": own_top, "low": low}
+        raw, n_mel = clip_log10_mel(req.clip, n_mels=self.n_mels)  # [n_mels, F + tail]
+        top = raw.max()
+        first = stale_from(raw, top, req.top, req.encoded, per_window)
+        mel = floor_and_scale(raw[:, first * per_window:n_mel], top)
+        n_frames = speech_frames_for_samples(len(req.clip), SAMPLE_RATE) - first * self.windows.groups * self.group_size
+        return mel, n_frames, {"first_window": first, "top": float(top)}
+
+
+def stale_from(raw: torch.Tensor, top: torch.Tensor, encoded_top: float, encoded: int, per_window: int) -> int:
+    """The first of the `encoded` leading windows whose values the clip's floor (top - 8) would
+    change, given they were floored at (encoded_top - 8); `encoded` when none would."""
+    if not encoded or float(top) == encoded_top:
+        return encoded
+    if float(top) < encoded_top:  # the windows were floored higher than this clip allows: all stale
+        return 0
+    lows = raw[:, :encoded * per_window].reshape(raw.shape[0], encoded, per_window).amin(dim=(0, 2))  # [encoded]
+    stale = (lows < top - 8.0).nonzero()
+    return int(stale[0, 0]) if stale.numel() else encoded
 
 
 def load_audio_tokenizer_engine(params: ServiceParams) -> AudioTokenizerEngine:

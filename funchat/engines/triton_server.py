@@ -53,6 +53,9 @@ def find_triton() -> TritonInstall:
     return TritonInstall(binary, files, lib_dirs)
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20  # see server_env
+
+
 def server_env(install: TritonInstall, extra_lib_dirs: Iterable[Path] = ()) -> dict[str, str]:
     """This process's environment for the server: the libraries the binary and the backend stub
     need on LD_LIBRARY_PATH, and this Python first on PATH."""
@@ -62,6 +65,12 @@ def server_env(install: TritonInstall, extra_lib_dirs: Iterable[Path] = ()) -> d
     # The backend stub finds its packages through the first python3 on PATH: this venv's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which
+    # such blocks come from the heap and stay resident: a model service's memory then climbs in steps
+    # for its first minutes of traffic (prefills of new lengths: transient attention scores, gathered
+    # caches) before it levels off. A fixed threshold keeps every block of 1 MB or more mapped on its
+    # own and returned when freed, so a service's resident memory follows its live data.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     return env
 
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from funchat.encoder_windows import HALF_FFT, HOP_LENGTH, N_FFT
 from funchat.errors import AudioInputError
 
 SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
 # The reference pads (and truncates) every clip to 30 s.
 REFERENCE_SAMPLES = 30 * SAMPLE_RATE
 
@@ -89,21 +88,42 @@ def _mel_filters(n_mels: int) -> torch.Tensor:
     return filters
 
 
-def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> torch.Tensor:
-    """Whisper log-mel of a 1-D 16 kHz waveform: float32 tensor [n_mels, ceil(n / 160)].
+def _log10_mel(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """Frames of an already padded float32 waveform (the STFT not centred) -> log10 mel power,
+    not yet floored: [n_mels, 1 + (len - n_fft) // 160]."""
+    window = torch.hann_window(N_FFT, device=wave.device)  # periodic, as in the reference
+    stft = torch.stft(wave, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)  # [n_freqs, frames]
+    power = (stft.abs() ** 2).contiguous()  # [n_freqs, frames]
+    mel = _mel_filters(n_mels).to(wave.device) @ power  # [n_mels, frames]
+    return torch.clamp(mel, min=1e-10).log10()  # [n_mels, frames]
 
-    A torch tensor is processed on its own device; a numpy array on the CPU. Clips longer
-    than 30 s are not truncated (see the module docstring).
-    """
+
+def _centre_left(wave: torch.Tensor) -> torch.Tensor:
+    """The clip's start mirrored in, as torch.stft(center=True) does."""
+    return torch.nn.functional.pad(wave[None, None], (HALF_FFT, 0), mode="reflect")[0, 0]
+
+
+def floor_and_scale(log10_mel: torch.Tensor, top: torch.Tensor | float) -> torch.Tensor:
+    """Whisper's last step: values below (top - 8) raised to it, then (x + 4) / 4."""
+    floored = torch.maximum(log10_mel, torch.as_tensor(top, dtype=log10_mel.dtype, device=log10_mel.device) - 8.0)
+    return (floored + 4.0) / 4.0
+
+
+def _checked_wave(audio: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
     wave = torch.as_tensor(audio)
     if wave.ndim != 1:
-        raise AudioInputError(f"log_mel_spectrogram expects 1-D mono audio, got shape {tuple(wave.shape)}")
-    n_samples = wave.shape[0]
-    if n_samples == 0:
-        raise AudioInputError("log_mel_spectrogram got empty audio (0 samples)")
+        raise AudioInputError(f"{what} expects 1-D mono audio, got shape {tuple(wave.shape)}")
+    if wave.shape[0] == 0:
+        raise AudioInputError(f"{what} got empty audio (0 samples)")
     # The reference casts to float32 before the STFT; doing the same keeps rounding identical.
-    wave = wave.to(torch.float32)
+    return wave.to(torch.float32)
 
+
+def clip_log10_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> tuple[torch.Tensor, int]:
+    """A whole clip's log10 mel before the floor -> ([n_mels, F + tail], F = ceil(n / 160)): the tail
+    frames (past the clip's frames, still touching its last samples) count for the max only."""
+    wave = _checked_wave(audio, "log_mel_spectrogram")
+    n_samples = wave.shape[0]
     # Right zero padding: at least n_fft so the last frames touching audio see zeros (as in
     # the 30 s reference) and the reflect padding of torch.stft mirrors zeros. For clips
     # within a few hundred samples of 30 s, pad to exactly 30 s instead: there the reference
@@ -112,16 +132,29 @@ def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> 
     if n_samples <= REFERENCE_SAMPLES:
         padded_len = min(padded_len, REFERENCE_SAMPLES)
     wave = torch.nn.functional.pad(wave, (0, padded_len - n_samples))  # [padded_len]
-
-    window = torch.hann_window(N_FFT, device=wave.device)  # periodic, as in the reference
-    stft = torch.stft(wave, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # [n_freqs, padded_len // 160 + 1]
+    wave = torch.nn.functional.pad(wave[None, None], (HALF_FFT, HALF_FFT), mode="reflect")[0, 0]  # centred
     # Drop the last frame as the reference does (it keeps exactly 3000 frames for 30 s).
-    power = (stft[:, :-1].abs() ** 2).contiguous()  # [n_freqs, frames]
+    return _log10_mel(wave, n_mels)[:, :-1], num_mel_frames(n_samples)
 
-    mel = _mel_filters(n_mels).to(wave.device) @ power  # [n_mels, frames]
-    log_spec = torch.clamp(mel, min=1e-10).log10()  # [n_mels, frames]
-    # Every frame with real audio is in log_spec, and frames we did not compute are pure
+
+def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> torch.Tensor:
+    """Whisper log-mel of a 1-D 16 kHz waveform: float32 tensor [n_mels, ceil(n / 160)].
+
+    A torch tensor is processed on its own device; a numpy array on the CPU. Clips longer
+    than 30 s are not truncated (see the module docstring).
+    """
+    log10_mel, frames = clip_log10_mel(audio, n_mels)
+    # Every frame with real audio is in log10_mel, and frames we did not compute are pure
     # padding at -10, so this max equals the reference's max over its 3000 frames.
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-    log_spec = (log_spec + 4.0) / 4.0
-    return log_spec[:, : num_mel_frames(n_samples)].contiguous()  # [n_mels, ceil(n / 160)]
+    return floor_and_scale(log10_mel, log10_mel.max())[:, :frames].contiguous()  # [n_mels, ceil(n / 160)]
+
+
+def window_log10_mel(segment: np.ndarray | torch.Tensor, at_clip_start: bool, n_mels: int = 128) -> torch.Tensor:
+    """One encoder window's log10 mel before the floor, from the samples its frames read
+    (`EncoderWindows.segment`) -> [n_mels, the window's frames]. With at_clip_start the segment
+    begins at the clip's first sample, which is mirrored in as the whole clip's STFT mirrors it.
+    The same values as those frames of `clip_log10_mel`, to float rounding."""
+    wave = _checked_wave(segment, "window_log10_mel")
+    if at_clip_start:
+        wave = _centre_left(wave)
+    return _log10_mel(wave, n_mels)

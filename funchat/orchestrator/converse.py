@@ -22,10 +22,12 @@ from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
 from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
 from funchat.orchestrator.call_config import MAX_FUNCTION_OUTPUT_BYTES, CallConfig, quoted
+from funchat.orchestrator.caller_turn import CallerTurn
 from funchat.orchestrator.errors import ApiError, store_call
-from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
+from funchat.orchestrator.exchange import Exchange, Response, TurnTrace, turn_request
 from funchat.orchestrator.outbox import END, Outbox
 from funchat.orchestrator.sessions import HistoryTurn
+from funchat.orchestrator.turn_runner import TurnRequest
 from funchat.orchestrator.vad import SpeechStarted, SpeechStopped, TurnDetector
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class ConverseCall:
         self.aheads: list[asyncio.Task] = []  # earlier replies' prefills ahead (Response.ahead), awaited at the end
         self.buffered = 0
         self.response: Response | None = None
+        self.caller_turn = CallerTurn(self)  # the turn in progress, encoded and prefilled while spoken
 
     def error(self, code: str, message: str, event: str) -> None:
         """Refuse one event; the call goes on."""
@@ -145,6 +148,7 @@ class ConverseCall:
         if self.detector is not None:
             for ev in self.detector.feed(samples):
                 await self.on_vad(ev)
+            self.caller_turn.follow(self.detector)
         else:
             self.buffer_audio(samples)
 
@@ -166,6 +170,7 @@ class ConverseCall:
     async def on_clear(self, event: pb.ClientEvent) -> None:
         self.audio.flush()
         self.buffer, self.buffered = [], 0
+        self.caller_turn.reset()
         if self.detector is not None:
             self.detector.reset()
 
@@ -219,6 +224,7 @@ class ConverseCall:
             return
         self.buffer.append(samples)
         self.buffered += len(samples)
+        self.caller_turn.append(samples)
 
     async def on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
@@ -294,8 +300,19 @@ class ConverseCall:
             item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
         response.task = metrics.spawn(
-            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace).run(),
+            Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace,
+                     spoken=self.caller_turn.take()).run(),
             "converse.exchange")
+
+    def model_idle(self) -> bool:
+        """No reply of this call is generating or prefilling ahead: the kept rows may be extended."""
+        r = self.response
+        return r is None or (not r.running() and (r.ahead is None or r.ahead.done()))
+
+    def turn_template(self) -> TurnRequest:
+        """What a turn of this call asks of the model services, without its audio (prefills ahead)."""
+        width = self.service.info.facts.hidden_size
+        return turn_request(self.cfg, self.settings, self.session_id, "", np.zeros((0, width), np.float32), 0, [])
 
     async def finish(self) -> None:
         """The caller ended the call: answer speech still in the detector, wait for the reply."""
@@ -308,6 +325,7 @@ class ConverseCall:
         if self.response is not None and self.response.task is not None:
             await asyncio.gather(self.response.task, return_exceptions=True)
         await self.wait_aheads()
+        await self.caller_turn.settle()
 
     async def close(self) -> None:
         """The RPC is over (ended, failed or cancelled): stop a reply still generating."""
@@ -315,6 +333,7 @@ class ConverseCall:
             self.response.cancel.set()
             await asyncio.gather(self.response.task, return_exceptions=True)
         await self.wait_aheads()
+        await self.caller_turn.settle()
 
     async def wait_aheads(self) -> None:
         """The call's prefills ahead are short: a call ends with none left running."""

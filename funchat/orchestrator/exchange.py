@@ -57,6 +57,7 @@ from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
 from funchat.orchestrator.call_config import CallConfig
+from funchat.orchestrator.caller_turn import SpokenTurn
 from funchat.orchestrator.errors import ApiError, store_call
 from funchat.orchestrator.sessions import HistoryTurn, Lease
 from funchat.orchestrator.turn_runner import TurnError, TurnOutcome, TurnRequest, new_call_id
@@ -137,14 +138,30 @@ class TurnTrace:
     tenant: str = ""  # the caller's (an attribute of the turn's span)
 
 
+def turn_request(cfg: CallConfig, settings, session_id: str, response_id: str, rows: np.ndarray, n_groups: int,
+                 history: list[HistoryTurn]) -> TurnRequest:
+    """What a turn of a call with config `cfg` asks of the model services."""
+    text_sampling, speech_sampling = cfg.sampling()
+    return TurnRequest(
+        response_id=response_id, mode=Mode.parse(cfg.mode), audio_rows=rows, n_groups=n_groups,
+        history=history, persona=cfg.instructions or None, tools=cfg.tools or None, voice=cfg.voice or None,
+        text_sampling=text_sampling, speech_sampling=speech_sampling,
+        seed=cfg.seed if cfg.seed is not None else secrets.randbits(31),
+        max_new_tokens=cfg.max_new_tokens or settings.max_new_tokens, call_id=new_call_id(),
+        conversation=session_id)
+
+
 class Exchange:
     """One caller turn and its reply (see the module docstring for the steps)."""
 
     def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, audio16k: np.ndarray,
-                 response: Response, emit: Emit, t_end: float, trace: TurnTrace | None = None):
+                 response: Response, emit: Emit, t_end: float, trace: TurnTrace | None = None,
+                 spoken: SpokenTurn | None = None):
         """emit: where the reply's events go (the call's outbox); t_end: when the caller's turn ended
-        (time.perf_counter), the start of the latencies reported."""
+        (time.perf_counter), the start of the latencies reported. spoken: the turn's encoder windows
+        encoded (and prefilled) while it was spoken (`CallerTurn`)."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
+        self.spoken = spoken
         self.audio16k, self.response, self.emit, self.t_end = audio16k, response, emit, t_end
         self.audio_out = metrics.ReplyAudio(cfg.mode, t_end)  # first audio, underruns
         self.trace = trace or TurnTrace()
@@ -313,7 +330,8 @@ class Exchange:
         """-> (the audio tokenizer's rows, n_groups, ms it took)."""
         t = time.perf_counter()
         try:
-            rows, n_groups = await self.service.runner.encode(self.audio16k)
+            windows = await self.spoken.windows(self.audio16k) if self.spoken is not None else None
+            rows, n_groups = await self.service.runner.encode(self.audio16k, windows)
         except TurnError as exc:
             if exc.code == "INVALID_ARGUMENT":  # the audio itself: its message says what to fix
                 raise
@@ -324,15 +342,8 @@ class Exchange:
         return rows, n_groups, seconds * 1000.0
 
     def turn_request(self, rows: np.ndarray, n_groups: int, history: list[HistoryTurn]) -> TurnRequest:
-        cfg = self.cfg
-        text_sampling, speech_sampling = cfg.sampling()
-        return TurnRequest(
-            response_id=self.response.response_id, mode=Mode.parse(cfg.mode), audio_rows=rows, n_groups=n_groups,
-            history=history, persona=cfg.instructions or None, tools=cfg.tools or None, voice=cfg.voice or None,
-            text_sampling=text_sampling, speech_sampling=speech_sampling,
-            seed=cfg.seed if cfg.seed is not None else secrets.randbits(31),
-            max_new_tokens=cfg.max_new_tokens or self.service.settings.max_new_tokens, call_id=new_call_id(),
-            conversation=self.session_id)
+        return turn_request(self.cfg, self.service.settings, self.session_id, self.response.response_id, rows,
+                            n_groups, history)
 
     async def mark_responding(self, request: TurnRequest) -> None:
         """The session's turn state: which model replicas, correlation id and seed this reply uses."""

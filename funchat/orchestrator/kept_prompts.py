@@ -8,13 +8,16 @@ back to the positions both prompts share and to prefill the rest (START with the
 prefix length). The share stops one position before the end of the last prompt: that position's
 Speech Refined Head sub-frames were computed with the tokens it chose, where a whole prefill of
 the new prompt uses the start token. Audio positions count as shared only when their encoder rows
-are the same.
+are the same: the share ends before the first that differs (a window of the caller's turn that
+was prefilled while they spoke and encoded again at the end).
 
 Right after a turn, while the caller listens and speaks, the turn runner prefills ahead what the
 next prompt will begin with: everything up to the caller's next audio (the reply as text, the user
 header). That chunk is sent as a partial prompt (every SRH sub-frame with the start token, no
 token chosen), so the next turn can share all of it and prefill only the caller's audio and the
-assistant header when the caller stops.
+assistant header when the caller stops. While the caller speaks, each encoder window of their turn
+(2 s, 10 positions) is prefilled the same way once it is encoded (`caller_turn`), so that at the
+end only the last window, the closing tokens and the assistant header are left.
 
 A conversation the replica has no record of (its first turn, another replica's, a record dropped
 after a failed turn) sends its whole prompt; so does one whose kept rows the services evicted (they
@@ -71,10 +74,11 @@ class KeptPrompts:
         if kept is None or (with_srh and not kept.with_srh):
             return PrefillPlan(kept.keep_id if kept else new_keep_id(), 0, 0)
         share = shared_prefix(kept.ids, ids, limit=len(kept.ids) if kept.complete else len(kept.ids) - 1)
-        audio = sum(1 for i in ids[:share] if i == self.audio_token)
-        if audio and not np.array_equal(kept.rows[:audio], rows[:audio]):
-            return PrefillPlan(kept.keep_id, 0, 0)
-        return PrefillPlan(kept.keep_id, share, audio)
+        audio_at = [i for i, t in enumerate(ids[:share]) if t == self.audio_token]  # the shared audio positions
+        differ = first_different_row(kept.rows[:len(audio_at)], rows[:len(audio_at)])
+        if differ is not None:  # the share ends before the first audio position whose rows differ
+            share, audio_at = audio_at[differ], audio_at[:differ]
+        return PrefillPlan(kept.keep_id, share, len(audio_at))
 
     def remember(self, conversation: str, keep_id: int, ids: list[int], rows: np.ndarray, with_srh: bool,
                  complete: bool = False) -> None:
@@ -96,6 +100,14 @@ def shared_prefix(a: tuple[int, ...] | list[int], b: list[int], limit: int) -> i
         if a[i] != b[i]:
             return i
     return n
+
+
+def first_different_row(a: np.ndarray, b: np.ndarray) -> int | None:
+    """The index of the first row where a and b [n, E] differ (None: none does)."""
+    if a.shape != b.shape:
+        raise ValueError(f"rows of shapes {a.shape} and {b.shape}")
+    differ = np.flatnonzero(~np.all(a == b, axis=1)) if len(a) else np.zeros(0, np.int64)
+    return int(differ[0]) if differ.size else None
 
 
 def new_keep_id() -> int:

@@ -155,6 +155,12 @@ KEPT_PREFIX = Counter("funchat_orchestrator_kept_prefix_total", "Prefills by wha
                       "next prompt's start made right after a turn.", ["outcome"])
 PREFILL_POSITIONS = Counter("funchat_orchestrator_prefill_positions_total", "Prompt positions of turn prefills: "
                             "reused from a kept prefix, or prefilled.", ["kind"])
+CALLER_WINDOWS = Counter("funchat_orchestrator_caller_windows_total", "Encoder windows (2 s) of callers' turns handled "
+                         "while they spoke: encoded, encoded_again (a louder moment later changed the log-mel floor), "
+                         "prefilled (into the kept rows, before the turn ended), held (used at the turn's end), "
+                         "stale (found changed by the whole turn's floor at its end: encoded again then), failed "
+                         "(a request that failed: the turn is encoded whole at its end).", ["event"])
+CALLER_WINDOW_EVENTS = ("encoded", "encoded_again", "prefilled", "held", "stale", "failed")
 
 # The label values known in advance start at 0, so that every series exists from a replica's start
 # (rate() and the dashboards see a 0, not "no data"). SessionStore operations register as they are
@@ -178,6 +184,8 @@ for _outcome in ("hit", "miss", "none", "ahead"):
     KEPT_PREFIX.labels(_outcome)
 for _kind in ("reused", "prefilled"):
     PREFILL_POSITIONS.labels(_kind)
+for _event in CALLER_WINDOW_EVENTS:
+    CALLER_WINDOWS.labels(_event)
 for _service in SERVICES:
     MODEL_QUEUE.labels(_service)
 
@@ -291,6 +299,12 @@ def kept_prefix(outcome: str, reused: int, prefilled: int) -> None:
     KEPT_PREFIX.labels(outcome).inc()
     PREFILL_POSITIONS.labels("reused").inc(reused)
     PREFILL_POSITIONS.labels("prefilled").inc(prefilled)
+
+
+@_never_raises
+def caller_windows(event: str, n: int = 1) -> None:
+    if n:
+        CALLER_WINDOWS.labels(event).inc(n)
 
 
 @_never_raises

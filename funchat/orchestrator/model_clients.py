@@ -209,6 +209,31 @@ class AudioTokenizerClient(_Client):
                                    attributes={"funchat.audio_samples": int(audio.size)})
         return result.as_numpy("EMBEDDINGS")[0]
 
+    async def encode_window(self, segment: np.ndarray, window: int, top: float) -> tuple[np.ndarray, float, float]:
+        """One encoder window of a turn still being spoken: the samples its mel frames read
+        (`EncoderWindows.segment`), floored at max(top, its own log-mel max) - 8 -> (its rows
+        [groups, E], its own log-mel max, its log-mel min)."""
+        inputs = [_input("AUDIO", np.ascontiguousarray(segment, dtype=np.float32)[None], "FP32"),
+                  _input("WINDOW", np.array([[window]], dtype=np.int64), "INT64")]
+        if np.isfinite(top):
+            inputs.append(_input("TOP", np.array([[top]], dtype=np.float32), "FP32"))
+        result, _ = await self._infer(inputs, ["EMBEDDINGS", "MEL_MAX", "MEL_MIN"], time.perf_counter(),
+                                      span="audio_tokenizer.window", attributes={"funchat.window": window})
+        return (result.as_numpy("EMBEDDINGS")[0], float(result.as_numpy("MEL_MAX").reshape(-1)[0]),
+                float(result.as_numpy("MEL_MIN").reshape(-1)[0]))
+
+    async def encode_rest(self, audio: np.ndarray, encoded: int, top: float) -> tuple[np.ndarray, int]:
+        """The end of a turn whose first `encoded` windows were encoded while it was spoken, all
+        floored at (top - 8) -> (the rows from the first of them the whole turn's floor changes, that
+        window's index)."""
+        inputs = [_input("AUDIO", np.ascontiguousarray(audio, dtype=np.float32)[None], "FP32"),
+                  _input("ENCODED", np.array([[encoded]], dtype=np.int64), "INT64"),
+                  _input("TOP", np.array([[top]], dtype=np.float32), "FP32")]
+        result, _ = await self._infer(inputs, ["EMBEDDINGS", "FIRST_WINDOW"], time.perf_counter(),
+                                      span="audio_tokenizer.encode",
+                                      attributes={"funchat.audio_samples": int(audio.size), "funchat.windows_held": encoded})
+        return result.as_numpy("EMBEDDINGS")[0], int(result.as_numpy("FIRST_WINDOW").reshape(-1)[0])
+
 
 class VocoderClient(_Client):
     model = "vocoder"

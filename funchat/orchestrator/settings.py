@@ -112,6 +112,10 @@ class OrchestratorSettings(BaseSettings):
     keep_prefixes: bool = Field(True, description="the llm and refined_head services keep each conversation's rows "
                                                   "between turns, so a turn prefills only what its prompt adds "
                                                   "(false: every turn prefills its whole prompt)")
+    encode_while_speaking: bool = Field(True, description="encode each 2 s window of a caller's turn as it "
+                                                          "completes and prefill it into the kept rows while they "
+                                                          "speak, so the end of a long turn leaves little to do "
+                                                          "(false: the whole turn is encoded and prefilled at its end)")
     max_message_bytes: int = Field(16 << 20, ge=1 << 20, le=(2 << 30) - 1,
                                    description="largest gRPC message the public API accepts (Ray Serve's proxy, "
                                                "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); a Respond of the longest turn "

@@ -46,6 +46,7 @@ from funchat.orchestrator.kept_prompts import KeptPrompts, PrefillPlan
 from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
                                                 VocoderClient)
 from funchat.orchestrator.sessions import HistoryTurn
+from funchat.orchestrator.turn_windows import TurnWindows
 from funchat.text.tokenizer import TextTokenizer
 from funchat.turn.prompt import Prompt, PromptBuilder
 from funchat.turn.sampling import GREEDY, SamplingParams, speech_seed, text_seed
@@ -187,21 +188,28 @@ class TurnRunner:
             lock = self._locks[conversation] = asyncio.Lock()
         return lock
 
-    async def prefill_ahead(self, req: TurnRequest, history: list[HistoryTurn]) -> int:
-        """After `req`'s turn was stored (`history` ends with it): prefill, into the conversation's
-        kept rows, what its next prompt will begin with, up to the caller's next audio; -> the
-        positions sent (0 when there was nothing to do or it failed: the next turn then prefills
-        more itself)."""
+    async def prefill_ahead(self, req: TurnRequest, history: list[HistoryTurn],
+                            caller_rows: np.ndarray | None = None) -> int:
+        """Prefill, into the conversation's kept rows, what its next prompt will begin with: after
+        `req`'s turn was stored (`history` ends with it), up to the caller's next audio; while the
+        caller speaks, also the rows of their turn so far (`caller_rows` [n, E], whole encoder
+        windows). -> the positions sent (0 when there was nothing to do or it failed: the next turn
+        then prefills more itself)."""
         kept = self.kept
         if kept is None or not req.conversation:
             return 0
+        spoken = 0 if caller_rows is None else len(caller_rows)
         try:
-            prompt = self.info.build(req.mode.value, req.persona, req.tools, history, 1, req.max_new_tokens)
+            prompt = self.info.build(req.mode.value, req.persona, req.tools, history, max(1, spoken),
+                                     req.max_new_tokens)
         except ContextOverflowError:
             return 0
         ids = prompt.ids
-        known = ids[:len(ids) - ids[::-1].index(self.info.token_ids.audio_bos)]  # up to the next audio's bos
+        audio_bos = len(ids) - ids[::-1].index(self.info.token_ids.audio_bos)  # the next audio's first position
+        known = ids[:audio_bos + spoken]
         clips = [t.audio_rows for t in prompt.kept(history) if t.audio_rows is not None]
+        if spoken:
+            clips.append(caller_rows)
         width = self.info.facts.hidden_size
         rows = np.concatenate(clips, axis=0).astype(np.float32, copy=False) if clips else np.zeros((0, width), np.float32)
         with_srh = req.mode is Mode.S2S
@@ -223,14 +231,24 @@ class TurnRunner:
             metrics.kept_prefix("ahead", plan.prefix, len(known) - plan.prefix)
             return len(known) - plan.prefix
 
-    async def encode(self, audio16k: np.ndarray) -> tuple[np.ndarray, int]:
-        """Caller speech (16 kHz float32) -> (rows [n_groups, E], n_groups) from the audio tokenizer."""
+    async def encode(self, audio16k: np.ndarray, windows: TurnWindows | None = None) -> tuple[np.ndarray, int]:
+        """Caller speech (16 kHz float32) -> (rows [n_groups, E], n_groups) from the audio tokenizer.
+        windows: the turn's encoder windows encoded while it was spoken (their audio a prefix of
+        `audio16k`): the tokenizer then encodes only the rest and the windows its floor made stale."""
         try:
             n_groups = self.info.check_clip(len(audio16k), "the turn's audio")
         except AudioInputError as exc:
             raise TurnError("INVALID_ARGUMENT", str(exc)) from None
+        clip = np.ascontiguousarray(audio16k, dtype=np.float32)
         try:
-            rows = await self.services.tokenizer.encode(np.ascontiguousarray(audio16k, dtype=np.float32))
+            if windows is not None and windows.windows:
+                held = len(windows.windows)
+                rest, first = await self.services.tokenizer.encode_rest(clip, held, windows.top)
+                metrics.caller_windows("held", first)
+                metrics.caller_windows("stale", held - first)
+                rows = np.concatenate([windows.rows(first), rest]) if first else rest
+            else:
+                rows = await self.services.tokenizer.encode(clip)
         except ServiceError as exc:
             raise TurnError("INVALID_ARGUMENT" if "INVALID" in exc.status else "UNAVAILABLE",
                             f"audio tokenizer: {exc.message}") from None

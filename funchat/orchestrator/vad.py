@@ -195,6 +195,22 @@ class TurnDetector:
         """Samples held in memory (history + the partial window): bounded while nobody speaks."""
         return self._history_len + len(self._pending)
 
+    def utterance(self, since: int = 0) -> tuple[int, np.ndarray] | None:
+        """While in speech: (the stream index of the utterance's first sample, its samples from the
+        `since`-th on, as far as the VAD has judged them). The `SpeechStopped` that ends it carries
+        the same samples first. None when not in speech."""
+        if self._state != _SPEECH:
+            return None
+        offset = max(self._history_start, self._start - self._prefix)
+        need = self._next - offset - since
+        parts: list[np.ndarray] = []
+        for chunk in reversed(self._history):  # newest first: only the tail is wanted
+            if need <= 0:
+                break
+            parts.append(chunk[-need:] if len(chunk) > need else chunk)
+            need -= len(parts[-1])
+        return offset, (np.concatenate(parts[::-1]) if parts else np.zeros(0, dtype=np.float32))
+
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         """Feed the next chunk (any length) of 16 kHz float32 mono audio; returns the events it caused."""
         samples = np.asarray(samples, dtype=np.float32)

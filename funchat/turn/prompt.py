@@ -109,6 +109,7 @@ class ModelFacts:
     group_size: int  # 25 Hz frames per 5 Hz LLM position
     speech_bos: int  # 6561: codes below it are what the vocoder speaks
     speech_eos: int  # 6562
+    n_window: int = 100  # the audio encoder's window is 2 * n_window mel frames (funchat.encoder_windows)
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> "ModelFacts":
@@ -120,7 +121,7 @@ class ModelFacts:
                        sil_index=int(text["sil_index"]), eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
                        vocab_size=int(text.get("vocab_size", 151936)), hidden_size=int(text["hidden_size"]),
                        group_size=int(audio["group_size"]), speech_bos=int(audio["bos_token_id"]),
-                       speech_eos=int(audio["eos_token_id"]))
+                       speech_eos=int(audio["eos_token_id"]), n_window=int(audio.get("n_window", 100)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"config.json lacks or mangles a field the prompt needs: {exc!r}") from None
 

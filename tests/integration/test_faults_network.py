@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -32,6 +31,7 @@ from funchat.dev.tritonserver import free_port, start_servers
 from funchat.orchestrator.model_clients import LlmClient, ServiceError
 from funchat.orchestrator.turn_runner import FAILED_TURN_END_TIMEOUT_S, new_call_id
 from tests.integration.pcm import pcm16_bytes
+from tests.integration.scrape import metric
 from tests.integration.test_orchestrator import Caller, config, funchat_stub, reply_of
 
 SERVICE_TIMEOUT_S = 10.0  # FUNCHAT_SERVICE_TIMEOUT_S here: a partition is noticed this fast (a loaded
@@ -87,14 +87,6 @@ def turn_audio(example_wav) -> np.ndarray:
 
 
 # ---- observables ----
-
-def metric(address: str, name: str) -> float:
-    """The sum of a Prometheus metric's samples at http://address/metrics."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and (line[len(name)] in " {"))
-
 
 def live_sequences(stack, model: str) -> float:
     return metric(stack["cluster"].metrics_endpoints[model], f"funchat_{model}_live_sequences")

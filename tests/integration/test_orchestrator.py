@@ -37,6 +37,7 @@ from funchat.turn.schedule import Mode
 from funchat.dev.tritonserver import free_port
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
 from tests.integration.pcm import pcm16_bytes, pcm16_samples
+from tests.integration.scrape import metric
 
 MAX_NEW = 24
 SECRET = "test-secret-" + "0" * 20
@@ -213,6 +214,52 @@ def test_two_greedy_turns_through_converse_equal_the_oracle(stack, tiny_pipeline
     assert session.turns[1].text == ref1.text and session.turns[3].text == ref2.text
     assert session.turns[0].audio_ms == len(a) * 1000 // 16000
     assert session.state == "listening"
+
+
+def test_long_turns_encoded_and_prefilled_while_spoken_equal_the_oracle(stack, tiny_pipeline, tiny_checkpoint,
+                                                                       speech):
+    """A 14 s turn: each 2 s encoder window is encoded and prefilled into the kept rows while the
+    caller is still sending it, so the first turn already reuses a kept prefix, and the end of the
+    turn encodes only its last window. The replies still equal the oracle's (which encodes and
+    prefills each whole prompt at once)."""
+    orch = stack["orch"].metrics_target
+    a = pcm16_samples(np.tile(speech, 3)[:16000 * 14])
+    b = pcm16_samples(np.tile(speech[::-1], 3)[:16000 * 13])
+    count = lambda event: metric(orch, "funchat_orchestrator_caller_windows_total", event=event)  # noqa: E731
+    before = {e: count(e) for e in ("encoded", "prefilled", "held", "stale")}
+
+    async def main():
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=config()))
+        await caller.until("session_created")
+        replies = []
+        for audio in (a, b):
+            prefilled = count("prefilled")
+            for k in range(0, len(audio), 8000):
+                await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(audio[k:k + 8000]))))
+            # a caller speaking in real time leaves the windows time to be prefilled: wait for them
+            deadline = time.monotonic() + 60
+            while count("prefilled") < prefilled + 6:
+                assert time.monotonic() < deadline, "the turn's windows were not prefilled while it was sent"
+                await asyncio.sleep(0.05)
+            await caller.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
+            replies.append(reply_of(await caller.until("response_done")))
+        await caller.close()
+        return replies
+
+    replies = asyncio.run(main())
+    gen = GenerationConfig.greedy(Mode.S2S, MAX_NEW)
+    ref1 = tiny_pipeline.respond(a, gen=gen)
+    assert_same_as_oracle(replies[0], ref1, tiny_checkpoint)
+    ref2 = tiny_pipeline.respond(b, history=[{"role": "user", "content": a}, {"role": "assistant", "content": ref1.text}],
+                                 gen=gen)
+    assert_same_as_oracle(replies[1], ref2, tiny_checkpoint)
+    after = {e: count(e) for e in before}
+    assert after["encoded"] - before["encoded"] == 6 + 6  # windows 0-5 of each turn (window 6 is its last)
+    assert after["held"] + after["stale"] - before["held"] - before["stale"] == 12
+    assert after["held"] - before["held"] >= 8  # the loudest moments come early: most windows held
+    # turn 1 is a first turn, and still reuses the windows prefilled while it was spoken
+    assert replies[0]["done"].latency_ms["kept_prefix"] > 0
+    assert replies[1]["done"].latency_ms["kept_prefix"] > replies[0]["done"].latency_ms["kept_prefix"]
 
 
 def test_s2t_mode_streams_text_only(stack, tiny_pipeline, speech):
@@ -516,7 +563,13 @@ def test_oversized_respond_requests_are_refused_before_decoding(stack):
 
 
 def test_calls_over_the_admission_limit_are_refused_then_admitted_again(stack):
-    """FUNCHAT_MAX_CALLS=6 in this stack."""
+    """FUNCHAT_MAX_CALLS=6 in this stack. A call an earlier test hung up on holds its slot until the
+    replica has stopped its reply and finished its cleanup: wait for none to be left first."""
+    deadline = time.monotonic() + 30
+    while (left := metric(stack["orch"].metrics_target, "funchat_orchestrator_active_calls")) != 0:
+        assert time.monotonic() < deadline, f"{left:g} calls of earlier tests still active after 30 s"
+        time.sleep(0.2)
+
     async def main():
         callers = []
         for _ in range(6):

@@ -104,6 +104,35 @@ def test_tokenizer_concurrent_requests(triton, tiny_pipeline, recording):
         np.testing.assert_allclose(got, expected_rows(tiny_pipeline, clip), rtol=0, atol=1e-5)
 
 
+def test_tokenizer_windows_of_a_turn_being_spoken_add_up_to_the_whole_turn(triton, tiny_pipeline, recording):
+    """The orchestrator's protocol through the service: each window as it completes (concurrently,
+    batched together), then the end of the turn sends only the rows from the first stale window."""
+    from funchat.encoder_windows import EncoderWindows
+
+    geometry = EncoderWindows(tiny_pipeline.model.cfg.audio.n_window, tiny_pipeline.model.cfg.audio.group_size)
+    turn = np.tile(recording, 2)[:16000 * 11]  # 5 whole windows ready before the end
+
+    async def go():
+        async with AudioTokenizerClient(triton.endpoints["audio_tokenizer"]) as client:
+            ready = geometry.ready(len(turn))
+            # every window floored at the turn's max (its second window holds it): none is stale
+            firsts = await asyncio.gather(*(client.encode_window(turn[slice(*geometry.segment(w))], w, -np.inf)
+                                            for w in range(ready)))
+            top = max(t for _, t, _ in firsts)
+            held = await asyncio.gather(*(client.encode_window(turn[slice(*geometry.segment(w))], w, top)
+                                          for w in range(ready)))
+            rest, first = await client.encode_rest(turn, ready, top)
+            stale_rest, stale_first = await client.encode_rest(turn, ready, top - 1.0)  # floored too low
+            return ready, [r for r, _, _ in held], rest, first, stale_rest, stale_first
+
+    ready, held, rest, first, stale_rest, stale_first = run(go())
+    want = expected_rows(tiny_pipeline, turn)
+    assert ready == 5 and first == 5 and all(r.shape == (geometry.groups, want.shape[1]) for r in held)
+    np.testing.assert_allclose(np.concatenate(held + [rest]), want, rtol=0, atol=1e-5)
+    assert stale_first < 5  # windows floored lower than the turn's max: sent again from the first changed
+    np.testing.assert_allclose(np.concatenate(held[:stale_first] + [stale_rest]), want, rtol=0, atol=1e-5)
+
+
 def test_tokenizer_bad_request_fails_alone_in_a_batch(triton, tiny_pipeline):
     """Bad clips sent together with good ones (dynamically batched): only the bad ones fail."""
     clips = [synthetic_clip(0.8, seed=1), np.full(3200, np.nan, np.float32), synthetic_clip(1.5, seed=2),
@@ -293,13 +322,27 @@ TOKENIZER_BAD = {
                  "takes 2050 LLM positions, more than the 2048-token context"),
     "wrong dtype": (lambda url: encode(url, np.zeros(16000, np.float64)), "'AUDIO' data-type is 'FP64'"),
     "int16 pcm": (lambda url: encode(url, np.zeros(16000, np.int16)), "'AUDIO' data-type is 'INT16'"),
-    "missing input": (lambda url: raw_infer(url, "audio_tokenizer", []), "expected 1 inputs but got 0"),
+    "missing input": (lambda url: raw_infer(url, "audio_tokenizer", []), "missing required input(s) ['AUDIO']"),
     "two clips in one request": (lambda url: raw_infer(url, "audio_tokenizer",
                                                        [("AUDIO", np.zeros((2, 16000), np.float32), "FP32")]),
                                  "send one clip per request"),
     "wrong rank": (lambda url: raw_infer(url, "audio_tokenizer", [("AUDIO", np.zeros((1, 2, 800), np.float32), "FP32")]),
                    "unexpected shape for input 'AUDIO'"),
+    "window of the wrong length": (lambda url: encode_window(url, np.full(32000, 0.1, np.float32), 1),
+                                   "AUDIO has 32000 samples; window 1 reads 32240"),
+    "windows beyond the clip": (lambda url: encode_rest(url, np.full(40000, 0.1, np.float32), 3, 1.0),
+                                "ENCODED is 3, but this clip has 1 whole windows"),
 }
+
+
+async def encode_window(url: str, segment: np.ndarray, window: int):
+    async with AudioTokenizerClient(url) as client:
+        return await client.encode_window(segment, window, -np.inf)
+
+
+async def encode_rest(url: str, audio: np.ndarray, encoded: int, top: float):
+    async with AudioTokenizerClient(url) as client:
+        return await client.encode_rest(audio, encoded, top)
 
 
 @pytest.mark.parametrize("case", list(TOKENIZER_BAD))

@@ -24,7 +24,8 @@ def test_every_client_event_kind_has_a_handler():
 
 def manual_call() -> ConverseCall:
     """A call with manual turns (no VAD model) and a stand-in service: only the settings are read."""
-    service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0))
+    service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0,
+                                                      encode_while_speaking=False))
     return ConverseCall(service, "sid", CallConfig(vad=None))
 
 

@@ -79,7 +79,7 @@ class Runner:
         self.encode_error, self.run_error, self.wait_for_cancel = encode_error, run_error, wait_for_cancel
         self.encoded = self.ran = 0
 
-    async def encode(self, audio):
+    async def encode(self, audio, windows=None):
         self.encoded += 1
         if self.encode_error:
             raise self.encode_error

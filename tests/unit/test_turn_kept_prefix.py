@@ -124,15 +124,19 @@ def test_a_kept_prefix_the_services_lost_falls_back_to_the_whole_prompt(builder)
     assert second.latency_ms["kept_prefix"] == 0.0
 
 
-def test_changed_audio_or_another_conversation_shares_nothing(builder):
+def test_changed_audio_shares_up_to_its_first_changed_row_and_another_conversation_nothing(builder):
     llm, srh = RecordingLlm(builder), RecordingRefinedHead()
     runner = TurnRunner(builder, Services(llm, srh), KeptPrompts(builder.special.audio))
     a = rows(builder, 3, 0.5)
     first = run(runner, turn(builder, [], a))
-    edited = [HistoryTurn("user", audio_rows=rows(builder, 3, 0.7), n_groups=3), HistoryTurn("assistant", text=first.text)]
-    run(runner, turn(builder, edited, a))  # same ids, other audio rows in the shared positions
+    audio_at = llm.prefills[0]["ids"].index(builder.special.audio)  # turn 1's first audio position
+    edited_rows = a.copy()
+    edited_rows[1] += 0.25  # same ids; the second audio row differs
+    edited = [HistoryTurn("user", audio_rows=edited_rows, n_groups=3), HistoryTurn("assistant", text=first.text)]
+    run(runner, turn(builder, edited, a))
     run(runner, turn(builder, [], a, conversation="s2"))
-    assert [p["prefix"] for p in llm.prefills] == [0, 0, 0]
+    assert [p["prefix"] for p in llm.prefills] == [0, audio_at + 1, 0]  # shared: up to the changed row
+    assert llm.prefills[1]["rows"] == 2 + 3  # from the changed row on, and the new turn's
 
 
 def test_after_a_failed_turn_nothing_kept_is_trusted(builder):

@@ -316,3 +316,28 @@ def test_invalid_arguments(kwargs, message):
 def test_feed_rejects_non_mono_audio():
     with pytest.raises(ValueError, match="mono"):
         TurnDetector().feed(np.zeros((2, 512), dtype=np.float32))
+
+
+@pytest.mark.parametrize("chunk", [320, 1000])
+def test_the_utterance_in_progress_is_how_its_speech_stopped_audio_begins(recording, chunk):
+    """What `utterance` gives while the caller speaks (followed from sample to sample, as the
+    orchestrator encodes the turn window by window) is where the turn's audio begins, for every turn."""
+    audio = np.concatenate([silence(1.0), recording, silence(1.5), recording, silence(1.5)])
+    detector = TurnDetector(silence_duration_ms=800)
+    followed: dict[int, list[np.ndarray]] = {}  # utterance start -> its samples, as followed
+    stops = []
+    for i in range(0, len(audio), chunk):
+        stops += [e for e in detector.feed(audio[i:i + chunk]) if isinstance(e, SpeechStopped)]
+        assert detector.utterance() is None or detector.in_speech
+        now = detector.utterance()
+        if now is not None:
+            offset, _ = now
+            parts = followed.setdefault(offset, [])
+            _, more = detector.utterance(sum(len(p) for p in parts))
+            parts.append(more)
+    assert len(stops) == 2 and len(followed) == 2
+    for stop, (offset, parts) in zip(stops, sorted(followed.items())):
+        assert offset * 1000 // SR == stop.audio_offset_ms
+        spoken = np.concatenate(parts)
+        assert 0 < len(spoken) <= len(stop.audio)
+        np.testing.assert_array_equal(stop.audio[:len(spoken)], spoken)

@@ -18,17 +18,24 @@ class TritonPythonModel:
         params = ServiceParams.from_args(args, "audio_tokenizer")
         self.engine = load_audio_tokenizer_engine(params)
         self.io = TritonIO(pb_utils, "audio_tokenizer")
-        self.metrics = ServiceMetrics(pb_utils, "audio_tokenizer", kinds=("encode",), stateful=False)
+        self.metrics = ServiceMetrics(pb_utils, "audio_tokenizer", kinds=("encode", "window"), stateful=False)
         pb_utils.Logger.log_info(f"audio_tokenizer: {params.checkpoint} on {params.device}")
 
     def execute(self, requests):
         return self.io.answer_batch(
-            requests, parse=lambda request: self.engine.check(self.io.required(request, "AUDIO")),
-            run=self.engine.encode, outputs=self._outputs, metrics=self.metrics, kind=lambda clips: "encode")
+            requests, parse=self._parse, run=self.engine.encode, outputs=self._outputs, metrics=self.metrics,
+            kind=lambda items: "window" if all(i.window is not None for i in items) else "encode")
+
+    def _parse(self, request):
+        window = self.io.scalar(request, "WINDOW")
+        return self.engine.check(self.io.required(request, "AUDIO"), window=None if window is None else int(window),
+                                 top=self.io.scalar(request, "TOP"), encoded=int(self.io.scalar(request, "ENCODED", 0)))
 
     @staticmethod
-    def _outputs(request, rows):  # rows [g, E] float32
-        return {"EMBEDDINGS": rows[None], "N_GROUPS": np.array([[rows.shape[0]]], dtype=np.int64)}
+    def _outputs(request, out):  # out.rows [g, E] float32
+        return {"EMBEDDINGS": out.rows[None], "N_GROUPS": np.array([[out.rows.shape[0]]], dtype=np.int64),
+                "FIRST_WINDOW": np.array([[out.first_window]], dtype=np.int64),
+                "MEL_MAX": np.array([[out.top]], dtype=np.float32), "MEL_MIN": np.array([[out.low]], dtype=np.float32)}
 
     def finalize(self):
         self.engine = None
