@@ -127,7 +127,7 @@ class RecordingCall(ConverseCall):
     """A call whose turns are recorded, not generated: only the event handling is fuzzed."""
 
     def __init__(self, cfg: CallConfig):
-        service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0),
+        service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0, encode_while_speaking=False),
                                   store=SimpleNamespace(append_turns=_append_turns))
         super().__init__(service, "sid", cfg)
         self.turns: list[int] = []

@@ -19,7 +19,8 @@ CLEAR = pb.ClientEvent(clear=pb.InputAudioClear())  # an event every call accept
 
 
 def call(idle_s: float, max_call_s: float = 60.0) -> ConverseCall:
-    settings = SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0, idle_timeout_s=idle_s, max_call_s=max_call_s)
+    settings = SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0, idle_timeout_s=idle_s, max_call_s=max_call_s,
+                               encode_while_speaking=False)
     return ConverseCall(SimpleNamespace(settings=settings), "sid", CallConfig(vad=None))
 
 

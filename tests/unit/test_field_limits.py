@@ -37,7 +37,7 @@ def test_too_many_or_too_large_tools_are_refused():
 
 def test_an_oversized_function_output_is_refused_and_the_call_goes_on():
     async def main():
-        service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0))
+        service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0, encode_while_speaking=False))
         call = ConverseCall(service, "sid", CallConfig(vad=None))
         big = pb.FunctionCallOutput(call_id="call_1", output="x" * (MAX_FUNCTION_OUTPUT_BYTES + 1))
         await call.handle(pb.ClientEvent(function_call_output=big))

@@ -408,7 +408,8 @@ class RecordingCall(ConverseCall):
     """A call whose turns are recorded, not generated: only the event handling is under test."""
 
     def __init__(self, cfg: CallConfig):
-        service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0), store=FakeStore())
+        service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0, encode_while_speaking=False),
+                                  store=FakeStore())
         super().__init__(service, "sid", cfg)
         self.turns: list[int] = []
 
