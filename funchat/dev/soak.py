@@ -14,7 +14,9 @@ Memory: every `--interval` seconds the resident set (RSS) of each process of the
 redis-server, each tritonserver with its Python backend stubs (where the models live), and the
 orchestrator's process tree (Ray's GCS, raylet, the Serve controller, the proxy, each replica).
 The first half of the run is warm-up (longer if a caller has not finished its first call by then),
-and a least-squares line through each process's later samples gives its slope in MB per minute. A
+and a least-squares line through the baseline of each process's later samples (each sample's
+minimum with its neighbours: a buffer that lives for one request is not a trend) gives its slope in
+MB per minute. A
 process is flat when that slope stays under `--max-slope-mb-per-min`: a leak grows through the
 whole run, while a cache that fills as new shapes and lengths arrive levels off. Such caches fill
 over tens of replies, not seconds: the vocoder's oneDNN primitive cache (one kernel per new
@@ -95,12 +97,18 @@ class MemorySeries:
     rss_mb: list[float] = field(default_factory=list)
 
     def slope_mb_per_min(self, after_s: float) -> float | None:
-        """Least-squares slope of the samples taken after `after_s`; None with fewer than 3."""
+        """Least-squares slope of the baseline of the samples taken after `after_s`; None with fewer
+        than 4. The baseline is each inner sample's minimum with its two neighbours: memory a request
+        holds only while it runs (a long prefill's attention scores) shows as one high sample when the
+        sampler happens to catch it, and is returned right after; a leak raises the baseline itself
+        (at its own slope)."""
         t = np.asarray(self.times_s)
         keep = t >= after_s
-        if keep.sum() < 3:
+        if keep.sum() < 4:
             return None
-        slope, _ = np.polyfit(t[keep] / 60.0, np.asarray(self.rss_mb)[keep], 1)
+        rss = np.asarray(self.rss_mb)[keep]
+        baseline = np.minimum(np.minimum(rss[:-2], rss[1:-1]), rss[2:])  # [n - 2]: samples 1 .. n-2
+        slope, _ = np.polyfit(t[keep][1:-1] / 60.0, baseline, 1)
         return float(slope)
 
 

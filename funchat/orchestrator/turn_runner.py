@@ -202,6 +202,12 @@ class TurnRunner:
         try:
             prompt = self.info.build(req.mode.value, req.persona, req.tools, history, max(1, spoken),
                                      req.max_new_tokens)
+            if spoken and prompt.dropped != self.info.build(req.mode.value, req.persona, req.tools, history, 1,
+                                                            req.max_new_tokens).dropped:
+                # The caller's turn has grown past the room the history leaves: the prompt now drops
+                # more of the history than the one prefilled ahead, so a window would re-prefill all
+                # of it again (and again with the next). The end of the turn prefills what it needs.
+                return 0
         except ContextOverflowError:
             return 0
         ids = prompt.ids

@@ -81,3 +81,13 @@ def test_a_cache_that_levels_off_passes_and_a_steady_leak_does_not():
     leak = series("orchestrator/ray::ServeReplica:funchat:Orchestrator", 7, [200.0 + 0.5 * i for i in range(24)])
     summary = summarise(CallerTotals(calls=4, turns=12), sampler_with(cache, leak), seconds=240.0, max_slope=1.0)
     assert summary["growing"] == ["orchestrator/ray::ServeReplica:funchat:Orchestrator"]  # 3 MB/min all along
+
+
+def test_memory_held_only_while_a_request_runs_is_not_a_trend_but_a_leak_under_it_is():
+    # a long prefill's transient buffers, caught by single samples (the last one too)
+    spiky = [480.0 + (220.0 if i in (14, 19, 23) else 0.0) for i in range(24)]
+    flat = series("triton:refined_head/triton_python_backend_stub", 8, spiky)
+    leaking = series("triton:llm/triton_python_backend_stub", 9,
+                     [380.0 + 0.5 * i + (150.0 if i in (15, 20) else 0.0) for i in range(24)])
+    summary = summarise(CallerTotals(calls=4, turns=12), sampler_with(flat, leaking), seconds=240.0, max_slope=1.0)
+    assert summary["growing"] == ["triton:llm/triton_python_backend_stub"]  # 3 MB/min under its spikes

@@ -186,3 +186,37 @@ def test_a_prefill_ahead_leaves_only_the_callers_audio_and_the_header_to_the_nex
     assert second.latency_ms["kept_prefix"] == float(len(known))
     # nothing more to send ahead until the conversation has a new turn
     assert asyncio.run(runner.prefill_ahead(turn(builder, history, b), history)) == 0
+
+
+def test_the_callers_windows_are_prefilled_while_spoken_and_the_turn_sends_only_the_rest(builder):
+    llm, srh = RecordingLlm(builder), RecordingRefinedHead()
+    runner = TurnRunner(builder, Services(llm, srh), KeptPrompts(builder.special.audio))
+    a = rows(builder, 3, 0.5)
+    first = run(runner, turn(builder, [], a))
+    history = [HistoryTurn("user", audio_rows=a, n_groups=3), HistoryTurn("assistant", text=first.text)]
+    template = turn(builder, history, rows(builder, 0, 0.0))
+    ahead = asyncio.run(runner.prefill_ahead(template, history))
+    spoken = np.concatenate([rows(builder, 10, 0.1), rows(builder, 10, 0.2)])  # two encoder windows
+    assert asyncio.run(runner.prefill_ahead(template, history, spoken[:10])) == 10  # only the window
+    assert asyncio.run(runner.prefill_ahead(template, history, spoken)) == 10
+    assert asyncio.run(runner.prefill_ahead(template, history, spoken)) == 0  # nothing new
+    assert [p["rows"] for p in llm.prefills[1:]] == [0, 10, 10] and srh.starts[-1]["partial"]
+    # the turn: the windows' rows, then the rest of the caller's turn (its last window)
+    caller = np.concatenate([spoken, rows(builder, 4, 0.3)])
+    run(runner, turn(builder, history, caller))
+    whole = runner.prompt(turn(builder, history, caller))[0].ids
+    last = llm.prefills[-1]
+    assert last["rows"] == 4 and last["prefix"] + len(last["ids"]) == len(whole)
+    assert len(last["ids"]) < 4 + 10  # the last window, the closing tokens, the assistant header
+
+
+def test_windows_are_not_prefilled_once_the_callers_turn_pushes_history_out(builder):
+    llm, srh = RecordingLlm(builder), RecordingRefinedHead()
+    runner = TurnRunner(builder, Services(llm, srh), KeptPrompts(builder.special.audio))
+    long_rows = rows(builder, 900, 0.5)
+    history = [HistoryTurn("user", audio_rows=long_rows, n_groups=900), HistoryTurn("assistant", text="hello there")]
+    template = turn(builder, history, rows(builder, 0, 0.0))
+    assert asyncio.run(runner.prefill_ahead(template, history)) > 900
+    # 1150 positions of the caller's turn leave no room for the 900 of the last one: it would be dropped
+    assert asyncio.run(runner.prefill_ahead(template, history, rows(builder, 1150, 0.1))) == 0
+    assert asyncio.run(runner.prefill_ahead(template, history, rows(builder, 10, 0.1))) == 10
