@@ -9,7 +9,10 @@ API with `Respond` (a whole caller turn per request, greedy, the same recording 
    conversation's rows and a turn prefills what its prompt adds) and `whole` (false: every turn
    prefills its whole prompt). Also the server's prompt positions, the positions it reused and its
    prefill time per turn; the kept-prefix hit rate over turns 2..N.
-2. caller turn: one-turn conversations whose turn lasts 2 ... 55 s (the recording looped).
+2. caller turn: one-turn Converse calls whose turn lasts 2 ... 55 s (the recording looped), streamed
+   in real time and ended by a commit; first audio from the commit. Two settings alternated:
+   `spoken` (FUNCHAT_ENCODE_WHILE_SPEAKING=true, the default: each 2 s encoder window is encoded and
+   prefilled while the caller speaks) and `at_end` (false: the whole turn at the commit).
 
 Prints tables, writes JSON. Ratios (turn N / turn 1, 55 s / 2 s) are the numbers to compare: they
 are measured in one run, as the machine's speed drifts between runs.
@@ -33,6 +36,9 @@ from funchat.client.async_client import AsyncClient
 from funchat.client.config import session_config
 
 VARIANTS = {"kept": {"FUNCHAT_KEEP_PREFIXES": "true"}, "whole": {"FUNCHAT_KEEP_PREFIXES": "false"}}
+TURN_VARIANTS = {"spoken": {"FUNCHAT_KEEP_PREFIXES": "true", "FUNCHAT_ENCODE_WHILE_SPEAKING": "true"},
+                 "at_end": {"FUNCHAT_KEEP_PREFIXES": "true", "FUNCHAT_ENCODE_WHILE_SPEAKING": "false"}}
+CHUNK_S = 0.1  # the caller's audio chunks, sent in real time
 TURN_LENGTHS_S = (2.0, 10.0, 30.0, 55.0)
 
 
@@ -90,21 +96,56 @@ def bench_history(stack, clip: np.ndarray, args) -> dict[str, Any]:
     return out
 
 
+async def spoken_turn(target: str, api_key: str, clip: np.ndarray, max_new_tokens: int, timeout: float,
+                      chunk_s: float = CHUNK_S) -> dict[str, Any]:
+    """One Converse call with one caller turn streamed in real time (chunk_s chunks), ended by a
+    commit -> first audio (s, from the commit) and the server's numbers."""
+    config = session_config(greedy=True, seed=0, max_new_tokens=max_new_tokens, turn_detection="manual")
+    step = int(16000 * chunk_s)
+    async with AsyncClient(target, timeout=timeout, api_key=api_key) as client:
+        async with client.converse(config, timeout=timeout) as call:
+            t0 = time.monotonic()
+            for i, k in enumerate(range(0, len(clip), step)):
+                await call.send_audio(clip[k:k + step])
+                await asyncio.sleep(max(0.0, t0 + (i + 1) * chunk_s - time.monotonic()))  # as the caller speaks
+            await call.commit()
+            reply = await call.next_reply()
+    lat = reply.latency_ms
+    return {"first_audio_s": reply.first_audio_s, "status": reply.status, "kept_prefix": lat.get("kept_prefix", 0.0),
+            "audio_tokenizer_ms": lat.get("audio_tokenizer"), "llm_prefill_ms": lat.get("llm_prefill"),
+            "server_ms": dict(lat)}
+
+
 def bench_turn_length(stack, source: str | None, args) -> dict[str, Any]:
-    stack.restart_orchestrator(VARIANTS["kept"])
-    out = {}
-    for seconds in args.turn_lengths:
-        clip, _ = load_clip(source, seconds, 0.0)
-        firsts = []
-        for _ in range(args.repeats):
-            (turn,) = asyncio.run(conversation(stack.target, stack.api_key, clip, 1, args.max_new_tokens,
+    """Per variant (the turn encoded and prefilled while spoken, or at its end), alternated: one-turn
+    calls whose turn lasts each of --turn-lengths, streamed in real time."""
+    runs: dict[str, dict[str, list[dict]]] = {name: {f"{s:g}": [] for s in args.turn_lengths} for name in TURN_VARIANTS}
+    clips = {f"{s:g}": load_clip(source, s, 0.0)[0] for s in args.turn_lengths}
+    for rep in range(args.repeats):
+        for name, overrides in TURN_VARIANTS.items():
+            stack.restart_orchestrator(overrides)
+            # not counted: a new orchestrator's first call is slower (connections, first requests)
+            asyncio.run(spoken_turn(stack.target, stack.api_key, clips[f"{args.turn_lengths[0]:g}"],
+                                    args.max_new_tokens, args.turn_timeout))
+            for key, clip in clips.items():
+                turn = asyncio.run(spoken_turn(stack.target, stack.api_key, clip, args.max_new_tokens,
                                                args.turn_timeout))
-            firsts.append(turn["first_audio_s"])
-        out[f"{seconds:g}"] = {"seconds": seconds, "first_audio_ms": 1000 * median(firsts),
-                               "runs_ms": [1000 * f for f in firsts if f is not None]}
-        log(f"caller turn {seconds:g} s: first audio {out[f'{seconds:g}']['first_audio_ms']:.0f} ms")
-    first, last = out[f"{args.turn_lengths[0]:g}"], out[f"{args.turn_lengths[-1]:g}"]
-    return {"by_length": out, "longest_over_shortest": last["first_audio_ms"] / first["first_audio_ms"]}
+                runs[name][key].append(turn)
+                log(f"caller turn {key} s, {name}, run {rep + 1}: first audio {turn['first_audio_s'] * 1000:.0f} ms "
+                    f"(audio tokenizer {turn['audio_tokenizer_ms'] or 0:.0f} ms, llm prefill "
+                    f"{turn['llm_prefill_ms'] or 0:.0f} ms, kept prefix {turn['kept_prefix']:.0f})")
+    out: dict[str, Any] = {}
+    for name, by_length in runs.items():
+        rows = {}
+        for key, turns in by_length.items():
+            rows[key] = {"seconds": float(key), "runs": turns,
+                         "first_audio_ms": 1000 * median([t["first_audio_s"] for t in turns]),
+                         "audio_tokenizer_ms": median([t["audio_tokenizer_ms"] for t in turns]),
+                         "llm_prefill_ms": median([t["llm_prefill_ms"] for t in turns]),
+                         "kept_prefix": median([t["kept_prefix"] for t in turns])}
+        first, last = rows[f"{args.turn_lengths[0]:g}"], rows[f"{args.turn_lengths[-1]:g}"]
+        out[name] = {"by_length": rows, "longest_over_shortest": last["first_audio_ms"] / first["first_audio_ms"]}
+    return out
 
 
 def print_tables(report: dict[str, Any]) -> None:
@@ -124,10 +165,16 @@ def print_tables(report: dict[str, Any]) -> None:
                if name == "kept" else ""))
     length = report.get("turn_length")
     if length:
-        print("\nfirst audio (ms, median) by caller turn length")
-        for row in length["by_length"].values():
-            print(f"{row['seconds']:>6g} s{row['first_audio_ms']:>10.0f}")
-        print(f"longest / shortest = {length['longest_over_shortest']:.2f}x")
+        print("\nfirst audio (ms, median) by caller turn length, streamed in real time: encoded and prefilled "
+              "while spoken against at the turn's end")
+        print(f"{'turn':>7}{'spoken: first audio':>21}{'at end: first audio':>21}{'spoken: encode':>16}"
+              f"{'at end: encode':>16}{'spoken: prefill':>17}{'at end: prefill':>17}")
+        for sp, end in zip(length["spoken"]["by_length"].values(), length["at_end"]["by_length"].values()):
+            print(f"{sp['seconds']:>5g} s{sp['first_audio_ms']:>21.0f}{end['first_audio_ms']:>21.0f}"
+                  f"{sp['audio_tokenizer_ms'] or 0:>16.1f}{end['audio_tokenizer_ms'] or 0:>16.1f}"
+                  f"{sp['llm_prefill_ms'] or 0:>17.1f}{end['llm_prefill_ms'] or 0:>17.1f}")
+        for name in ("spoken", "at_end"):
+            print(f"{name}: longest / shortest = {length[name]['longest_over_shortest']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,10 @@ Three kinds of request (`TokenizerRequest`):
 - one encoder window of a turn still being spoken (`window`): the samples its mel frames read
   (`EncoderWindows.segment`) -> its rows, floored at (max(top, the window's own max) - 8), and the
   window's own log-mel max and min, with which the caller keeps its windows consistent;
-- the end of such a turn (`encoded` > 0): the whole clip and the `top` its first `encoded`
-  windows were floored at. The clip's true max decides which of them still hold (a window is
-  stale when the true floor would change one of its values); the rows are returned from the first
-  stale window on (`first_window`), so the caller reuses the windows before it.
+- the end of such a turn (`encoded` > 0, the caller holding windows 0 .. encoded - 1): the samples
+  from where window `encoded` reads on, and `top`, the held windows' log-mel max -> the rows of the
+  rest of the turn, floored at the whole turn's max (max(top, the rest's own)), and that max: the
+  caller encodes again the held windows it makes stale (`funchat.orchestrator.turn_windows`).
 
 Shapes: n samples, g groups (<|AUDIO|> positions), E LLM width.
 """
@@ -32,7 +32,7 @@ from funchat.engines.triton_adapter import ServiceParams
 from funchat.errors import AudioInputError
 from funchat.model.checkpoint import ENCODER_PREFIXES, load_model
 from funchat.model.funaudiochat import FunAudioChat
-from funchat.model.mel import clip_log10_mel, floor_and_scale, window_log10_mel
+from funchat.model.mel import clip_end_log10_mel, floor_and_scale, window_log10_mel
 from funchat.turn.prompt import CONTEXT_TOKENS, check_clip, speech_frames_for_samples
 
 
@@ -40,15 +40,15 @@ from funchat.turn.prompt import CONTEXT_TOKENS, check_clip, speech_frames_for_sa
 class TokenizerRequest:
     clip: np.ndarray  # [n] float32: a whole clip, or one window's segment
     window: int | None = None  # the segment of this encoder window (None: a whole clip)
-    top: float = -math.inf  # window: the turn's floor top so far; end of turn: the first windows' top
-    encoded: int = 0  # end of turn: leading windows the caller holds (encoded with `top`)
+    top: float = -math.inf  # window: the turn's floor top so far; end of turn: the held windows' max
+    encoded: int = 0  # end of turn: the windows the caller holds; `clip` is the rest of the turn
 
 
 @dataclass
 class Encoded:
     rows: np.ndarray  # [g, E] float32
     first_window: int = 0  # the rows start at this encoder window
-    top: float = 0.0  # the log-mel max: a window's own, or the whole clip's
+    top: float = 0.0  # the log-mel max: a window's own, or the whole turn's
     low: float = 0.0  # a window's log-mel min (before the floor)
 
 
@@ -82,13 +82,17 @@ class AudioTokenizerEngine:
                 raise AudioInputError(f"AUDIO has {len(clip)} samples; window {window} reads {end - start} "
                                       f"(samples {start} to {end} of the turn)")
             return TokenizerRequest(clip, window, top)
-        check_clip(len(clip), self.group_size, self.context_tokens, what="AUDIO")
+        if encoded < 0:
+            raise AudioInputError(f"ENCODED is {encoded}: send the number of windows held, or none")
+        start = self.windows.segment(encoded)[0] if encoded else 0  # where the rest of the turn begins
+        check_clip(start + len(clip), self.group_size, self.context_tokens, what="AUDIO")
         if encoded:
-            ready = self.windows.ready(len(clip))
-            if not 0 < encoded <= ready:
-                raise AudioInputError(f"ENCODED is {encoded}, but this clip has {ready} whole windows")
+            ready = self.windows.ready(start + len(clip))
+            if ready < encoded:
+                raise AudioInputError(f"ENCODED is {encoded}, but a turn of {start + len(clip)} samples (AUDIO: "
+                                      f"its {len(clip)} from sample {start} on) has {ready} whole windows")
             if not math.isfinite(top):
-                raise AudioInputError(f"TOP is {top}: with ENCODED send the top the windows were encoded with")
+                raise AudioInputError(f"TOP is {top}: with ENCODED send the log-mel max of the windows held")
         return TokenizerRequest(clip, None, top, encoded)
 
     @torch.inference_mode()
@@ -100,8 +104,12 @@ class AudioTokenizerEngine:
             mels.append(mel.to(self.device))
             frames.append(n_frames)
             meta.append(info)
-        encoded = self.model.encode_audio(mels, frames)
-        return [Encoded(rows.float().cpu().numpy(), **info) for rows, info in zip(encoded, meta)]
+        todo = [i for i, n in enumerate(frames) if n > 0]  # the end of a turn may hold no 25 Hz frame
+        encoded = dict(zip(todo, self.model.encode_audio([mels[i] for i in todo], [frames[i] for i in todo])
+                           if todo else []))
+        width = self.model.cfg.text.hidden_size
+        return [Encoded(encoded[i].float().cpu().numpy() if i in encoded else np.zeros((0, width), np.float32),
+                        **info) for i, info in enumerate(meta)]
 
     def _log_mel(self, req: TokenizerRequest) -> tuple[torch.Tensor, int, dict]:
         """-> (the log-mel to encode [n_mels, F], its 25 Hz frames, what else the answer says)."""
@@ -111,24 +119,13 @@ class AudioTokenizerEngine:
             own_top, low = float(raw.max()), float(raw.min())
             mel = floor_and_scale(raw, max(req.top, own_top))
             return mel, per_window // 4, {"first_window": req.window, "top": own_top, "low": low}
-        raw, n_mel = clip_log10_mel(req.clip, n_mels=self.n_mels)  # [n_mels, F + tail]
-        top = raw.max()
-        first = stale_from(raw, top, req.top, req.encoded, per_window)
-        mel = floor_and_scale(raw[:, first * per_window:n_mel], top)
-        n_frames = speech_frames_for_samples(len(req.clip), SAMPLE_RATE) - first * self.windows.groups * self.group_size
-        return mel, n_frames, {"first_window": first, "top": float(top)}
-
-
-def stale_from(raw: torch.Tensor, top: torch.Tensor, encoded_top: float, encoded: int, per_window: int) -> int:
-    """The first of the `encoded` leading windows whose values the clip's floor (top - 8) would
-    change, given they were floored at (encoded_top - 8); `encoded` when none would."""
-    if not encoded or float(top) == encoded_top:
-        return encoded
-    if float(top) < encoded_top:  # the windows were floored higher than this clip allows: all stale
-        return 0
-    lows = raw[:, :encoded * per_window].reshape(raw.shape[0], encoded, per_window).amin(dim=(0, 2))  # [encoded]
-    stale = (lows < top - 8.0).nonzero()
-    return int(stale[0, 0]) if stale.numel() else encoded
+        start = self.windows.segment(req.encoded)[0] if req.encoded else 0
+        raw, n_mel = clip_end_log10_mel(req.clip, start, n_mels=self.n_mels)  # [n_mels, F - first + tail]
+        top = max(req.top, float(raw.max()))  # the whole turn's: the held windows' and the rest's
+        mel = floor_and_scale(raw[:, :n_mel], top)
+        n_frames = (speech_frames_for_samples(start + len(req.clip), SAMPLE_RATE)
+                    - req.encoded * self.windows.groups * self.group_size)
+        return mel, n_frames, {"first_window": req.encoded, "top": top}
 
 
 def load_audio_tokenizer_engine(params: ServiceParams) -> AudioTokenizerEngine:

@@ -122,8 +122,18 @@ def _checked_wave(audio: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
 def clip_log10_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> tuple[torch.Tensor, int]:
     """A whole clip's log10 mel before the floor -> ([n_mels, F + tail], F = ceil(n / 160)): the tail
     frames (past the clip's frames, still touching its last samples) count for the max only."""
+    return clip_end_log10_mel(audio, 0, n_mels)
+
+
+def clip_end_log10_mel(audio: np.ndarray | torch.Tensor, start: int, n_mels: int = 128) -> tuple[torch.Tensor, int]:
+    """The end of a clip, from sample `start` (n_fft / 2 before the first mel frame wanted, a
+    multiple of 160 minus n_fft / 2; 0: the whole clip) -> its log10 mel before the floor
+    ([n_mels, frames from that one on, tail frames included], how many of them are the clip's),
+    the same values as those frames of the whole clip's."""
     wave = _checked_wave(audio, "log_mel_spectrogram")
-    n_samples = wave.shape[0]
+    if start and (start + HALF_FFT) % HOP_LENGTH:
+        raise AudioInputError(f"the end of a clip must start n_fft / 2 before a frame, not at sample {start}")
+    n_samples = start + wave.shape[0]  # the whole clip's
     # Right zero padding: at least n_fft so the last frames touching audio see zeros (as in
     # the 30 s reference) and the reflect padding of torch.stft mirrors zeros. For clips
     # within a few hundred samples of 30 s, pad to exactly 30 s instead: there the reference
@@ -131,10 +141,13 @@ def clip_log10_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> tuple
     padded_len = n_samples + N_FFT
     if n_samples <= REFERENCE_SAMPLES:
         padded_len = min(padded_len, REFERENCE_SAMPLES)
-    wave = torch.nn.functional.pad(wave, (0, padded_len - n_samples))  # [padded_len]
-    wave = torch.nn.functional.pad(wave[None, None], (HALF_FFT, HALF_FFT), mode="reflect")[0, 0]  # centred
+    wave = torch.nn.functional.pad(wave, (0, padded_len - n_samples))  # [padded_len - start]
+    # centred: the clip's ends mirrored in (only the end, for the end of a clip: its first frame
+    # reads n_fft / 2 real samples before its centre)
+    wave = torch.nn.functional.pad(wave[None, None], (0 if start else HALF_FFT, HALF_FFT), mode="reflect")[0, 0]
     # Drop the last frame as the reference does (it keeps exactly 3000 frames for 30 s).
-    return _log10_mel(wave, n_mels)[:, :-1], num_mel_frames(n_samples)
+    first_frame = (start + HALF_FFT) // HOP_LENGTH if start else 0
+    return _log10_mel(wave, n_mels)[:, :-1], num_mel_frames(n_samples) - first_frame
 
 
 def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 128) -> torch.Tensor:

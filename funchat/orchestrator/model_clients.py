@@ -222,17 +222,17 @@ class AudioTokenizerClient(_Client):
         return (result.as_numpy("EMBEDDINGS")[0], float(result.as_numpy("MEL_MAX").reshape(-1)[0]),
                 float(result.as_numpy("MEL_MIN").reshape(-1)[0]))
 
-    async def encode_rest(self, audio: np.ndarray, encoded: int, top: float) -> tuple[np.ndarray, int]:
-        """The end of a turn whose first `encoded` windows were encoded while it was spoken, all
-        floored at (top - 8) -> (the rows from the first of them the whole turn's floor changes, that
-        window's index)."""
-        inputs = [_input("AUDIO", np.ascontiguousarray(audio, dtype=np.float32)[None], "FP32"),
+    async def encode_rest(self, rest: np.ndarray, encoded: int, top: float) -> tuple[np.ndarray, float]:
+        """The end of a turn whose windows 0 .. encoded - 1 were encoded while it was spoken: `rest`,
+        its samples from where window `encoded` reads on (`EncoderWindows.segment`), and `top`, the
+        held windows' log-mel max -> (the rest's rows, the whole turn's log-mel max)."""
+        inputs = [_input("AUDIO", np.ascontiguousarray(rest, dtype=np.float32)[None], "FP32"),
                   _input("ENCODED", np.array([[encoded]], dtype=np.int64), "INT64"),
                   _input("TOP", np.array([[top]], dtype=np.float32), "FP32")]
-        result, _ = await self._infer(inputs, ["EMBEDDINGS", "FIRST_WINDOW"], time.perf_counter(),
+        result, _ = await self._infer(inputs, ["EMBEDDINGS", "MEL_MAX"], time.perf_counter(),
                                       span="audio_tokenizer.encode",
-                                      attributes={"funchat.audio_samples": int(audio.size), "funchat.windows_held": encoded})
-        return result.as_numpy("EMBEDDINGS")[0], int(result.as_numpy("FIRST_WINDOW").reshape(-1)[0])
+                                      attributes={"funchat.audio_samples": int(rest.size), "funchat.windows_held": encoded})
+        return result.as_numpy("EMBEDDINGS")[0], float(result.as_numpy("MEL_MAX").reshape(-1)[0])
 
 
 class VocoderClient(_Client):

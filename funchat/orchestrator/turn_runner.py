@@ -248,11 +248,7 @@ class TurnRunner:
         clip = np.ascontiguousarray(audio16k, dtype=np.float32)
         try:
             if windows is not None and windows.windows:
-                held = len(windows.windows)
-                rest, first = await self.services.tokenizer.encode_rest(clip, held, windows.top)
-                metrics.caller_windows("held", first)
-                metrics.caller_windows("stale", held - first)
-                rows = np.concatenate([windows.rows(first), rest]) if first else rest
+                rows = await self._encode_rest(clip, windows)
             else:
                 rows = await self.services.tokenizer.encode(clip)
         except ServiceError as exc:
@@ -261,6 +257,21 @@ class TurnRunner:
         if rows.shape[0] != n_groups:
             raise TurnError("INTERNAL", f"audio tokenizer returned {rows.shape[0]} rows, expected {n_groups}")
         return rows, n_groups
+
+    async def _encode_rest(self, clip: np.ndarray, windows: TurnWindows) -> np.ndarray:
+        """A turn whose first windows were encoded while it was spoken: the rest from the tokenizer,
+        and the held windows the whole turn's log-mel max makes stale encoded again -> its rows."""
+        tokenizer = self.services.tokenizer
+        held = len(windows.windows)
+        start = windows.geometry.segment(held)[0]
+        rest, top = await tokenizer.encode_rest(clip[start:], held, windows.top)
+        stale = windows.raise_top(top)
+        again = await asyncio.gather(*(tokenizer.encode_window(windows.segment(w), w, top) for w in stale))
+        for w, (rows, own_top, low) in zip(stale, again):
+            windows.add(w, rows, own_top, low, top)
+        metrics.caller_windows("held", held - len(stale))
+        metrics.caller_windows("stale", len(stale))
+        return np.concatenate([windows.rows(held), rest])
 
     async def end_sequences(self, call_id: int) -> None:
         """End call `call_id`'s llm and refined_head sequences, left open by a turn that died with its

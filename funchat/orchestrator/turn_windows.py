@@ -4,8 +4,9 @@ The audio tokenizer encodes window w once the turn reaches the samples its mel f
 (`funchat.encoder_windows`), floored at the turn's log-mel max so far (`top`) minus 8. When a later
 window raises the max, a window encoded earlier is stale if the new floor would change one of its
 values (its own min is below it); those are encoded again, so that every window held is what the
-turn's current max gives. At the end of the turn the tokenizer compares that max with the whole
-turn's and sends the rows from the first window that no longer holds (`funchat.engines.audio_tokenizer`).
+turn's current max gives. At the end of the turn the tokenizer encodes the rest of the turn and
+says the whole turn's max (`funchat.engines.audio_tokenizer`); the held windows that max makes
+stale are encoded again then (`raise_top`).
 
 Pure bookkeeping (no I/O): `CallerTurn` (converse) drives it.
 
@@ -75,6 +76,14 @@ class TurnWindows:
         if own_top <= self.top:
             return []
         self.top = own_top
+        return [w for w, e in enumerate(self.windows) if self.stale(e)]
+
+    def raise_top(self, top: float) -> list[int]:
+        """The whole turn's max (the end of the turn) -> the windows it makes stale (to encode again
+        with it)."""
+        if top <= self.top:
+            return []
+        self.top = top
         return [w for w, e in enumerate(self.windows) if self.stale(e)]
 
     def stale(self, e: EncodedWindow) -> bool:

@@ -106,7 +106,7 @@ def test_tokenizer_concurrent_requests(triton, tiny_pipeline, recording):
 
 def test_tokenizer_windows_of_a_turn_being_spoken_add_up_to_the_whole_turn(triton, tiny_pipeline, recording):
     """The orchestrator's protocol through the service: each window as it completes (concurrently,
-    batched together), then the end of the turn sends only the rows from the first stale window."""
+    batched together), then the rest of the turn: its rows and the whole turn's log-mel max."""
     from funchat.encoder_windows import EncoderWindows
 
     geometry = EncoderWindows(tiny_pipeline.model.cfg.audio.n_window, tiny_pipeline.model.cfg.audio.group_size)
@@ -121,16 +121,14 @@ def test_tokenizer_windows_of_a_turn_being_spoken_add_up_to_the_whole_turn(trito
             top = max(t for _, t, _ in firsts)
             held = await asyncio.gather(*(client.encode_window(turn[slice(*geometry.segment(w))], w, top)
                                           for w in range(ready)))
-            rest, first = await client.encode_rest(turn, ready, top)
-            stale_rest, stale_first = await client.encode_rest(turn, ready, top - 1.0)  # floored too low
-            return ready, [r for r, _, _ in held], rest, first, stale_rest, stale_first
+            rest, turn_top = await client.encode_rest(turn[geometry.segment(ready)[0]:], ready, top)
+            return ready, top, [r for r, _, _ in held], rest, turn_top
 
-    ready, held, rest, first, stale_rest, stale_first = run(go())
+    ready, top, held, rest, turn_top = run(go())
     want = expected_rows(tiny_pipeline, turn)
-    assert ready == 5 and first == 5 and all(r.shape == (geometry.groups, want.shape[1]) for r in held)
+    assert ready == 5 and all(r.shape == (geometry.groups, want.shape[1]) for r in held)
+    assert turn_top == top  # the whole turn's max is the held windows'
     np.testing.assert_allclose(np.concatenate(held + [rest]), want, rtol=0, atol=1e-5)
-    assert stale_first < 5  # windows floored lower than the turn's max: sent again from the first changed
-    np.testing.assert_allclose(np.concatenate(held[:stale_first] + [stale_rest]), want, rtol=0, atol=1e-5)
 
 
 def test_tokenizer_bad_request_fails_alone_in_a_batch(triton, tiny_pipeline):
@@ -330,8 +328,9 @@ TOKENIZER_BAD = {
                    "unexpected shape for input 'AUDIO'"),
     "window of the wrong length": (lambda url: encode_window(url, np.full(32000, 0.1, np.float32), 1),
                                    "AUDIO has 32000 samples; window 1 reads 32240"),
-    "windows beyond the clip": (lambda url: encode_rest(url, np.full(40000, 0.1, np.float32), 3, 1.0),
-                                "ENCODED is 3, but this clip has 1 whole windows"),
+    "windows beyond the turn": (lambda url: encode_rest(url, np.full(100, 0.1, np.float32), 3, 1.0),
+                                "ENCODED is 3, but a turn of 95900 samples (AUDIO: its 100 from sample 95800 on) "
+                                "has 2 whole windows"),
 }
 
 

@@ -51,11 +51,20 @@ def encode_while_speaking(tokenizer, audio: np.ndarray, chunk: int = 3200) -> tu
 
 
 def end_of_turn(tokenizer, turn: TurnWindows) -> tuple[np.ndarray, int]:
-    """-> (the turn's rows: the windows held up to the first stale one, then the tokenizer's), first stale)."""
+    """-> (the turn's rows: the windows held, those the whole turn's max made stale encoded again,
+    then the rest from the tokenizer; how many were stale)."""
     audio, k = turn.audio(), len(turn.windows)
-    (out,) = tokenizer.encode([tokenizer.check(audio[None], top=turn.top if k else None, encoded=k)])
-    held = turn.rows(out.first_window) if out.first_window else np.zeros((0, 64), np.float32)
-    return np.concatenate([held, out.rows]), out.first_window
+    if not k:
+        return whole(tokenizer, audio), 0
+    start = tokenizer.windows.segment(k)[0]
+    (out,) = tokenizer.encode([tokenizer.check(audio[start:][None], top=turn.top, encoded=k)])
+    assert out.first_window == k
+    stale = turn.raise_top(out.top)
+    for w in stale:
+        (again,) = tokenizer.encode([tokenizer.check(turn.segment(w)[None], window=w, top=out.top)])
+        turn.add(w, again.rows, again.top, again.low, out.top)
+    assert turn.consistent()
+    return np.concatenate([turn.rows(k), out.rows]), len(stale)
 
 
 def whole(tokenizer, audio: np.ndarray) -> np.ndarray:
@@ -73,8 +82,8 @@ def test_a_long_turn_encoded_while_spoken_equals_it_encoded_at_the_end(tokenizer
     audio = np.tile(recording, 3)[:16000 * 15 + 1234]  # 15 s: the max comes in the first copy
     turn, requests = encode_while_speaking(tokenizer, audio)
     assert len(turn.windows) == 7 and requests > 7  # the first windows were encoded again when the max rose
-    rows, first_stale = end_of_turn(tokenizer, turn)
-    assert first_stale == 7  # all held: only the last, partial window is encoded at the end
+    rows, stale = end_of_turn(tokenizer, turn)
+    assert stale == 0  # all held: only the last, partial window is encoded at the end
     want = whole(tokenizer, audio)
     assert rows.shape == want.shape
     np.testing.assert_allclose(rows, want, atol=ATOL, rtol=0)
@@ -86,8 +95,16 @@ def test_a_turn_whose_loudest_moment_is_at_its_end_is_encoded_again_from_the_fir
     audio[-8000:] = np.clip(audio[-8000:] * 30.0, -1, 1)  # the last half second: far louder, after every window
     turn, _ = encode_while_speaking(tokenizer, audio)
     assert len(turn.windows) == 4
-    rows, first_stale = end_of_turn(tokenizer, turn)
-    assert first_stale < 4  # the turn's own floor changed windows that were held
+    rows, stale = end_of_turn(tokenizer, turn)
+    assert stale > 0  # the turn's own floor changed windows that were held
+    np.testing.assert_allclose(rows, whole(tokenizer, audio), atol=ATOL, rtol=0)
+
+
+def test_a_turn_that_ends_just_after_its_last_whole_window(tokenizer, recording):
+    audio = np.tile(recording, 2)[:64040 + 30]  # the rest holds no 25 Hz frame of its own
+    turn, _ = encode_while_speaking(tokenizer, audio)
+    assert len(turn.windows) == 2
+    rows, _ = end_of_turn(tokenizer, turn)
     np.testing.assert_allclose(rows, whole(tokenizer, audio), atol=ATOL, rtol=0)
 
 
@@ -99,8 +116,8 @@ def test_silence_then_speech_and_a_turn_shorter_than_one_window(tokenizer, recor
     short = recording[:20000]
     turn, requests = encode_while_speaking(tokenizer, short)
     assert requests == 0
-    rows, first_stale = end_of_turn(tokenizer, turn)
-    assert first_stale == 0
+    rows, stale = end_of_turn(tokenizer, turn)
+    assert stale == 0
     np.testing.assert_allclose(rows, whole(tokenizer, short), atol=ATOL, rtol=0)
 
 
@@ -108,8 +125,10 @@ def test_silence_then_speech_and_a_turn_shorter_than_one_window(tokenizer, recor
     ({"window": 1}, 32000, "AUDIO has 32000 samples; window 1 reads 32240 (samples 31800 to 64040 of the turn)"),
     ({"window": -1}, 32040, "WINDOW is -1"),
     ({"window": 0, "encoded": 1}, 32040, "WINDOW and ENCODED exclude each other"),
-    ({"encoded": 2, "top": 1.0}, 40000, "ENCODED is 2, but this clip has 1 whole windows"),
-    ({"encoded": 1}, 40000, "with ENCODED send the top the windows were encoded with"),
+    ({"encoded": 2, "top": 1.0}, 100, "ENCODED is 2, but a turn of 63900 samples (AUDIO: its 100 from sample "
+                                      "63800 on) has 1 whole windows"),
+    ({"encoded": -1, "top": 1.0}, 40000, "ENCODED is -1"),
+    ({"encoded": 1}, 40000, "with ENCODED send the log-mel max of the windows held"),
     ({"window": 0, "top": math.nan}, 32040, "TOP is NaN"),
 ])
 def test_bad_window_requests_are_named(tokenizer, kwargs, n, words):
