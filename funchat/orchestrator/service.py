@@ -287,6 +287,7 @@ class FunchatService:
     async def Converse(self, stream, ctx=None) -> AsyncIterator[pb.ServerEvent]:
         admitted, slot = False, None
         call: ConverseCall | None = None
+        ending: CallEnding | None = None
         stream = ParsedEvents(stream)
         try:
             try:
@@ -304,26 +305,77 @@ class FunchatService:
             cfg = parse_config(first.session, self.voices, self.settings.max_new_tokens)
             slot = await self.admit(tenant)
             admitted = True
+            ending = CallEnding(self, slot)
             record, resumed = await self.open_session(cfg, tenant, resume_token=first.session.resume_token)
             yield self.session_created(record, resumed)
-            call = ConverseCall(self, record.session_id, cfg, trace_parent=caller_trace(ctx), tenant=tenant)
+            call = ending.call = ConverseCall(self, record.session_id, cfg, trace_parent=caller_trace(ctx),
+                                              tenant=tenant)
             reader = metrics.spawn(call.read(stream), "converse.reader")
+            watchdog = metrics.spawn(ending.when_abandoned(reader), "converse.watchdog")
             try:
                 while (item := await call.outbox.get()) is not END:
                     if isinstance(item, ApiError):  # fatal: end the call with this status
                         raise item
                     yield item
+                    ending.progressed()
             finally:
+                watchdog.cancel()
                 reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+                await asyncio.gather(reader, watchdog, return_exceptions=True)
         except ApiError as exc:
             exc.set_status(ctx)  # first: Ray's proxy takes the status from the context sent with each message
             yield exc.event_message()
         finally:
-            if call is not None:
-                await call.close()
-            if admitted:
+            if ending is not None:
+                await ending.end()
+            elif admitted:
                 await self.release(slot)
+
+
+class CallEnding:
+    """Ends an admitted Converse call once: stops what it runs, gives its admission slot back.
+
+    The RPC's response generator ends the call in its `finally`, but only if it is resumed or
+    closed: when Ray stops iterating a cancelled call's generator between two events and never
+    closes it, that `finally` waits for the garbage collector, and the slot stayed taken (seen in
+    the tests: a call the caller had hung up on still counted, with none of its tasks running).
+    So a watchdog ends it too, once the caller's stream is over and the generator has taken no
+    event for `ABANDONED_S`; the ending itself runs as its own task, so a second cancellation of
+    the generator cannot stop it half-way."""
+
+    ABANDONED_S = 10.0  # a live generator takes each event at once (Ray's proxy does not push back)
+
+    def __init__(self, service: FunchatService, slot: CallSlot | None):
+        self.service, self.slot = service, slot
+        self.call: ConverseCall | None = None
+        self.last_progress = time.monotonic()
+        self._task: asyncio.Task | None = None
+
+    def progressed(self) -> None:
+        self.last_progress = time.monotonic()
+
+    async def end(self) -> None:
+        if self._task is None:
+            self._task = metrics.spawn(self._end(), "converse.end")
+        await asyncio.shield(self._task)
+
+    async def _end(self) -> None:
+        try:
+            if self.call is not None:
+                await self.call.close()
+        finally:
+            await self.service.release(self.slot)
+
+    async def when_abandoned(self, reader: asyncio.Task) -> None:
+        """After the caller's stream is over: end the call if the generator stops taking events."""
+        await asyncio.gather(reader, return_exceptions=True)
+        self.progressed()
+        while True:
+            idle = time.monotonic() - self.last_progress
+            if idle >= self.ABANDONED_S:
+                await self.end()
+                return
+            await asyncio.sleep(self.ABANDONED_S - idle)
 
 
 def parsed(message):
