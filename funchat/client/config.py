@@ -12,7 +12,9 @@ OUTPUT_SAMPLE_RATE = 24000  # reply audio (AudioDelta.pcm16)
 MAX_CHUNK_S = 1.0           # the server takes at most 1 s of caller audio per `audio` event
 
 MODES = {"s2s": pb.MODE_SPEECH_TO_SPEECH, "s2t": pb.MODE_SPEECH_TO_TEXT}
-ENCODINGS = {"pcm16": pb.AUDIO_ENCODING_PCM16, "float32": pb.AUDIO_ENCODING_FLOAT32}
+ENCODINGS = {"pcm16": pb.AUDIO_ENCODING_PCM16, "float32": pb.AUDIO_ENCODING_FLOAT32,
+             "pcmu": pb.AUDIO_ENCODING_PCMU, "pcma": pb.AUDIO_ENCODING_PCMA}  # G.711 μ-law, A-law
+SAMPLE_BYTES = {"pcm16": 2, "float32": 4, "pcmu": 1, "pcma": 1}
 TURN_DETECTION = ("server_vad", "manual")
 
 
@@ -85,5 +87,5 @@ def config_mode(config: pb.SessionConfig) -> str:
 def input_format(config: pb.SessionConfig) -> tuple[str, int, int]:
     """(encoding name, sample rate, bytes per sample) of the config's caller audio."""
     fmt = config.input_audio_format
-    encoding = "float32" if fmt.encoding == pb.AUDIO_ENCODING_FLOAT32 else "pcm16"
-    return encoding, fmt.sample_rate_hz or INPUT_SAMPLE_RATE, 4 if encoding == "float32" else 2
+    encoding = next((name for name, value in ENCODINGS.items() if value == fmt.encoding), "pcm16")
+    return encoding, fmt.sample_rate_hz or INPUT_SAMPLE_RATE, SAMPLE_BYTES[encoding]

@@ -1,4 +1,5 @@
-"""Caller audio as the API receives it: PCM16 or float32 bytes at 8..48 kHz -> 16 kHz float32.
+"""Caller audio as the API receives it: PCM16, float32 or G.711 (μ-law, A-law) bytes at 8..48 kHz ->
+16 kHz float32.
 
 Decoding errors raise `AudioFormatError` with a message saying what to fix; the orchestrator turns
 it into INVALID_ARGUMENT for that event only. A call's chunks go through one `InputAudioStream`,
@@ -12,12 +13,17 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from funchat import g711
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 
 MIN_RATE, MAX_RATE = 8000, 48000
 ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: ("pcm16", 2), pb.AUDIO_ENCODING_PCM16: ("pcm16", 2),
-             pb.AUDIO_ENCODING_FLOAT32: ("float32", 4)}
+             pb.AUDIO_ENCODING_FLOAT32: ("float32", 4), pb.AUDIO_ENCODING_PCMU: ("pcmu", 1),
+             pb.AUDIO_ENCODING_PCMA: ("pcma", 1)}
+G711_DECODERS = {"pcmu": g711.ulaw_to_pcm16, "pcma": g711.alaw_to_pcm16}
+ENCODING_VALUES = {"pcm16": pb.AUDIO_ENCODING_PCM16, "float32": pb.AUDIO_ENCODING_FLOAT32,
+                   "pcmu": pb.AUDIO_ENCODING_PCMU, "pcma": pb.AUDIO_ENCODING_PCMA}  # name -> the API's value
 
 
 class AudioFormatError(ValueError):
@@ -26,15 +32,15 @@ class AudioFormatError(ValueError):
 
 @dataclass(frozen=True)
 class InputFormat:
-    encoding: str  # "pcm16" | "float32"
+    encoding: str  # "pcm16" | "float32" | "pcmu" | "pcma"
     sample_rate: int
     bytes_per_sample: int
 
     @classmethod
     def from_proto(cls, fmt: pb.AudioFormat) -> "InputFormat":
         if fmt.encoding not in ENCODINGS:
-            raise AudioFormatError(f"unknown input audio encoding {fmt.encoding}; use AUDIO_ENCODING_PCM16 or "
-                                   "AUDIO_ENCODING_FLOAT32")
+            raise AudioFormatError(f"unknown input audio encoding {fmt.encoding}; use AUDIO_ENCODING_PCM16, "
+                                   "AUDIO_ENCODING_FLOAT32, AUDIO_ENCODING_PCMU or AUDIO_ENCODING_PCMA")
         rate = fmt.sample_rate_hz or SAMPLE_RATE
         if not MIN_RATE <= rate <= MAX_RATE:
             raise AudioFormatError(f"input sample rate {rate} Hz is not supported; use {MIN_RATE}..{MAX_RATE} Hz "
@@ -52,6 +58,8 @@ class InputFormat:
                                    f"({self.bytes_per_sample} bytes each): the audio cannot be decoded")
         if self.encoding == "pcm16":
             samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        elif self.encoding in G711_DECODERS:
+            samples = G711_DECODERS[self.encoding](data).astype(np.float32) / 32768.0
         else:
             samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
             if not np.isfinite(samples).all():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
-from funchat.orchestrator.audio_input import AudioFormatError, InputFormat
+from funchat.orchestrator.audio_input import ENCODING_VALUES, AudioFormatError, InputFormat
 from funchat.orchestrator.errors import ApiError
 from funchat.turn.sampling import GREEDY, SamplingParams
 from funchat.turn.schedule import Mode
@@ -53,8 +53,8 @@ class CallConfig:
 
     @property
     def input_format(self) -> InputFormat:
-        enc = pb.AUDIO_ENCODING_FLOAT32 if self.encoding == "float32" else pb.AUDIO_ENCODING_PCM16
-        return InputFormat.from_proto(pb.AudioFormat(encoding=enc, sample_rate_hz=self.sample_rate))
+        return InputFormat.from_proto(pb.AudioFormat(encoding=ENCODING_VALUES[self.encoding],
+                                                     sample_rate_hz=self.sample_rate))
 
     def sampling(self) -> tuple[SamplingParams, SamplingParams]:
         """(text, speech). Text is greedy as in the reference demos; the speech tokens are sampled

@@ -262,6 +262,40 @@ def test_long_turns_encoded_and_prefilled_while_spoken_equal_the_oracle(stack, t
     assert replies[1]["done"].latency_ms["kept_prefix"] > replies[0]["done"].latency_ms["kept_prefix"]
 
 
+@pytest.mark.parametrize("encoding, name", [(pb.AUDIO_ENCODING_PCMU, "pcmu"), (pb.AUDIO_ENCODING_PCMA, "pcma")])
+def test_a_telephony_turn_in_g711_at_8_khz_equals_the_oracle_on_the_audio_the_server_decoded(
+        stack, tiny_pipeline, tiny_checkpoint, speech, encoding, name):
+    import soxr
+
+    from funchat.client.audio import encode_audio
+    from funchat.orchestrator.audio_input import InputAudioStream, InputFormat
+
+    narrow = soxr.resample(speech[:48000], 16000, 8000).astype(np.float32)  # 3 s, as a phone line carries it
+    data = encode_audio(narrow, name)
+    chunks = [data[k:k + 1600] for k in range(0, len(data), 1600)]  # 200 ms
+    fmt = pb.AudioFormat(encoding=encoding, sample_rate_hz=8000)
+    server = InputAudioStream(InputFormat.from_proto(fmt), max_chunk_ms=1000)  # what the server decodes
+    heard = np.concatenate([server.push(c) for c in chunks] + [server.flush()])
+
+    async def main():
+        cfg = config()
+        cfg.input_audio_format.CopyFrom(fmt)
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=cfg))
+        await caller.until("session_created")
+        for c in chunks:
+            await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=c)))
+        await caller.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
+        events = await caller.until("response_done")
+        await caller.close()
+        return events
+
+    events = asyncio.run(main())
+    committed = next(e.committed for e in events if e.WhichOneof("event") == "committed")
+    assert committed.audio_ms == len(heard) * 1000 // 16000
+    ref = tiny_pipeline.respond(heard, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    assert_same_as_oracle(reply_of(events), ref, tiny_checkpoint)
+
+
 def test_s2t_mode_streams_text_only(stack, tiny_pipeline, speech):
     a = pcm16_samples(speech[:40000])
     _, replies, _ = asyncio.run(converse_turns(stack["target"], [a], config(mode=pb.MODE_SPEECH_TO_TEXT)))
