@@ -113,18 +113,17 @@ class AudioTokenizerEngine:
 
     def _log_mel(self, req: TokenizerRequest) -> tuple[torch.Tensor, int, dict]:
         """-> (the log-mel to encode [n_mels, F], its 25 Hz frames, what else the answer says)."""
-        per_window = self.windows.mel_frames
+        window_frames = self.windows.groups * self.group_size  # 25 Hz frames of one whole window
         if req.window is not None:
             raw = window_log10_mel(req.clip, at_clip_start=req.window == 0, n_mels=self.n_mels)  # [n_mels, 200]
             own_top, low = float(raw.max()), float(raw.min())
             mel = floor_and_scale(raw, max(req.top, own_top))
-            return mel, per_window // 4, {"first_window": req.window, "top": own_top, "low": low}
+            return mel, window_frames, {"first_window": req.window, "top": own_top, "low": low}
         start = self.windows.segment(req.encoded)[0] if req.encoded else 0
         raw, n_mel = clip_end_log10_mel(req.clip, start, n_mels=self.n_mels)  # [n_mels, F - first + tail]
         top = max(req.top, float(raw.max()))  # the whole turn's: the held windows' and the rest's
         mel = floor_and_scale(raw[:, :n_mel], top)
-        n_frames = (speech_frames_for_samples(start + len(req.clip), SAMPLE_RATE)
-                    - req.encoded * self.windows.groups * self.group_size)
+        n_frames = speech_frames_for_samples(start + len(req.clip), SAMPLE_RATE) - req.encoded * window_frames
         return mel, n_frames, {"first_window": req.encoded, "top": top}
 
 

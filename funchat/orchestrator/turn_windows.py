@@ -73,14 +73,11 @@ class TurnWindows:
             self.windows.append(encoded)
         else:
             self.windows[window] = encoded
-        if own_top <= self.top:
-            return []
-        self.top = own_top
-        return [w for w, e in enumerate(self.windows) if self.stale(e)]
+        return self.raise_top(own_top)
 
     def raise_top(self, top: float) -> list[int]:
-        """The whole turn's max (the end of the turn) -> the windows it makes stale (to encode again
-        with it)."""
+        """A log-mel max seen (a window's, or at the end the whole turn's) -> the windows it makes
+        stale (to encode again with it)."""
         if top <= self.top:
             return []
         self.top = top

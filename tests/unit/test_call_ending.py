@@ -26,12 +26,17 @@ class Call:
         await asyncio.sleep(0.01)
 
 
+def ending_with(abandoned_s: float) -> tuple[CallEnding, Service, Call]:
+    service, call = Service(), Call()
+    ending = CallEnding(service, "slot")
+    ending.call = call
+    ending.ABANDONED_S = abandoned_s
+    return ending, service, call
+
+
 def test_an_abandoned_call_is_ended_by_the_watchdog_once():
     async def main():
-        service, call = Service(), Call()
-        ending = CallEnding(service, "slot")
-        ending.call = call
-        ending.ABANDONED_S = 0.05
+        ending, service, call = ending_with(0.05)
         reader = asyncio.ensure_future(asyncio.sleep(0))  # the caller's stream: over
         await asyncio.wait_for(ending.when_abandoned(reader), 5)
         await ending.end()  # the generator's finally, much later
@@ -42,10 +47,7 @@ def test_an_abandoned_call_is_ended_by_the_watchdog_once():
 
 def test_a_generator_still_taking_events_is_not_ended_and_a_second_cancel_cannot_stop_the_ending():
     async def main():
-        service, call = Service(), Call()
-        ending = CallEnding(service, "slot")
-        ending.call = call
-        ending.ABANDONED_S = 0.2
+        ending, service, call = ending_with(0.2)
         reader = asyncio.ensure_future(asyncio.sleep(0))
         watchdog = asyncio.ensure_future(ending.when_abandoned(reader))
         for _ in range(5):  # events taken: no ending
