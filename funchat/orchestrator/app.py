@@ -22,7 +22,6 @@ metrics are served on FUNCHAT_METRICS_PORT: by the first process, or in the seco
 the replicas of each node (`funchat.orchestrator.metrics` says how).
 """
 
-from __future__ import annotations
 
 import argparse
 import logging
@@ -33,6 +32,7 @@ import socket
 import sys
 import threading
 
+from fastapi import FastAPI, WebSocket
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
@@ -43,6 +43,7 @@ from funchat.gateway.server import GatewayError, GatewayThread
 from funchat.gateway.settings import GatewaySettings, GatewaySettingsError
 from funchat.gateway.tls import TlsFilesError
 from funchat.orchestrator import metrics
+from funchat.orchestrator.realtime import endpoint as realtime
 from funchat.orchestrator.service import FunchatService
 from funchat.orchestrator.settings import OrchestratorSettings, SettingsError, env_name
 
@@ -60,9 +61,14 @@ SECRET_FIELDS = ("resume_secret", "redis_password", "tracing_headers")
 TRACING_SERVICE = "funchat-orchestrator"  # the traces' service.name
 
 
+# The HTTP ingress: the OpenAI Realtime-compatible WebSocket and the web page (realtime.endpoint)
+http_api = FastAPI(title="funchat", docs_url=None, redoc_url=None, openapi_url=None)
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(http_api)
 class Orchestrator:
-    """Ray Serve routes each gRPC method to the method of the same name."""
+    """Ray Serve routes each gRPC method to the method of the same name, HTTP to `http_api`'s routes."""
 
     def __init__(self, settings: dict):
         """settings: `OrchestratorSettings.deployment_args()`, no secret in it; the replica's own
@@ -92,6 +98,15 @@ class Orchestrator:
     async def DeleteSession(self, request, grpc_context=None):
         with metrics.unexpected_errors_counted():
             return await self.service.DeleteSession(request, grpc_context)
+
+    @http_api.websocket("/v1/realtime")
+    async def realtime(self, websocket: WebSocket, model: str | None = None):
+        with metrics.unexpected_errors_counted():
+            await realtime.serve_websocket(self.service, websocket, model)
+
+    @http_api.get("/")
+    async def web_page(self):
+        return realtime.web_page()
 
     async def Check(self, request, grpc_context=None):
         """grpc.health.v1: SERVING when the session store answers ("" or "funchat.v1.Funchat")."""
@@ -202,7 +217,7 @@ def serve_forever(settings: OrchestratorSettings, gateway: GatewayThread) -> int
             # and the replicas check API keys whichever way a call comes in
             serve.start(grpc_options=gRPCOptions(port=gateway.gateway.settings.proxy_port,
                                                  grpc_servicer_functions=SERVICER_FUNCTIONS),
-                        http_options={"host": "127.0.0.1", "port": settings.http_port})
+                        http_options={"host": settings.http_host, "port": settings.http_port})
             serve.run(build_app(settings), name=APP_NAME)
             print(f"funchat orchestrator serving gRPC on port {settings.grpc_port}: {gateway.gateway.describe()}"
                   + (f", metrics on port {settings.metrics_port}" if exporter is not None else ""), flush=True)

@@ -29,6 +29,7 @@ from funchat.orchestrator.outbox import END, Outbox
 from funchat.orchestrator.sessions import HistoryTurn
 from funchat.orchestrator.turn_runner import TurnRequest
 from funchat.orchestrator.vad import SpeechStarted, SpeechStopped, TurnDetector
+from funchat.turn.schedule import Mode
 
 if TYPE_CHECKING:
     from funchat.orchestrator.service import FunchatService
@@ -62,6 +63,7 @@ class ConverseCall:
         self.aheads: list[asyncio.Task] = []  # earlier replies' prefills ahead (Response.ahead), awaited at the end
         self.buffered = 0
         self.response: Response | None = None
+        self.stopped: Response | None = None  # the reply a barge-in or cancel just stopped (truncate may name it)
         self.caller_turn = CallerTurn(self)  # the turn in progress, encoded and prefilled while spoken
 
     def error(self, code: str, message: str, event: str) -> None:
@@ -205,13 +207,45 @@ class ConverseCall:
         except ApiError as exc:
             self.error(exc.code, exc.message, "function_call_output")
 
+    async def on_truncate(self, event: pb.ClientEvent) -> None:
+        """The caller heard the reply only up to audio_end_ms: cut its assistant turn there."""
+        t = event.truncate
+        r = next((r for r in (self.response, self.stopped) if r is not None and r.response_id == t.response_id), None)
+        if r is None:
+            self.error("INVALID_ARGUMENT", f"truncate names {quoted(t.response_id)}, which is neither the current "
+                                           "reply nor the one just stopped", "truncate")
+            return
+        if Mode.parse(self.cfg.mode) is not Mode.S2S:
+            self.error("FAILED_PRECONDITION", "truncate cuts a spoken reply; this call's replies are text only",
+                       "truncate")
+            return
+        if r.running():  # still generating: stop it; the exchange stores it cut at what was heard
+            r.played_ms = int(t.audio_end_ms)
+            await self.interrupt(barge_in=False)
+            return
+        if r.outcome is None:
+            self.error("FAILED_PRECONDITION", f"reply {quoted(t.response_id)} failed: it has no turn to cut",
+                       "truncate")
+            return
+        produced_ms = r.outcome.audio_ms
+        if t.audio_end_ms > produced_ms:
+            self.error("INVALID_ARGUMENT", f"audio_end_ms {t.audio_end_ms} is past the end of reply "
+                                           f"{quoted(t.response_id)} ({produced_ms} ms of audio)", "truncate")
+            return
+        r.played_ms = int(t.audio_end_ms)
+        r.audio_ms = produced_ms  # a cut may move either way within what was generated
+        await self.cut_played_reply(r)
+        if r is self.response:
+            self.stopped, self.response = r, None
+
     async def on_unknown(self, event: pb.ClientEvent) -> None:
         """An empty event, or a kind this server does not know (a newer client)."""
         kind = event.WhichOneof("event")
         self.error("INVALID_ARGUMENT", f"unknown or empty client event {kind!r}", kind or "")
 
     HANDLERS = {"session": on_session, "audio": on_audio, "commit": on_commit, "clear": on_clear,
-                "cancel": on_cancel, "playback": on_playback, "function_call_output": on_function_call_output}
+                "cancel": on_cancel, "playback": on_playback, "function_call_output": on_function_call_output,
+                "truncate": on_truncate}
 
     # ---- turns ----
 
@@ -256,7 +290,7 @@ class ConverseCall:
                 await self.cut_played_reply(r)
         elif r.outcome is not None and r.heard_ms() < r.audio_ms:
             await self.cut_played_reply(r)
-        self.response = None
+        self.response, self.stopped = None, r
         return stopped_generation
 
     async def cut_played_reply(self, r: Response) -> None:
@@ -295,7 +329,7 @@ class ConverseCall:
         t_end = time.perf_counter()
         trace = self.turn_trace(stopped)
         response = Response.new()
-        self.response = response
+        self.response, self.stopped = response, None
         await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
             item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))

@@ -142,7 +142,12 @@ class OrchestratorSettings(BaseSettings):
     proxy_port: int = Field(0, ge=0, le=65535, description="Ray Serve's gRPC proxy, which the gateway forwards to "
                                                            "(Ray binds it on all interfaces); 0 = a free port "
                                                            "picked at start")
-    http_port: int = Field(8000, description="Ray Serve's HTTP proxy (always started, unused by the API)")
+    http_port: int = Field(8000, description="Ray Serve's HTTP proxy: the OpenAI Realtime-compatible WebSocket "
+                                             "endpoint /v1/realtime and the web page at /")
+    http_host: str = Field("127.0.0.1", description="the address Ray Serve's HTTP proxy binds (0.0.0.0 in a "
+                                                    "container)")
+    model_name: str = Field("fun-audio-chat", min_length=1, description="the model name the Realtime endpoint "
+                                                                        "answers to (?model=)")
     metrics_port: int = Field(9464, ge=0, le=65535,
                               description="Prometheus /metrics of all replicas, one endpoint per pod or machine "
                                           "(all interfaces, like the gRPC port); 0 = off")
