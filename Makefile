@@ -14,12 +14,13 @@ RUN_DIR := .run
 APT_PACKAGES ?= redis-server prometheus espeak-ng
 
 GRPC_PORT ?= 50051
+HTTP_PORT ?= 8000
 
 .PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e bench-gpu bench-latency bench-tracing loadtest soak restart triton-up triton-down clean help images base-image k8s deploy-images deploy-test
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
-	@echo "make up           start redis-server, the Triton model services and the orchestrator (127.0.0.1:$(GRPC_PORT))"
+	@echo "make up           start redis-server, the Triton model services and the orchestrator (gRPC 127.0.0.1:$(GRPC_PORT), Realtime WebSocket and web page 127.0.0.1:$(HTTP_PORT))"
 	@echo "make down         stop them"
 	@echo "make restart SERVICE=redis|audio_tokenizer|llm|refined_head|vocoder|orchestrator  restart one part of the running stack on the same ports"
 	@echo "make test         set up and run the whole test suite"
@@ -77,7 +78,7 @@ run: setup $(CHECKPOINT)/vocoder/model.safetensors
 	    rc=$$?; $(MAKE) --no-print-directory down; exit $$rc
 
 up: setup $(CHECKPOINT)/vocoder/model.safetensors
-	$(PY) -m funchat.dev.stack up --checkpoint $(CHECKPOINT) --grpc-port $(GRPC_PORT)
+	$(PY) -m funchat.dev.stack up --checkpoint $(CHECKPOINT) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT)
 
 down: setup
 	$(PY) -m funchat.dev.stack down

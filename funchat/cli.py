@@ -234,8 +234,25 @@ def _server_error(exc, server: str, key_source: str = "") -> CommandError:
 def _client_config(args: argparse.Namespace):
     from funchat.client import session_config
 
+    encoding, rate = args.output_format
     return session_config(mode=args.mode, instructions=args.system, voice=args.voice, greedy=args.greedy,
-                          seed=args.seed, max_new_tokens=args.max_new_tokens)
+                          seed=args.seed, max_new_tokens=args.max_new_tokens, output_encoding=encoding,
+                          output_sample_rate=rate)
+
+
+def _output_format(text: str) -> tuple[str, int]:
+    """--output-format ENCODING[:RATE] -> (encoding, rate); the rate defaults to 8000 for G.711 (the
+    telephone's), else 24000 (the vocoder's). The server checks the rate's range."""
+    from funchat.client.config import ENCODINGS, OUTPUT_SAMPLE_RATE
+
+    encoding, _, rate = text.partition(":")
+    if encoding not in ENCODINGS:
+        raise argparse.ArgumentTypeError(f"unknown encoding {encoding!r}; use one of {', '.join(sorted(ENCODINGS))}")
+    if not rate:
+        return encoding, 8000 if encoding in ("pcmu", "pcma") else OUTPUT_SAMPLE_RATE
+    if not rate.isdigit() or int(rate) <= 0:
+        raise argparse.ArgumentTypeError(f"the rate must be a positive integer (Hz), got {rate!r}")
+    return encoding, int(rate)
 
 
 def _write_pcm16_wav(path: str | Path, samples, sample_rate: int) -> None:
@@ -250,7 +267,7 @@ def _write_pcm16_wav(path: str | Path, samples, sample_rate: int) -> None:
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     from funchat.audio_io import load_audio
-    from funchat.client import OUTPUT_SAMPLE_RATE, Client, FunchatClientError
+    from funchat.client import Client, FunchatClientError
 
     key, key_source = _api_key(args)
     audio = load_audio(args.input)
@@ -288,8 +305,9 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         if not len(reply.audio):
             print(f"no speech to write ({reply.mode} mode, {len(reply.speech_tokens)} speech tokens)")
             return
-        _write_pcm16_wav(args.output, reply.audio, OUTPUT_SAMPLE_RATE)
-        print(f"speech     {args.output}: {reply.audio_s:.2f} s at {OUTPUT_SAMPLE_RATE} Hz")
+        # the reply as it came (e.g. G.711 at 8 kHz, decoded), written as PCM16 at its own rate
+        _write_pcm16_wav(args.output, reply.audio, reply.sample_rate)
+        print(f"speech     {args.output}: {reply.audio_s:.2f} s at {reply.sample_rate} Hz")
 
 
 def _cmd_call(args: argparse.Namespace) -> None:
@@ -437,6 +455,9 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=0, help="reply length cap (0: the server's default)")
     p.add_argument("--system", default=None, help="persona appended to the mode instruction")
     p.add_argument("--voice", default=None, help="vocoder speaker name (default: the checkpoint's default)")
+    p.add_argument("--output-format", type=_output_format, default=("pcm16", 24000), metavar="ENCODING[:RATE]",
+                   help="the reply audio's format: pcm16, float32, pcmu or pcma, at RATE Hz (default pcm16:24000; "
+                        "pcmu / pcma default to 8000, telephony); --output WAVs are written at that rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -508,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="one turn through a funchat server (Respond): speech in, text and speech out")
     _add_client_args(p)
-    p.add_argument("--output", default=None, help="write the spoken reply (24 kHz WAV) here")
+    p.add_argument("--output", default=None, help="write the spoken reply (a WAV at the reply's rate) here")
     p.add_argument("--session", default=None, help="continue this session (its id, printed by an earlier chat)")
     p.add_argument("--output-tokens", default=None, help="write text and tokens as JSON here (as `respond` does)")
     p.add_argument("--output-text", default=None, help="write the reply text here")
@@ -517,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("call", help="stream a file into a live call (Converse) and record the replies")
     _add_client_args(p)
-    p.add_argument("--output", default=None, help="write the call's reply audio timeline (24 kHz WAV) here")
+    p.add_argument("--output", default=None, help="write the call's reply audio timeline (a WAV at the reply's "
+                                                  "rate) here")
     p.add_argument("--no-realtime", action="store_true", help="send the audio as fast as possible")
     p.add_argument("--chunk-ms", type=int, default=100, help="audio per chunk sent (1..1000 ms)")
     p.add_argument("--trailing-silence-ms", type=int, default=1500,

@@ -243,3 +243,13 @@ def pki(tmp_path_factory):
             "server": issue("ca", root / "server"), "other_server": issue("other", root / "other-server"),
             "client": issue("ca", root / "client", "caller", client=True),
             "other_client": issue("other", root / "other-client", "stranger", client=True)}
+
+
+@pytest.fixture(scope="session")
+def tool_checkpoint(tiny_checkpoint, speech, tmp_path_factory) -> Path:
+    """`tiny_checkpoint` with its LLM fine-tuned (a few seconds on CPU) so that the greedy reply to
+    `tool_clip(speech)` (the recording's first 3 s, as PCM16), with `WEATHER_TOOL` as the only tool,
+    is exactly the call get_weather(city="Paris") (funchat.dev.tool_checkpoint)."""
+    from funchat.dev.tool_checkpoint import build_tool_checkpoint, tool_clip
+
+    return build_tool_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("tool-ckpt"), tool_clip(speech)).checkpoint

@@ -3,7 +3,8 @@
     from funchat.client import AsyncClient, Client, session_config, stream_call
 
     reply = Client("127.0.0.1:50051").respond(audio16k, session_config(greedy=True))
-    reply.text, reply.audio            # the text and the 24 kHz spoken reply
+    reply.text, reply.audio            # the text and the spoken reply (24 kHz, or the config's
+                                       # output_encoding= / output_sample_rate=, at reply.sample_rate)
 
     async with AsyncClient(target) as client:
         async with client.converse(session_config(turn_detection="manual")) as call:
@@ -39,11 +40,11 @@ call), errors.
 """
 
 from funchat.client.async_client import AsyncClient
-from funchat.client.audio import decode_pcm16, encode_audio
+from funchat.client.audio import decode_audio, decode_delta, decode_pcm16, encode_audio
 from funchat.client.auth import API_KEY_ENV, auth_metadata, authed_stub, resolve_api_key
 from funchat.client.call import ACK_INTERVAL_S, CallResult, stream_call
 from funchat.client.config import (ENCODINGS, INPUT_SAMPLE_RATE, MAX_CHUNK_S, MODES, OUTPUT_SAMPLE_RATE,
-                                   TURN_DETECTION, config_mode, session_config)
+                                   TURN_DETECTION, config_mode, output_format, session_config)
 from funchat.client.conversation import Conversation
 from funchat.client.errors import FunchatClientError
 from funchat.client.events import RESPONSE_EVENTS, describe_event, response_id_of
@@ -55,7 +56,7 @@ __all__ = [
     "ACK_INTERVAL_S", "API_KEY_ENV", "ENCODINGS", "INPUT_SAMPLE_RATE", "MAX_CHUNK_S", "MODES", "OUTPUT_SAMPLE_RATE",
     "RESPONSE_EVENTS", "TURN_DETECTION",
     "AsyncClient", "CallResult", "Client", "Conversation", "FunchatClientError", "Reply", "TlsOptions",
-    "auth_metadata", "authed_stub", "collect_reply", "config_mode", "decode_pcm16", "describe_event",
-    "encode_audio", "open_channel", "resolve_api_key", "resolve_tls", "response_id_of", "session_config",
-    "stream_call",
+    "auth_metadata", "authed_stub", "collect_reply", "config_mode", "decode_audio", "decode_delta", "decode_pcm16",
+    "describe_event", "encode_audio", "open_channel", "output_format", "resolve_api_key", "resolve_tls",
+    "response_id_of", "session_config", "stream_call",
 ]

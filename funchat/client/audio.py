@@ -1,11 +1,13 @@
-"""Caller audio to the API's bytes, and the API's PCM16 reply audio back to samples."""
+"""Caller audio to the API's bytes, and the API's reply audio (24 kHz PCM16, or the call's
+output_audio_format) back to samples."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from funchat import g711
-from funchat.client.config import ENCODINGS
+from funchat.api import pb
+from funchat.client.config import ENCODINGS, OUTPUT_SAMPLE_RATE, SAMPLE_BYTES
 
 
 def encode_audio(samples: np.ndarray, encoding: str = "pcm16") -> bytes:
@@ -35,3 +37,33 @@ def decode_pcm16(data: bytes) -> np.ndarray:
     if len(data) % 2:
         raise ValueError(f"{len(data)} bytes is not a whole number of PCM16 samples")
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
+def decode_audio(data: bytes, encoding: str = "pcm16") -> np.ndarray:
+    """Little-endian bytes in `encoding` ("pcm16", "float32", "pcmu", "pcma") -> float32 samples,
+    the inverse of encode_audio (G.711 through its 16-bit PCM, scaled by 1/32768 as PCM16)."""
+    if encoding not in SAMPLE_BYTES:
+        raise ValueError(f"unknown audio encoding {encoding!r}; use one of {sorted(ENCODINGS)}")
+    if len(data) % SAMPLE_BYTES[encoding]:
+        raise ValueError(f"{len(data)} bytes is not a whole number of {encoding} samples")
+    if encoding == "pcm16":
+        return decode_pcm16(data)
+    if encoding == "float32":
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    pcm = g711.ulaw_to_pcm16(data) if encoding == "pcmu" else g711.alaw_to_pcm16(data)
+    return pcm.astype(np.float32) / np.float32(32768.0)
+
+
+def delta_format(delta: pb.AudioDelta) -> tuple[str, int]:
+    """(encoding name, sample rate) of a reply audio chunk: `pcm16` at 24 kHz, the default, or its
+    `audio` bytes in the call's output_audio_format (AudioDelta.encoding, sample_rate_hz)."""
+    if not delta.audio:
+        return "pcm16", delta.sample_rate_hz or OUTPUT_SAMPLE_RATE
+    name = next((n for n, v in ENCODINGS.items() if v == delta.encoding), "pcm16")  # UNSPECIFIED is PCM16
+    return name, delta.sample_rate_hz or OUTPUT_SAMPLE_RATE
+
+
+def decode_delta(delta: pb.AudioDelta) -> tuple[np.ndarray, int]:
+    """A reply audio chunk in any output format -> (float32 samples, sample rate)."""
+    encoding, rate = delta_format(delta)
+    return decode_audio(delta.audio if delta.audio else delta.pcm16, encoding), rate

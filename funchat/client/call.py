@@ -13,8 +13,8 @@ import soxr
 
 from funchat.api import pb
 from funchat.client.async_client import AsyncClient
-from funchat.client.audio import decode_pcm16
-from funchat.client.config import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, input_format
+from funchat.client.audio import decode_delta
+from funchat.client.config import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, input_format, output_format
 from funchat.client.errors import FunchatClientError
 from funchat.client.events import response_id_of
 from funchat.client.replies import Reply
@@ -25,7 +25,7 @@ class CallResult:
     session: pb.SessionCreated | None
     events: list[tuple[float, pb.ServerEvent]]  # (seconds since the first audio chunk was sent, event)
     replies: list[Reply]
-    audio: np.ndarray  # 24 kHz timeline of the reply audio as the caller heard it
+    audio: np.ndarray  # timeline of the reply audio as the caller heard it, at sample_rate
     sent_s: float      # caller audio sent (the file plus trailing silence), in seconds
     timed_out: bool    # the replies were not done within the timeout (the call was ended anyway)
     sample_rate: int = OUTPUT_SAMPLE_RATE
@@ -34,9 +34,11 @@ class CallResult:
 class Player:
     """A simulated loudspeaker. Each reply plays from the arrival of its first chunk, chunk after
     chunk; a chunk that arrives after the previous one has finished starts when it arrives (an
-    underrun). An `interrupted` reply stops where playback was when the event arrived."""
+    underrun). An `interrupted` reply stops where playback was when the event arrived. `rate`: the
+    call's reply audio rate (its output_audio_format's, 24 kHz by default)."""
 
-    def __init__(self):
+    def __init__(self, rate: int = OUTPUT_SAMPLE_RATE):
+        self.rate = rate
         self.segments: list[list] = []  # [response_id, start (s), samples]
         self.cursor: dict[str, float] = {}  # where each reply's next chunk will start
         self.stopped: set[str] = set()
@@ -46,28 +48,31 @@ class Player:
         if rid in self.stopped:
             return
         start = max(t, self.cursor.get(rid, t))
-        samples = decode_pcm16(delta.pcm16)
+        samples, rate = decode_delta(delta)
+        if rate != self.rate:
+            raise FunchatClientError("DATA_LOSS", f"response {rid}: audio chunk {delta.sequence} is at {rate} Hz, "
+                                                  f"not the call's {self.rate} Hz")
         self.segments.append([rid, start, samples])
-        self.cursor[rid] = start + len(samples) / OUTPUT_SAMPLE_RATE
+        self.cursor[rid] = start + len(samples) / self.rate
 
     def stop(self, rid: str, t: float) -> None:
         self.stopped.add(rid)
         for seg in self.segments:
             if seg[0] == rid:
-                seg[2] = seg[2][:max(0, round((t - seg[1]) * OUTPUT_SAMPLE_RATE))]
+                seg[2] = seg[2][:max(0, round((t - seg[1]) * self.rate))]
 
     def played_ms(self, rid: str, t: float) -> int:
-        n = sum(min(len(s), max(0, round((t - start) * OUTPUT_SAMPLE_RATE))) for r, start, s in self.segments
+        n = sum(min(len(s), max(0, round((t - start) * self.rate))) for r, start, s in self.segments
                 if r == rid)
-        return n * 1000 // OUTPUT_SAMPLE_RATE
+        return n * 1000 // self.rate
 
     def end_s(self) -> float:
-        return max((start + len(s) / OUTPUT_SAMPLE_RATE for _, start, s in self.segments), default=0.0)
+        return max((start + len(s) / self.rate for _, start, s in self.segments), default=0.0)
 
     def render(self, seconds: float) -> np.ndarray:
-        out = np.zeros(int(math.ceil(seconds * OUTPUT_SAMPLE_RATE)), np.float32)
+        out = np.zeros(int(math.ceil(seconds * self.rate)), np.float32)
         for _, start, samples in self.segments:
-            i = int(round(start * OUTPUT_SAMPLE_RATE))
+            i = int(round(start * self.rate))
             n = max(0, min(len(samples), len(out) - i))
             out[i:i + n] += samples[:n]
         return np.clip(out, -1.0, 1.0)
@@ -105,7 +110,7 @@ async def stream_call(client: AsyncClient, config: pb.SessionConfig, audio16k: n
         audio = np.concatenate([audio, np.zeros(int(rate * trailing_silence_ms / 1000), np.float32)])
     step = max(1, rate * chunk_ms // 1000)
     events: list[tuple[float, pb.ServerEvent]] = []
-    player = Player()
+    player = Player(output_format(config)[1])
     state = {"current": "", "open": set(), "speaking": 0}
 
     async with client.converse(config) as call:
@@ -198,4 +203,5 @@ async def stream_call(client: AsyncClient, config: pb.SessionConfig, audio16k: n
 
     sent_s = len(audio) / rate
     return CallResult(session=call.session, events=events, replies=list(call.replies),
-                      audio=player.render(max(sent_s, player.end_s())), sent_s=sent_s, timed_out=timed_out)
+                      audio=player.render(max(sent_s, player.end_s())), sent_s=sent_s, timed_out=timed_out,
+                      sample_rate=player.rate)

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from funchat.api import pb
 
 INPUT_SAMPLE_RATE = 16000   # what the model hears; the default input format
-OUTPUT_SAMPLE_RATE = 24000  # reply audio (AudioDelta.pcm16)
+OUTPUT_SAMPLE_RATE = 24000  # reply audio by default (AudioDelta.pcm16); output_audio_format may change it
 MAX_CHUNK_S = 1.0           # the server takes at most 1 s of caller audio per `audio` event
 
 MODES = {"s2s": pb.MODE_SPEECH_TO_SPEECH, "s2t": pb.MODE_SPEECH_TO_TEXT}
@@ -35,12 +35,16 @@ def session_config(mode: str = "s2s", instructions: str | None = None, voice: st
                    silence_ms: int | None = None, prefix_padding_ms: int | None = None, encoding: str = "pcm16",
                    sample_rate: int = INPUT_SAMPLE_RATE, resume_token: str | None = None,
                    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                   repetition_penalty: float | None = None) -> pb.SessionConfig:
+                   repetition_penalty: float | None = None, output_encoding: str = "pcm16",
+                   output_sample_rate: int = OUTPUT_SAMPLE_RATE) -> pb.SessionConfig:
     """A SessionConfig from plain values; ValueError names a bad one. Values the server checks
     (voice names, VAD ranges, sample-rate limits) are left to it, so there is one source of truth.
 
     seed None: the server draws one per turn (sampled speech is then not reproducible).
     max_new_tokens 0: the server's default. The VAD settings only go with turn_detection="server_vad".
+    encoding / sample_rate: the caller audio's format; output_encoding / output_sample_rate: the reply
+    audio's (e.g. "pcmu" at 8000 for telephony). The default reply format (PCM16 at 24 kHz) leaves
+    output_audio_format unset, so the config is what it was before output formats existed.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {sorted(MODES)}")
@@ -50,6 +54,10 @@ def session_config(mode: str = "s2s", instructions: str | None = None, voice: st
         raise ValueError(f"unknown turn_detection {turn_detection!r}; use one of {list(TURN_DETECTION)}")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    if output_encoding not in ENCODINGS:
+        raise ValueError(f"unknown output_encoding {output_encoding!r}; use one of {sorted(ENCODINGS)}")
+    if isinstance(output_sample_rate, bool) or not isinstance(output_sample_rate, int) or output_sample_rate <= 0:
+        raise ValueError(f"output_sample_rate must be a positive integer (Hz), got {output_sample_rate!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     if max_new_tokens < 0:
@@ -72,11 +80,14 @@ def session_config(mode: str = "s2s", instructions: str | None = None, voice: st
                         ("repetition_penalty", repetition_penalty)):
         if value is not None:
             setattr(gen, name, value)
+    default_output = output_encoding == "pcm16" and output_sample_rate == OUTPUT_SAMPLE_RATE
+    output = None if default_output else pb.AudioFormat(encoding=ENCODINGS[output_encoding],
+                                                        sample_rate_hz=output_sample_rate)
     return pb.SessionConfig(
         mode=MODES[mode], instructions=instructions or "", voice=voice or "",
         tools=[_tool(t, i) for i, t in enumerate(tools or [])], turn_detection=td,
         input_audio_format=pb.AudioFormat(encoding=ENCODINGS[encoding], sample_rate_hz=sample_rate),
-        resume_token=resume_token or "", generation=gen)
+        resume_token=resume_token or "", generation=gen, output_audio_format=output)
 
 
 def config_mode(config: pb.SessionConfig) -> str:
@@ -89,3 +100,10 @@ def input_format(config: pb.SessionConfig) -> tuple[str, int, int]:
     fmt = config.input_audio_format
     encoding = next((name for name, value in ENCODINGS.items() if value == fmt.encoding), "pcm16")
     return encoding, fmt.sample_rate_hz or INPUT_SAMPLE_RATE, SAMPLE_BYTES[encoding]
+
+
+def output_format(config: pb.SessionConfig) -> tuple[str, int, int]:
+    """(encoding name, sample rate, bytes per sample) of the config's reply audio."""
+    fmt = config.output_audio_format  # unset: all zero, the default PCM16 at 24 kHz
+    encoding = next((name for name, value in ENCODINGS.items() if value == fmt.encoding), "pcm16")
+    return encoding, fmt.sample_rate_hz or OUTPUT_SAMPLE_RATE, SAMPLE_BYTES[encoding]

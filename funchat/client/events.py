@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from funchat.api import pb
-from funchat.client.config import OUTPUT_SAMPLE_RATE
+from funchat.client.audio import delta_format
+from funchat.client.config import OUTPUT_SAMPLE_RATE, SAMPLE_BYTES
 
 # Server events that belong to one response (they carry its response_id).
 RESPONSE_EVENTS = ("response_created", "text_delta", "audio_delta", "function_call", "interrupted", "response_done")
@@ -35,9 +36,11 @@ def describe_event(event: pb.ServerEvent) -> str:
     if kind == "text_delta":
         return f"text_delta response={e.response_id} delta={e.delta!r} tokens={len(e.token_ids)}"
     if kind == "audio_delta":
-        rate = e.sample_rate_hz or OUTPUT_SAMPLE_RATE
+        encoding, rate = delta_format(e)
+        samples = len(e.audio or e.pcm16) // SAMPLE_BYTES[encoding]
         return (f"audio_delta response={e.response_id} seq={e.sequence} start_ms={e.start_ms} "
-                f"{len(e.pcm16) // 2 * 1000 / rate:.0f} ms")
+                f"{samples * 1000 / rate:.0f} ms" + ("" if encoding == "pcm16" and rate == OUTPUT_SAMPLE_RATE
+                                                     else f" {encoding} {rate} Hz"))
     if kind == "function_call":
         return f"function_call response={e.response_id} call={e.call_id} name={e.name} args={e.arguments_json}"
     if kind == "interrupted":

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from funchat.api import pb
-from funchat.client.audio import decode_pcm16
+from funchat.client.audio import decode_audio, delta_format
 from funchat.client.config import OUTPUT_SAMPLE_RATE
 from funchat.client.errors import FunchatClientError
 from funchat.client.events import RESPONSE_EVENTS, response_id_of
@@ -25,7 +25,8 @@ class Reply:
     text_tokens_emitted: list[int] = field(default_factory=list)
     speech_tokens: list[int] = field(default_factory=list)
     vocoder_tokens: list[int] = field(default_factory=list)
-    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # 24 kHz float32
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # float32 at sample_rate
+    sample_rate: int = OUTPUT_SAMPLE_RATE  # the reply audio's (24 kHz unless the call set output_audio_format)
     audio_ms: int = 0  # as the server counts it (ResponseDone.audio_ms)
     usage: dict[str, int] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # the server's, per stage
@@ -39,7 +40,7 @@ class Reply:
 
     @property
     def audio_s(self) -> float:
-        return len(self.audio) / OUTPUT_SAMPLE_RATE
+        return len(self.audio) / self.sample_rate
 
     def tokens_json(self) -> dict[str, Any]:
         """The JSON `funchat respond --output-tokens` writes (TurnResult.to_json), from the API's values.
@@ -66,8 +67,9 @@ def collect_reply(events: Iterable[pb.ServerEvent], times: Sequence[float] | Non
     The reply is `response_id`, or else the first response the events name; events of other
     responses are skipped, error events are all kept. times[i] is when events[i] arrived and
     sent_at when the caller's turn ended (same clock), for first_audio_s. The audio chunks must be
-    numbered 0, 1, 2... with none missing or repeated (FunchatClientError DATA_LOSS otherwise);
-    they are joined in sequence order, whatever order they came in.
+    numbered 0, 1, 2... with none missing or repeated, all in one format (FunchatClientError
+    DATA_LOSS otherwise); they are joined in sequence order, whatever order they came in, and decoded
+    from their format (24 kHz PCM16, or the call's output_audio_format) to float32.
     """
     events = list(events)
     if times is not None and len(times) != len(events):
@@ -75,6 +77,7 @@ def collect_reply(events: Iterable[pb.ServerEvent], times: Sequence[float] | Non
     reply = Reply(response_id=response_id, mode=mode, session_id=session_id, events=events)
     deltas: list[str] = []
     chunks: dict[int, bytes] = {}
+    fmt: tuple[str, int] | None = None  # (encoding, rate) of the reply's chunks
     done = None
     for i, event in enumerate(events):
         kind = event.WhichOneof("event")
@@ -95,14 +98,19 @@ def collect_reply(events: Iterable[pb.ServerEvent], times: Sequence[float] | Non
             deltas.append(event.text_delta.delta)
         elif kind == "audio_delta":
             a = event.audio_delta
-            if a.sample_rate_hz not in (0, OUTPUT_SAMPLE_RATE):
+            this = delta_format(a)
+            if a.pcm16 and a.sample_rate_hz not in (0, OUTPUT_SAMPLE_RATE):  # pcm16 is the default format only
                 raise FunchatClientError("DATA_LOSS", f"response {rid}: audio chunk {a.sequence} is at "
                                                       f"{a.sample_rate_hz} Hz, not {OUTPUT_SAMPLE_RATE}")
+            if fmt is not None and this != fmt:
+                raise FunchatClientError("DATA_LOSS", f"response {rid}: audio chunk {a.sequence} is {this[0]} at "
+                                                      f"{this[1]} Hz, the chunks before {fmt[0]} at {fmt[1]} Hz")
+            fmt = this
             if a.sequence in chunks:
                 raise FunchatClientError("DATA_LOSS", f"response {rid}: audio chunk {a.sequence} came twice")
             if not chunks and times is not None and sent_at is not None:
                 reply.first_audio_s = times[i] - sent_at
-            chunks[a.sequence] = a.pcm16
+            chunks[a.sequence] = a.audio or a.pcm16
         elif kind == "function_call":
             f = event.function_call
             reply.function_calls.append({"call_id": f.call_id, "name": f.name, "arguments_json": f.arguments_json})
@@ -114,8 +122,11 @@ def collect_reply(events: Iterable[pb.ServerEvent], times: Sequence[float] | Non
         missing = sorted(set(range(max(chunks) + 1)) - set(chunks))
         raise FunchatClientError("DATA_LOSS", f"response {reply.response_id}: audio chunks {missing} are missing "
                                               f"(got {len(chunks)} chunks up to sequence {max(chunks)})")
-    reply.audio = (decode_pcm16(b"".join(chunks[s] for s in range(len(chunks)))) if chunks
+    # Joined as bytes, then decoded: every format is whole samples per chunk (G.711: one byte each)
+    reply.audio = (decode_audio(b"".join(chunks[s] for s in range(len(chunks))), fmt[0]) if chunks
                    else np.zeros(0, np.float32))
+    if fmt is not None:
+        reply.sample_rate = fmt[1]
     reply.text = "".join(deltas)
     if done is not None:
         reply.status = done.status

@@ -9,7 +9,8 @@ on 127.0.0.1, in the background.
 redis-server keeps an append-only file in `<run_dir>/redis/` (as the chart's does), so sessions
 survive its restart. `up` returns when every part answers (Redis PING, Triton model readiness, the API's gRPC health
 check) and writes `<run_dir>/endpoints.json`: each model service, `"orchestrator"` (the public
-API), `"orchestrator_metrics"` (its Prometheus /metrics, host:port), `"redis"` and `"checkpoint"`
+gRPC API), `"realtime"` (the OpenAI Realtime-compatible WebSocket, a ws:// URL), `"web"` (the web
+page), `"orchestrator_metrics"` (its Prometheus /metrics, host:port), `"redis"` and `"checkpoint"`
 (the directory in use). The parts' pids go to
 `<run_dir>/stack.json`, which `down` reads. A resume-token key is created once in
 `<run_dir>/resume_secret` (mode 0600); the orchestrator reads it there (FUNCHAT_RESUME_SECRET_FILE).
@@ -67,6 +68,7 @@ from funchat.orchestrator.settings import ModelEndpoints, OrchestratorSettings, 
 
 DEFAULT_RUN_DIR = PROJECT_ROOT / ".run"
 DEFAULT_GRPC_PORT = OrchestratorSettings.model_fields["grpc_port"].default  # the orchestrator's own default
+DEFAULT_HTTP_PORT = OrchestratorSettings.model_fields["http_port"].default  # the Realtime WebSocket, the web page
 STACK_FILE = "stack.json"
 HOST = "127.0.0.1"
 MODEL_SERVICES = tuple(ModelEndpoints.model_fields)  # audio_tokenizer, llm, refined_head, vocoder
@@ -275,11 +277,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         env["FUNCHAT_API_KEYS_FILE"] = str(keys_file)
         if args.replicas is not None:
             env["FUNCHAT_REPLICAS"] = str(args.replicas)
-        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout, api_key=read_api_key(run_dir))
+        orch = start_orchestrator(run_dir, env, args.grpc_port, args.timeout, api_key=read_api_key(run_dir),
+                                  http_port=args.http_port or None)
         started.update(orchestrator_pid=orch.pid, orchestrator=_orchestrator_record(orch, env))
+        realtime = f"ws://{HOST}:{orch.http_port}/v1/realtime"
+        web = f"http://{HOST}:{orch.http_port}/"
         print(f"orchestrator      {orch.target} (Ray Serve gRPC)  pid {orch.pid}  log {orch.log}", flush=True)
+        model = os.environ.get("FUNCHAT_MODEL_NAME") or OrchestratorSettings.model_fields["model_name"].default
+        print(f"orchestrator      {realtime}?model={model} (OpenAI Realtime WebSocket)", flush=True)
+        print(f"orchestrator      {web} (web page: talk to the model from the microphone)", flush=True)
         print(f"orchestrator      http://{orch.metrics_target}/metrics (Prometheus, all replicas)", flush=True)
-        endpoints.update(orchestrator=orch.target, orchestrator_metrics=orch.metrics_target, redis=redis.url,
+        endpoints.update(orchestrator=orch.target, realtime=realtime, web=web,
+                         orchestrator_metrics=orch.metrics_target, redis=redis.url,
                          redis_ca_file=str(redis.ca_file), redis_password_file=str(run_dir / "redis_password"),
                          checkpoint=str(checkpoint), api_key_file=str(key_file))
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
@@ -422,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up")
     up.add_argument("--checkpoint", default=str(PROJECT_ROOT / "checkpoints" / "tiny"))
     up.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    up.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                    help="the Realtime WebSocket /v1/realtime and the web page (0: a free port)")
     up.add_argument("--redis-port", type=int, default=0, help="default: a free port")
     up.add_argument("--replicas", type=int, default=None, help="orchestrator replicas (default: FUNCHAT_REPLICAS "
                                                               "or the orchestrator's default)")

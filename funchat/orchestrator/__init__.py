@@ -13,6 +13,7 @@ clients. Modules, along a request's path:
     converse       one Converse call: a handler per client event kind, barge-in
     exchange       one turn and its reply, run and stored in the session
     audio_input    caller audio decoding; vad: Silero VAD and turn detection
+    audio_output   reply audio in the call's output format (resampled per reply, G.711 for telephony)
     sessions       the Redis session store and resume tokens
     turn_runner    one assistant turn through the model services; model_clients: their clients
     metrics        the Prometheus metrics, and the /metrics endpoint shared by a pod's replicas

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator.audio_input import ENCODING_VALUES, AudioFormatError, InputFormat
+from funchat.orchestrator.audio_output import VOCODER_RATE, OutputFormat
 from funchat.orchestrator.errors import ApiError
 from funchat.turn.sampling import GREEDY, SamplingParams
 from funchat.turn.schedule import Mode
@@ -46,6 +47,10 @@ class CallConfig:
     vad: dict | None = field(default_factory=lambda: dict(VAD_DEFAULTS))  # None = manual commits
     encoding: str = "pcm16"
     sample_rate: int = SAMPLE_RATE
+    # The reply audio's format, kept as plain names like the input's (asdict / JSON round trip); a
+    # record written before output formats existed has neither key and gets the default.
+    output_encoding: str = "pcm16"
+    output_sample_rate: int = VOCODER_RATE
     greedy: bool = False
     seed: int | None = None
     max_new_tokens: int = 0
@@ -55,6 +60,11 @@ class CallConfig:
     def input_format(self) -> InputFormat:
         return InputFormat.from_proto(pb.AudioFormat(encoding=ENCODING_VALUES[self.encoding],
                                                      sample_rate_hz=self.sample_rate))
+
+    @property
+    def output_format(self) -> OutputFormat:
+        return OutputFormat.from_proto(pb.AudioFormat(encoding=ENCODING_VALUES[self.output_encoding],
+                                                      sample_rate_hz=self.output_sample_rate))
 
     def sampling(self) -> tuple[SamplingParams, SamplingParams]:
         """(text, speech). Text is greedy as in the reference demos; the speech tokens are sampled
@@ -89,6 +99,11 @@ def parse_config(cfg: pb.SessionConfig, voices: set[str], max_new_tokens: int) -
     except AudioFormatError as exc:
         raise _bad(str(exc)) from None
     out.encoding, out.sample_rate = fmt.encoding, fmt.sample_rate
+    try:
+        out_fmt = OutputFormat.from_proto(cfg.output_audio_format)  # unset: the default, 24 kHz PCM16
+    except AudioFormatError as exc:
+        raise _bad(str(exc)) from None
+    out.output_encoding, out.output_sample_rate = out_fmt.encoding, out_fmt.sample_rate
     g = cfg.generation
     out.greedy = g.greedy
     out.seed = int(g.seed) if g.HasField("seed") else None

@@ -56,6 +56,7 @@ from funchat import tracing
 from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
+from funchat.orchestrator.audio_output import delta_samples
 from funchat.orchestrator.call_config import CallConfig
 from funchat.orchestrator.caller_turn import SpokenTurn
 from funchat.orchestrator.errors import ApiError, store_call
@@ -148,7 +149,7 @@ def turn_request(cfg: CallConfig, settings, session_id: str, response_id: str, r
         text_sampling=text_sampling, speech_sampling=speech_sampling,
         seed=cfg.seed if cfg.seed is not None else secrets.randbits(31),
         max_new_tokens=cfg.max_new_tokens or settings.max_new_tokens, call_id=new_call_id(),
-        conversation=session_id)
+        conversation=session_id, output_format=cfg.output_format)
 
 
 class Exchange:
@@ -383,8 +384,9 @@ class Exchange:
                 self.response.first_audio_at = time.monotonic()
                 self.span.add_event("first_audio")
             chunk = event.audio_delta
-            self.response.audio_ms = chunk.start_ms + len(chunk.pcm16) // 2 * 1000 // chunk.sample_rate_hz
-            self.audio_out.sent(len(chunk.pcm16) / 2 / chunk.sample_rate_hz)
+            samples, rate = delta_samples(chunk)  # pcm16, or `audio` in the call's output format
+            self.response.audio_ms = chunk.start_ms + samples * 1000 // rate
+            self.audio_out.sent(samples / rate)
         await self.emit(event)
 
     async def emit_ending(self, outcome: TurnOutcome) -> HistoryTurn:

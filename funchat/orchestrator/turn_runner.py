@@ -42,6 +42,7 @@ from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.errors import AudioInputError, ContextOverflowError
 from funchat.orchestrator import metrics
+from funchat.orchestrator.audio_output import DEFAULT_OUTPUT, VOCODER_RATE, OutputAudioStream, OutputFormat
 from funchat.orchestrator.kept_prompts import KeptPrompts, PrefillPlan
 from funchat.orchestrator.model_clients import (AudioTokenizerClient, LlmClient, RefinedHeadClient, ServiceError,
                                                 VocoderClient)
@@ -52,7 +53,7 @@ from funchat.turn.prompt import Prompt, PromptBuilder
 from funchat.turn.sampling import GREEDY, SamplingParams, speech_seed, text_seed
 from funchat.turn.schedule import Mode, TurnSchedule
 
-OUTPUT_SAMPLE_RATE = 24000
+OUTPUT_SAMPLE_RATE = VOCODER_RATE  # the vocoder's audio; the reply's own format is TurnRequest.output_format
 MS_PER_SPEECH_TOKEN = 40  # 25 Hz speech tokens
 LOST_SEQUENCE = ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")  # a replica lost the call: replay
 MAX_REPLAYS = 2
@@ -87,6 +88,7 @@ class TurnRequest:
     max_new_tokens: int = 512
     call_id: int = 0  # the llm / refined_head correlation id (0 = draw one); replays draw new ones
     conversation: str = ""  # the session: what the services kept of its last prompt is reused ("" = never)
+    output_format: OutputFormat = DEFAULT_OUTPUT  # the reply audio's encoding and rate (AudioDelta)
 
 
 @dataclass
@@ -124,11 +126,6 @@ class TurnOutcome:
                            history_turns_dropped=self.history_turns_dropped),
             latency_ms=self.latency_ms, text_tokens=self.text_tokens, text_tokens_emitted=self.text_tokens_emitted,
             speech_tokens=self.speech_tokens, vocoder_tokens=self.vocoder_tokens, audio_ms=self.audio_ms))
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    """float32 [-1, 1] -> PCM16 little-endian bytes."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -565,8 +562,11 @@ class _VocoderStream:
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.state: bytes | None = None
-        self.samples = 0
+        self.samples = 0  # 24 kHz samples made (audio_ms, the real-time factor)
         self.sequence = 0
+        # the reply's audio in its output format: one resampler for the whole reply (a replay goes
+        # on with it: what was streamed is not repeated)
+        self.out = OutputAudioStream(turn.req.output_format)
         self.seconds: list[float] = []
         self.error: BaseException | None = None
         self.waiting_since: float | None = None  # when the oldest code not yet pushed was offered
@@ -606,8 +606,8 @@ class _VocoderStream:
                 self.seconds.append(time.perf_counter() - t)
                 metrics.stage("vocoder", self.seconds[-1])
                 sent += len(batch)
-                if audio.size and not self.turn.cancel.is_set():
-                    await self._emit(audio)
+                if (audio.size or final) and not self.turn.cancel.is_set():
+                    await self._emit(audio, final)  # final: the resampler's tail goes out too
                 if final:
                     return
                 if len(self.codes) > sent or self.final:
@@ -615,14 +615,15 @@ class _VocoderStream:
         except BaseException as exc:  # surfaced by offer()/close()
             self.error = exc
 
-    async def _emit(self, audio: np.ndarray) -> None:
+    async def _emit(self, audio: np.ndarray, final: bool = False) -> None:
         t = self.turn
-        t.latency.setdefault("first_audio", t.ms())
-        event = pb.AudioDelta(response_id=t.req.response_id, sequence=self.sequence, pcm16=pcm16(audio),
-                              sample_rate_hz=OUTPUT_SAMPLE_RATE,
-                              start_ms=self.samples * 1000 // OUTPUT_SAMPLE_RATE)
-        self.sequence += 1
         self.samples += int(audio.size)
+        fields = self.out.push(audio, last=final)
+        if fields is None:  # all held back by the resampler (a tiny chunk), or an empty final push
+            return
+        t.latency.setdefault("first_audio", t.ms())
+        event = pb.AudioDelta(response_id=t.req.response_id, sequence=self.sequence, **fields)
+        self.sequence += 1
         await t.emit(pb.ServerEvent(audio_delta=event))
 
     async def close(self, flush: bool) -> None:

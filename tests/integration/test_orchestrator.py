@@ -838,3 +838,64 @@ def test_no_key_secret_is_in_any_log(stack):
         data = path.read_bytes()
         for secret in secrets:
             assert secret not in data, f"an API key's secret is in {path}"
+
+
+def test_a_telephony_reply_in_g711_pcmu_at_8_khz_equals_the_oracle_resampled(stack, tiny_pipeline, tiny_checkpoint,
+                                                                             speech):
+    """output_audio_format PCMU at 8 kHz, through Converse and Respond: the tokens are the oracle's,
+    the reply comes in `audio` (μ-law, one byte a sample) and decodes to the oracle's 24 kHz audio
+    resampled to 8 kHz, within G.711's quantisation; the session record keeps the format."""
+    import soxr
+
+    from funchat.client import collect_reply, decode_audio
+    from funchat.orchestrator.audio_output import ENCODERS, OutputFormat
+    from funchat.orchestrator.call_config import CallConfig
+
+    a = pcm16_samples(speech[:48000])
+    cfg = config()
+    cfg.output_audio_format.CopyFrom(pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCMU, sample_rate_hz=8000))
+
+    async def main():
+        caller = await Caller(stack["target"]).start(pb.ClientEvent(session=cfg))
+        created = (await caller.until("session_created"))[-1].session_created
+        for k in range(0, len(a), 8000):
+            await caller.send(pb.ClientEvent(audio=pb.InputAudioAppend(audio=pcm16_bytes(a[k:k + 8000]))))
+        await caller.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
+        events = await caller.until("response_done")
+        await caller.close()
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            unary = [e async for e in funchat_stub(ch).Respond(pb.RespondRequest(config=cfg, audio=pcm16_bytes(a)))]
+        return created, events, unary
+
+    created, events, unary = asyncio.run(main())
+    ref = tiny_pipeline.respond(a, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    expected = soxr.resample(np.clip(oracle_audio(tiny_checkpoint, ref.vocoder_tokens), -1, 1), 24000, 8000,
+                             quality="HQ")
+    assert len(expected) == 320 * len(ref.vocoder_tokens) > 0  # 40 ms a code at 8 kHz
+    for evs in (events, unary):
+        chunks = [e.audio_delta for e in evs if e.WhichOneof("event") == "audio_delta"]
+        assert chunks and all(not c.pcm16 and c.encoding == pb.AUDIO_ENCODING_PCMU and c.sample_rate_hz == 8000
+                              for c in chunks)
+        heard = np.cumsum([0] + [len(c.audio) for c in chunks])[:-1]
+        assert [c.start_ms for c in chunks] == [int(n) * 1000 // 8000 for n in heard]  # ms, at 8 kHz
+        reply = collect_reply(evs)
+        assert reply.text_tokens == ref.text_tokens and reply.speech_tokens == ref.speech_tokens
+        assert reply.vocoder_tokens == ref.vocoder_tokens and reply.text == ref.text
+        assert reply.sample_rate == 8000 and len(reply.audio) == len(expected)
+        assert np.array_equal(reply.audio, decode_audio(b"".join(c.audio for c in chunks), "pcmu"))
+        err = reply.audio - expected
+        # G.711 is lossy: each sample within μ-law's half step at its level ((|v| + 132) / 32 in 16-bit
+        # units), plus 8 units for the services' float noise and PCM16 rounding (measured: 3.6); the
+        # tiny model speaks quietly (peak ~0.02), so the bound is relative, not μ-law's top step
+        assert np.all(np.abs(err) * 32768 <= (np.abs(expected) * 32768 + 132) / 32 + 8)
+        assert 10 * np.log10(np.sum(expected ** 2) / np.sum(err ** 2)) > 25  # measured: 33 dB
+        # and nearly every byte is the oracle's audio resampled and μ-law encoded as the server does
+        # (measured: 99.9%; a byte differs where float noise crosses a quantisation level)
+        same = np.frombuffer(ENCODERS["pcmu"](expected.astype(np.float32)), np.uint8) == \
+            np.frombuffer(b"".join(c.audio for c in chunks), np.uint8)
+        assert same.mean() > 0.99
+        assert reply.audio_ms == len(ref.vocoder_tokens) * 40  # ms as before, whatever the format
+
+    r = redis.Redis.from_url(stack["redis"].url)
+    stored = json.loads(r.get(f"funchat:session:{created.session_id}"))["config"]
+    assert CallConfig(**stored).output_format == OutputFormat("pcmu", 8000)

@@ -143,3 +143,206 @@ def test_a_greedy_spoken_conversation_over_the_sdk_equals_the_oracle(stack, tiny
     ref2 = tiny_pipeline.respond(b, history=[{"role": "user", "content": a}, {"role": "assistant", "content": ref1.text}],
                                  gen=gen)
     assert_same_as_oracle(reply(second), ref2, tiny_checkpoint)
+
+
+@pytest.mark.parametrize("fmt, encode, rate", [
+    ({"type": "audio/pcm", "rate": 24000}, "pcm16", 24000),  # the protocol's default format
+    ({"type": "audio/pcmu"}, "pcmu", 8000),
+    ({"type": "audio/pcma"}, "pcma", 8000),
+])
+def test_24_khz_and_g711_caller_audio_equal_the_oracle_on_the_audio_the_server_decoded(
+        stack, tiny_pipeline, tiny_checkpoint, speech, fmt, encode, rate):
+    import soxr
+
+    from funchat.client.audio import encode_audio
+    from funchat.orchestrator.audio_input import InputAudioStream, InputFormat
+    from funchat.orchestrator.realtime.session import AUDIO_TYPES
+
+    samples = soxr.resample(speech[:48000], 16000, rate).astype(np.float32)
+    data = encode_audio(samples, encode)
+    # what the server decodes: the same pieces of at most 1 s it cuts an append into
+    server = InputAudioStream(InputFormat.from_proto(pb.AudioFormat(encoding=AUDIO_TYPES[fmt["type"]][0],
+                                                                    sample_rate_hz=rate)), max_chunk_ms=1000)
+    half = len(data) // 2 // (2 if encode == "pcm16" else 1) * (2 if encode == "pcm16" else 1)
+    step = rate * (2 if encode == "pcm16" else 1)
+    pieces = [p[k:k + step] for p in (data[:half], data[half:]) for k in range(0, len(p), step)]
+    heard = np.concatenate([server.push(p) for p in pieces] + [server.flush()])
+
+    async def main():
+        async with connect(stack) as conn:
+            await until(conn, "session.created")
+            session = manual_session(format=fmt)
+            if encode != "pcm16":  # telephony: G.711 both ways
+                session["audio"]["output"] = {"format": fmt}
+            await conn.session.update(session=session)
+            updated = (await until(conn, "session.updated"))[-1]
+            events = await spoken_turn(conn, data)
+            return updated, events
+
+    updated, events = asyncio.run(main())
+    assert updated.session.audio.input.format.type == fmt["type"]
+    ref = tiny_pipeline.respond(heard, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    r = reply(events)
+    if encode == "pcm16":
+        assert_same_as_oracle(r, ref, tiny_checkpoint)
+        return
+    from funchat.client.audio import decode_audio
+
+    assert updated.session.audio.output.format.type == fmt["type"]
+    assert r["funchat"]["text_tokens"] == ref.text_tokens and r["funchat"]["speech_tokens"] == ref.speech_tokens
+    assert r["funchat"]["vocoder_tokens"] == ref.vocoder_tokens and r["text"] == ref.text
+    assert len(r["audio"]) == 320 * len(ref.vocoder_tokens)  # one byte a sample, 8 kHz
+    got = decode_audio(r["audio"], encode)
+    expected = soxr.resample(np.clip(oracle_audio(tiny_checkpoint, ref.vocoder_tokens), -1, 1), 24000, 8000)
+    snr = 10 * np.log10(np.sum(expected ** 2) / max(np.sum((got - expected) ** 2), 1e-20))
+    assert snr > 25, f"{encode} reply audio SNR {snr:.1f} dB against the oracle's audio resampled to 8 kHz"
+
+
+def test_truncate_cuts_the_reply_and_the_next_turn_is_answered_from_the_cut_history(
+        stack, tiny_pipeline, tiny_checkpoint, speech):
+    a, b = pcm16_samples(speech[:48000]), pcm16_samples(speech[40000:96000])
+
+    async def main():
+        async with connect(stack) as conn:
+            created = (await until(conn, "session.created"))[-1]
+            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
+            await until(conn, "session.updated")
+            first = await spoken_turn(conn, pcm16_bytes(a))
+            item = [e for e in first if e.type == "response.output_item.done"][-1].item
+            heard_ms = reply(first)["funchat"]["audio_ms"] // 3
+            await conn.conversation.item.truncate(item_id=item.id, content_index=0, audio_end_ms=heard_ms)
+            truncated = (await until(conn, "conversation.item.truncated"))[-1]
+            # a bad truncate: past the end of the reply's audio
+            await conn.send({"type": "conversation.item.truncate", "event_id": "evt_past", "item_id": item.id,
+                             "content_index": 0, "audio_end_ms": 10 ** 7})
+            past = (await until(conn, "error"))[-1]
+            second = await spoken_turn(conn, pcm16_bytes(b))
+            return created.session.id, item.id, heard_ms, truncated, past, first, second
+
+    session_id, item_id, heard_ms, truncated, past, first, second = asyncio.run(main())
+    assert truncated.item_id == item_id and truncated.audio_end_ms == heard_ms
+    assert past.error.code == "invalid_argument" and "past the end" in past.error.message
+    assert past.error.event_id == "evt_past"
+
+    async def stored():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
+    turns = asyncio.run(stored()).turns
+    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
+    gen = GenerationConfig.greedy(Mode.S2S, MAX_NEW)
+    ref1 = tiny_pipeline.respond(a, gen=gen)
+    assert_same_as_oracle(reply(first), ref1, tiny_checkpoint)
+    kept = turns[1].text
+    # the text of the reply's first k tokens, for a k short of all (a cut can split a character's bytes)
+    from funchat.text.tokenizer import TextTokenizer
+    tokenizer = TextTokenizer.from_dir(tiny_checkpoint)
+    prefixes = [tokenizer.decode(ref1.text_tokens[:k]) for k in range(len(ref1.text_tokens))]
+    assert turns[1].truncated and kept in prefixes and kept != ref1.text
+    ref2 = tiny_pipeline.respond(b, history=[{"role": "user", "content": a}, {"role": "assistant", "content": kept}],
+                                 gen=gen)
+    assert_same_as_oracle(reply(second), ref2, tiny_checkpoint)
+
+
+def test_bad_events_get_an_error_naming_them_and_the_call_goes_on(stack, tiny_pipeline, speech):
+    a = pcm16_samples(speech[:32000])
+    bad = [  # (raw message, expected code, words in the message)
+        (json.dumps({"type": "conversation.make_coffee", "event_id": "e1"}), "unknown_event_type", "make_coffee"),
+        ("{not json", "invalid_json", "not valid JSON"),
+        ("[1, 2]", "invalid_event", "JSON object"),
+        (json.dumps({"type": "session.update", "event_id": "e4",
+                     "session": {"audio": {"input": {"format": {"type": "audio/wav"}}}}}),
+         "unsupported_value", "session.audio.input.format.type"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection":
+                                                                                {"type": "semantic_vad"}}}}}),
+         "unsupported_value", "semantic_vad"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format":
+                                                                                {"type": "audio/pcm", "rate": 44}}}}}),
+         "unsupported_value", "rate"),
+        (json.dumps({"type": "session.update", "session": {"prompt": {"id": "x"}}}), "unsupported_field",
+         "session.prompt"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}}),
+         "invalid_argument", "nobody"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), "invalid_value", "base64"),
+        # an oversized append: 61 s of 16 kHz PCM16 in one event (over FUNCHAT_MAX_TURN_S)
+        (json.dumps({"type": "input_audio_buffer.append",
+                     "audio": base64.b64encode(bytes(61 * 32000)).decode()}), "invalid_value", "smaller appends"),
+        (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty", "empty"),
+        (json.dumps({"type": "response.create"}), "nothing_to_respond_to", "commit"),
+        (json.dumps({"type": "response.create", "response": {"instructions": "x"}}), "unsupported_field",
+         "response.instructions"),
+        (json.dumps({"type": "response.cancel"}), "failed_precondition", "no response"),
+        (json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
+                     "audio_end_ms": 10}), "invalid_value", "item_nope"),
+        (json.dumps({"type": "conversation.item.create",
+                     "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}),
+         "unsupported_value", "message"),
+        (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "unsupported_event", "delete"),
+    ]
+
+    async def main():
+        async with connect(stack) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
+            await until(conn, "session.updated")
+            errors = []
+            for raw, _, _ in bad:
+                await conn.send_raw(raw)
+                errors.append((await until(conn, "error"))[-1])
+            await conn._connection.send(b"\x00\x01")  # a binary frame
+            binary = (await until(conn, "error"))[-1]
+            events = await spoken_turn(conn, pcm16_bytes(a))  # the call still answers
+            return errors, binary, events
+
+    errors, binary, events = asyncio.run(main())
+    for (raw, code, words), error in zip(bad, errors):
+        assert error.error.code == code and words in error.error.message, (raw[:80], error.error)
+    assert errors[0].error.event_id == "e1" and errors[3].error.param == "session.audio.input.format.type"
+    assert binary.error.code == "invalid_event" and "JSON text" in binary.error.message
+    ref = tiny_pipeline.respond(a, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    assert reply(events)["funchat"]["text_tokens"] == ref.text_tokens
+
+
+def test_keys_and_the_model_name_are_checked(stack):
+    import websockets
+
+    async def first_event(headers=None, subprotocols=None, model=MODEL):
+        url = stack["ws"] + f"?model={model}"
+        async with websockets.connect(url, additional_headers=headers, subprotocols=subprotocols) as ws:
+            event = json.loads(await ws.recv())
+            if event["type"] == "error":
+                await ws.wait_closed()
+            return event, ws.close_code, ws.subprotocol
+
+    no_key, code, _ = asyncio.run(first_event())
+    assert no_key["error"]["code"] == "unauthenticated" and code == 1008
+    wrong, code, _ = asyncio.run(first_event({"Authorization": "Bearer fck_wrong"}))
+    assert wrong["error"]["code"] == "unauthenticated" and code == 1008
+    assert "fck_wrong" not in json.dumps(wrong)  # a key is never echoed
+    # a browser's way: the key as a subprotocol beside "realtime"
+    created, _, protocol = asyncio.run(first_event(subprotocols=["realtime", f"openai-insecure-api-key.{stack['key']}"]))
+    assert created["type"] == "session.created" and protocol == "realtime"
+    other, code, _ = asyncio.run(first_event({"Authorization": f"Bearer {stack['key']}"}, model="gpt-realtime"))
+    assert other["error"]["code"] == "model_not_found" and MODEL in other["error"]["message"] and code == 1008
+
+
+def test_a_session_update_during_a_reply_applies_after_it_and_keeps_the_history(stack, speech):
+    a = pcm16_samples(speech[:32000])
+
+    async def main():
+        async with connect(stack) as conn:
+            created = (await until(conn, "session.created"))[-1]
+            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
+            await until(conn, "session.updated")
+            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16_bytes(a)).decode())
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            await until(conn, "response.created")
+            await conn.session.update(session={"type": "realtime", "instructions": "Answer briefly."})
+            events = await until(conn, "session.updated")
+            return created, events
+
+    created, events = asyncio.run(main())
+    types = [e.type for e in events]
+    assert types.index("response.done") < types.index("session.updated")
+    updated = events[-1]
+    assert updated.session.id == created.session.id and updated.session.instructions == "Answer briefly."

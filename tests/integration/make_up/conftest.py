@@ -34,7 +34,8 @@ def make_up_stack(tiny_checkpoint, tmp_path_factory, otlp_receiver) -> dict:
         # every process of the stack reads these: the tritonservers and the orchestrator's replicas
         env.setenv("FUNCHAT_TRACING_ENDPOINT", otlp_receiver.endpoint)
         env.setenv("FUNCHAT_TRACING_HEADERS", "x-funchat-test=1")
-        rc = dev_stack.main(["up", *args, "--checkpoint", str(tiny_checkpoint), "--grpc-port", str(free_port())])
+        rc = dev_stack.main(["up", *args, "--checkpoint", str(tiny_checkpoint), "--grpc-port", str(free_port()),
+                             "--http-port", str(free_port())])
     try:
         log = run_dir / "orchestrator.log"
         assert rc == 0, log.read_text()[-5000:] if log.exists() else "the stack did not start"

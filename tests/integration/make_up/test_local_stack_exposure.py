@@ -135,7 +135,8 @@ def test_nothing_but_the_public_api_listens_beyond_loopback(stack):
 
     # the census saw the stack: every port the stack announces is among the sockets found, on loopback
     servers = read_json(stack / "triton" / "servers.json")
-    announced = {port_of(endpoints["orchestrator_metrics"]), port_of(endpoints["redis"].rsplit("/", 1)[0])}
+    announced = {port_of(endpoints["orchestrator_metrics"]), port_of(endpoints["redis"].rsplit("/", 1)[0]),
+                 port_of(endpoints["web"].rstrip("/"))}
     for info in servers.values():
         announced |= {info["grpc_port"], info["http_port"], info["metrics_port"]}
     on_loopback = {x.port for x in found if x.loopback}
@@ -169,6 +170,30 @@ def test_the_public_api_refuses_calls_without_a_key(stack):
         with pytest.raises(grpc.RpcError) as not_found:  # with the key the same call gets through
             stub.GetSession(request, metadata=[("authorization", f"Bearer {key}")], timeout=30)
         assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_realtime_websocket_is_announced_and_refuses_a_caller_without_a_key(stack):
+    import asyncio
+
+    import websockets
+
+    endpoints = read_json(stack / "endpoints.json")
+    assert endpoints["realtime"] == endpoints["web"].replace("http://", "ws://") + "v1/realtime"
+    assert endpoints["realtime"].startswith("ws://127.0.0.1:")
+
+    async def call(headers: dict) -> tuple[dict, int | None]:
+        async with websockets.connect(endpoints["realtime"] + "?model=fun-audio-chat",
+                                      additional_headers=headers) as ws:
+            first = json.loads(await ws.recv())
+            if first["type"] == "error":
+                await ws.wait_closed()
+            return first, ws.close_code
+
+    refused, code = asyncio.run(call({}))
+    assert refused["type"] == "error" and refused["error"]["code"] == "unauthenticated", refused
+    assert code == 1008
+    created, _ = asyncio.run(call({"Authorization": f"Bearer {dev_stack.read_api_key(stack)}"}))
+    assert created["type"] == "session.created", created
 
 
 def test_redis_wants_tls_and_the_password(stack):
