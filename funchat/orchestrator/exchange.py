@@ -61,7 +61,7 @@ from funchat.orchestrator.call_config import CallConfig
 from funchat.orchestrator.caller_turn import SpokenTurn
 from funchat.orchestrator.errors import ApiError, store_call
 from funchat.orchestrator.sessions import HistoryTurn, Lease
-from funchat.orchestrator.turn_runner import TurnError, TurnOutcome, TurnRequest, new_call_id
+from funchat.orchestrator.turn_runner import TurnError, TurnOutcome, TurnRequest, new_call_id, without_tool_calls
 from funchat.turn.schedule import Mode
 
 if TYPE_CHECKING:
@@ -404,7 +404,8 @@ class Exchange:
             await self.emit(pb.ServerEvent(function_call=pb.FunctionCall(
                 response_id=response.response_id, call_id=c["call_id"], name=c["name"],
                 arguments_json=c["arguments"])))
-        return HistoryTurn(role="assistant", text=outcome.text, response_id=response.response_id,
+        text = without_tool_calls(outcome.text) if outcome.function_calls else outcome.text
+        return HistoryTurn(role="assistant", text=text, response_id=response.response_id,
                            tool_calls=[{"name": c["name"], "arguments": c["arguments"]}
                                        for c in outcome.function_calls] or None)
 

@@ -129,6 +129,7 @@ class TurnOutcome:
 
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_TOOL_CALL_BLOCK = re.compile(r"\s*<tool_call>.*?</tool_call>", re.S)
 
 
 def parse_tool_calls(text: str) -> list[dict]:
@@ -144,6 +145,12 @@ def parse_tool_calls(text: str) -> list[dict]:
             calls.append({"call_id": "call_" + secrets.token_hex(8), "name": obj["name"],
                           "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)})
     return calls
+
+
+def without_tool_calls(text: str) -> str:
+    """A reply's text less its `<tool_call>` blocks: the history keeps the calls apart (HistoryTurn.tool_calls)
+    and the chat template renders them after the text, so leaving them in the text would show each twice."""
+    return _TOOL_CALL_BLOCK.sub("", text).strip()
 
 
 def new_call_id() -> int:

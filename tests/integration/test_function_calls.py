@@ -55,7 +55,8 @@ def stack(tool_checkpoint, tmp_path_factory, make_api_key, request):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("FUNCHAT_API_KEY", key)  # the clients' (Caller, funchat_stub)
             orch = start_orchestrator(run_dir, env, free_port(), timeout=240)
-            yield {"target": orch.target, "run_dir": run_dir}
+            yield {"target": orch.target, "run_dir": run_dir, "key": key,
+                   "base_url": f"http://127.0.0.1:{orch.http_port}/v1"}
     finally:
         if orch is not None:
             orch.stop()
@@ -139,6 +140,7 @@ def test_the_model_calls_the_function_and_answers_after_its_output_as_the_oracle
     assert [t.role for t in session.turns] == ["user", "assistant", "tool", "user", "assistant"]
     assert session.turns[0].audio_ms == len(question) * 1000 // 16000
     assert session.turns[2].text == TOOL_OUTPUT
+    assert session.turns[1].text == ""  # the call is kept as the turn's call, not also as its text
 
     # turn 2: the oracle on the same history: the caller's speech, the assistant's turn as the
     # session keeps it (its text and the call it made) and the function's output
@@ -173,3 +175,52 @@ def test_respond_in_text_mode_calls_the_function_too(stack, oracle, turns):
     assert reply["text_tokens"] == ref.text_tokens and reply["done"].text == ref.text
     assert reply["speech_tokens"] == [] and len(reply["audio"]) == 0
     assert [(c.name, json.loads(c.arguments_json)) for c in calls_of(events)] == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_function_call_round_trip_over_the_realtime_sdk(stack, oracle, tool_checkpoint, turns):
+    """The same exchange through /v1/realtime with the official openai SDK: the call comes as a
+    function_call item (arguments delta and done), the output goes back with conversation.item.create,
+    and the next spoken turn equals the oracle on the history holding both."""
+    from openai import AsyncOpenAI
+
+    from tests.integration.test_realtime import reply as realtime_reply, spoken_turn, until
+
+    (question, heard_question), (follow_up, heard_follow_up) = turns
+    session = {"type": "realtime", "tools": [{"type": "function", **WEATHER_TOOL["function"]}], "tool_choice": "auto",
+               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}},
+               "max_output_tokens": MAX_NEW, "generation": {"greedy": True, "seed": 0}}
+
+    async def main():
+        client = AsyncOpenAI(base_url=stack["base_url"], api_key=stack["key"])
+        async with client.realtime.connect(model="fun-audio-chat") as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session=session)
+            await until(conn, "session.updated")
+            first = await spoken_turn(conn, pcm16_bytes(question))
+            done = [e for e in first if e.type == "response.function_call_arguments.done"][-1]
+            await conn.conversation.item.create(item={"type": "function_call_output", "call_id": done.call_id,
+                                                      "output": TOOL_OUTPUT})
+            output_item = (await until(conn, "conversation.item.done"))[-1].item
+            second = await spoken_turn(conn, pcm16_bytes(follow_up))
+            return first, done, output_item, second
+
+    first, done, output_item, second = asyncio.run(main())
+    gen = GenerationConfig.greedy(Mode.S2S, MAX_NEW)
+    ref1 = oracle.respond(heard_question, tools=[WEATHER_TOOL], gen=gen)
+    assert realtime_reply(first)["funchat"]["text_tokens"] == ref1.text_tokens
+    assert (done.name, json.loads(done.arguments)) == ("get_weather", {"city": "Paris"})
+    delta = [e for e in first if e.type == "response.function_call_arguments.delta"][-1]
+    assert delta.call_id == done.call_id and delta.delta == done.arguments
+    added = [e for e in first if e.type == "response.output_item.added" and e.item.type == "function_call"]
+    assert added and added[-1].item.call_id == done.call_id and added[-1].item.name == "get_weather"
+    response = realtime_reply(first)["done"].response
+    assert [i.type for i in response.output][-1] == "function_call"
+    assert response.output[-1].arguments == done.arguments
+    assert output_item.type == "function_call_output" and output_item.output == TOOL_OUTPUT
+
+    history = [{"role": "user", "content": heard_question},
+               {"role": "assistant", "content": "", "tool_calls": [{"name": done.name, "arguments": done.arguments}]},
+               {"role": "tool", "content": TOOL_OUTPUT}]
+    ref2 = oracle.respond(heard_follow_up, history=history, tools=[WEATHER_TOOL], gen=gen)
+    r2 = realtime_reply(second)
+    assert r2["funchat"]["text_tokens"] == ref2.text_tokens and r2["funchat"]["speech_tokens"] == ref2.speech_tokens
