@@ -16,7 +16,7 @@ APT_PACKAGES ?= redis-server prometheus espeak-ng
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e bench-gpu bench-latency bench-tracing loadtest soak restart triton-up triton-down clean help images base-image k8s deploy-images deploy-test
+.PHONY: setup apt run up down test test-unit bench-model bench-vocoder bench-triton bench-e2e bench-gpu bench-latency bench-realtime bench-tracing loadtest soak restart triton-up triton-down clean help images base-image k8s deploy-images deploy-test
 
 help:
 	@echo "make run          set up, start everything, a two-turn conversation through the public API, stop"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench-triton each Triton model service vs the same module in process (1/4/16 calls)"
 	@echo "make bench-e2e    first audio and real-time factor through the public API at 1/2/4/8 calls vs the oracle"
 	@echo "make bench-latency  first audio against history turns (kept prefixes vs whole prompts) and caller turn length"
+	@echo "make bench-realtime  first audio through the Realtime WebSocket (the openai SDK) against through gRPC, the same turn"
 	@echo "make bench-gpu    the engines at 8B shapes on one GPU (llm/SRH steps, vocoder, first audio, tier capacity); DEVICE=cpu: tiny smoke run"
 	@echo "make bench-tracing  first audio with tracing on vs off (calls alternating, one stack exporting to a local OTLP receiver)"
 	@echo "make soak         CALLS= live duplex calls for MINUTES= against the stack, memory of every process sampled; 0 errors and flat memory or it fails"
@@ -116,6 +117,10 @@ bench-e2e: setup $(CHECKPOINT)/vocoder/model.safetensors
 bench-latency: setup $(CHECKPOINT)/vocoder/model.safetensors
 	@mkdir -p bench-results
 	$(PY) -m funchat.benchmarks.latency --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-latency.json
+
+bench-realtime: setup $(CHECKPOINT)/vocoder/model.safetensors
+	@mkdir -p bench-results
+	$(PY) -m funchat.benchmarks.realtime --checkpoint $(CHECKPOINT) --input $(INPUT_WAV) --json bench-results/bench-realtime.json
 
 # On a GPU machine: python3 -m funchat.benchmarks.gpu needs only torch, numpy, safetensors, tokenizers,
 # pyyaml and opentelemetry-sdk (README "Benchmarks" says how it was run on an H200).
