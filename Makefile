@@ -10,8 +10,9 @@ CHECKPOINT ?= checkpoints/tiny
 INPUT_WAV ?= $(SHARED)/data/fun-audio-chat-example-16k-f32.wav
 RUN_DIR := .run
 # Debian packages the project needs at run or test time: redis-server holds the sessions; prometheus
-# scrapes the stack in the telemetry test; espeak-ng synthesises utterances for the load test.
-APT_PACKAGES ?= redis-server prometheus espeak-ng
+# scrapes the stack in the telemetry test; espeak-ng synthesises utterances for the load test;
+# chromium (headless) runs the web page against the stack in its test.
+APT_PACKAGES ?= redis-server prometheus espeak-ng chromium
 
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
