@@ -347,3 +347,47 @@ def test_a_session_update_during_a_reply_applies_after_it_and_keeps_the_history(
     assert types.index("response.done") < types.index("session.updated")
     updated = events[-1]
     assert updated.session.id == created.session.id and updated.session.instructions == "Answer briefly."
+
+
+def test_text_only_output_streams_output_text_events(stack, tiny_pipeline, speech):
+    a = pcm16_samples(speech[:32000])
+
+    async def main():
+        async with connect(stack) as conn:
+            await until(conn, "session.created")
+            session = manual_session(format={"type": "audio/pcm", "rate": 16000})
+            session["output_modalities"] = ["text"]
+            await conn.session.update(session=session)
+            await until(conn, "session.updated")
+            return await spoken_turn(conn, pcm16_bytes(a))
+
+    events = asyncio.run(main())
+    types = [e.type for e in events]
+    assert "response.output_audio.delta" not in types and "response.output_audio_transcript.delta" not in types
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    done = [e for e in events if e.type == "response.output_text.done"][-1]
+    ref = tiny_pipeline.respond(a, mode="s2t", gen=GenerationConfig.greedy(Mode.S2T, MAX_NEW))
+    assert text == done.text == ref.text
+    response = [e for e in events if e.type == "response.done"][-1].response
+    assert response.output_modalities == ["text"] and response.output[0].content[0].text == ref.text
+    assert response.model_extra["funchat"]["text_tokens"] == ref.text_tokens
+
+
+def test_audio_sent_before_the_session_is_configured_is_taken_in_the_default_format(stack, speech):
+    """The Realtime session exists from the connection: audio appended at once, before the client has
+    read session.created or sent a session.update, is 24 kHz PCM16 under server VAD (the protocol's
+    defaults), not an error."""
+    import soxr
+
+    audio = pcm16_bytes(soxr.resample(speech[:48000], 16000, 24000).astype(np.float32))
+
+    async def main():
+        async with connect(stack) as conn:
+            await conn.input_audio_buffer.append(audio=base64.b64encode(audio).decode())
+            return await until(conn, "input_audio_buffer.speech_started")
+
+    events = asyncio.run(main())
+    assert [e.type for e in events][0] == "session.created"
+    assert events[0].session.audio.input.format.rate == 24000
+    assert events[0].session.audio.input.turn_detection.type == "server_vad"
+    assert not [e for e in events if e.type == "error"]
