@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import grpc
 import numpy as np
@@ -391,3 +392,30 @@ def test_audio_sent_before_the_session_is_configured_is_taken_in_the_default_for
     assert events[0].session.audio.input.format.rate == 24000
     assert events[0].session.audio.input.turn_detection.type == "server_vad"
     assert not [e for e in events if e.type == "error"]
+
+
+def test_a_caller_who_hangs_up_mid_reply_frees_the_call_at_once(stack, speech):
+    from tests.integration.scrape import metric
+
+    orch = stack["orch"].metrics_target
+    a = pcm16_samples(speech[:32000])
+
+    async def main():
+        async with connect(stack) as conn:
+            await until(conn, "session.created")
+            session = manual_session(format={"type": "audio/pcm", "rate": 16000})
+            session["max_output_tokens"] = 400  # a long reply: still generating when the caller goes
+            await conn.session.update(session=session)
+            await until(conn, "session.updated")
+            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16_bytes(a)).decode())
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            await until(conn, "response.output_audio.delta")
+            assert metric(orch, "funchat_orchestrator_active_calls") >= 1
+        hung_up = time.monotonic()
+        while metric(orch, "funchat_orchestrator_active_calls") > 0:
+            # the abandoned-call watchdog would take 10 s: this is the hang-up itself
+            assert time.monotonic() - hung_up < 5, "the call was not ended when the WebSocket closed"
+            await asyncio.sleep(0.1)
+
+    asyncio.run(main())

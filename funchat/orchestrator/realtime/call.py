@@ -94,6 +94,12 @@ class ConverseRun:
         self.queue.put_nowait(None)
         await asyncio.gather(self.task, return_exceptions=True)
 
+    async def abort(self) -> None:
+        """The caller is gone: stop at once (a reply still generating is cancelled, the slot given back),
+        as a cancelled gRPC call is."""
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
 
 class RealtimeCall:
     """One WebSocket: `run(receive)` until the client goes or the call ends."""
@@ -161,9 +167,16 @@ class RealtimeCall:
         return True
 
     async def close(self) -> None:
+        """End the Converse call as the caller's stream ending does (what was sent is answered)."""
         run, self.run = self.run, None
         if run is not None:
             await run.end()
+
+    async def abort(self) -> None:
+        """The WebSocket is gone: nobody is left to hear a reply."""
+        run, self.run = self.run, None
+        if run is not None:
+            await run.abort()
 
     async def handle(self, text: str | bytes) -> None:
         """One WebSocket message; a bad one gets an `error` event, the call goes on."""

@@ -59,7 +59,7 @@ async def serve_websocket(service: FunchatService, websocket: WebSocket, model: 
     except WebSocketDisconnect:
         pass
     finally:
-        await call.close()
+        await call.abort()  # the socket is closed either way: nothing left to answer
 
 
 async def pump_client_events(websocket: WebSocket, call: RealtimeCall) -> None:
