@@ -204,6 +204,11 @@ SCENARIOS = {
         "workerReplicas": 1}}}),
     "tracing-kserve": deep_merge(TRACING, {"kserve": {"enabled": True}}),
     "auth-off": {"auth": {"mode": "off"}},
+    "realtime-ingress": {"orchestrator": {"realtime": {"ingress": {
+        "enabled": True, "className": "nginx", "host": "chat.example.com", "tlsSecretName": "chat-tls",
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "3600"}}}}},
+    "realtime-off-rayservice": {"orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1},
+                                                 "realtime": {"enabled": False}}},
     "auth-rayservice": {"orchestrator": {"mode": "rayservice", "rayService": {"workerReplicas": 1},
                                          "settings": {"max_message_bytes": 33554432}},
                         "auth": {"apiKeysSecret": {"name": "tenant-keys", "key": "keys.json"}}},
@@ -218,7 +223,7 @@ SCENARIOS = {
 # -- lint and validation ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("scenario", ["defaults", "profile-dev-cpu", "profile-gpu", "rayservice", "kserve-raw",
-                                      "tracing"])
+                                      "tracing", "realtime-ingress"])
 def test_lint_is_clean(scenario):
     result = helm_python.lint(str(CHART), SCENARIOS[scenario], strict=True, kube_version=f"v{KUBE}.0")
     assert not result["errors"], result
@@ -246,6 +251,7 @@ def test_every_rendered_object_validates(scenario):
 def test_notes_render():
     notes = render()["funchat/templates/NOTES.txt"]
     assert f"{PREFIX}-orchestrator:50051" in notes and "funchat chat --server" in notes
+    assert f"ws://{PREFIX}-orchestrator:8000/v1/realtime?model=fun-audio-chat" in notes
     assert "Model services: Deployments" in notes and f"llm: {PREFIX}-llm:8001" in notes
     assert "Prometheus metrics: port 9464 (/metrics) of each orchestrator pod" in notes
     assert "Prometheus metrics" not in render({"orchestrator": {"metricsPort": 0}})["funchat/templates/NOTES.txt"]
@@ -338,6 +344,21 @@ def test_schema_closes_every_object():
     ({"kserve": {"serverless": {"scaleTarget": 0}}}, "/kserve/serverless/scaleTarget", "minimum"),
     ({"kserve": {"serverless": {"dataPlaneFrom": {"namespaceSelector": {}}}}}, "/kserve/serverless/dataPlaneFrom",
      "want array"),
+    ({"orchestrator": {"httpPort": 0}}, "/orchestrator/httpPort", "minimum"),
+    ({"orchestrator": {"httpPort": "8000"}}, "/orchestrator/httpPort", "want integer"),
+    ({"orchestrator": {"settings": {"http_host": "0.0.0.0"}}}, "/orchestrator/settings/http_host", ""),  # chart's
+    ({"orchestrator": {"settings": {"http_port": 8080}}}, "/orchestrator/settings/http_port", ""),  # httpPort
+    ({"orchestrator": {"settings": {"model_name": ""}}}, "/orchestrator/settings/model_name", "minLength"),
+    ({"orchestrator": {"realtime": {"enabled": "yes"}}}, "/orchestrator/realtime/enabled", "want boolean"),
+    ({"orchestrator": {"realtime": {"port": 8000}}}, "/orchestrator/realtime", "'port' not allowed"),
+    ({"orchestrator": {"realtime": {"enabled": False, "ingress": {"enabled": True}}}},
+     "/orchestrator/realtime/enabled", "must be true"),  # an Ingress to a port the Service lacks
+    ({"orchestrator": {"realtime": {"ingress": {"tlsSecretName": "chat-tls"}}}},
+     "/orchestrator/realtime/ingress/host", "minLength"),  # TLS needs the host its certificate names
+    ({"orchestrator": {"realtime": {"ingress": {"host": "Chat_Host"}}}}, "/orchestrator/realtime/ingress/host",
+     "pattern"),
+    ({"orchestrator": {"realtime": {"ingress": {"tls": True}}}}, "/orchestrator/realtime/ingress",
+     "'tls' not allowed"),
     ({"monitoring": {"podMonitor": {"enabled": 1}}}, "/monitoring/podMonitor/enabled", "want boolean"),
     ({"monitoring": {"podMonitor": {"interval": "soon"}}}, "/monitoring/podMonitor/interval", "pattern"),
     ({"monitoring": {"podMonitor": {"port": "metrics"}}}, "/monitoring/podMonitor", "'port' not allowed"),
@@ -667,10 +688,14 @@ def test_orchestrator_deployment():
     assert orch["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
     assert spec["terminationGracePeriodSeconds"] == 300
     assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                             {"name": "http", "containerPort": 8000, "protocol": "TCP"},
                              {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+    assert cm["FUNCHAT_HTTP_PORT"] == "8000" and env["FUNCHAT_HTTP_HOST"] == "0.0.0.0"
     svc = one(objs, "Service", name)
     assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP",
-                                     "appProtocol": "kubernetes.io/h2c"}]
+                                     "appProtocol": "kubernetes.io/h2c"},
+                                    {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP",
+                                     "appProtocol": "http"}]
     assert one(objs, "PodDisruptionBudget", name)
     assert not find(objs, "RayService")
     assert not find(objs, "Service", f"{name}-metrics")  # only for the ServiceMonitor
@@ -758,6 +783,7 @@ def test_orchestrator_addresses_and_host_port_override_the_derived_ones():
     assert env_of(orch)["FUNCHAT_REDIS_URL"] == "redis://fc-funchat-redis-pod-0:6379/0"
     assert orch["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP",
                               "hostIP": "127.0.0.1", "hostPort": 50061},
+                             {"name": "http", "containerPort": 8000, "protocol": "TCP"},  # not published
                              {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]  # not published
 
 
@@ -768,6 +794,7 @@ def test_orchestrator_settings_accept_the_rendered_environment(tmp_path, monkeyp
     assert settings.redis_url == f"redis://{PREFIX}-redis:6379/0"
     assert settings.redis_password.get_secret_value() == "pw"
     assert settings.max_calls == 16 and settings.metrics_port == 9464
+    assert (settings.http_host, settings.http_port) == ("0.0.0.0", 8000)  # Ray's HTTP proxy: the Realtime port
     assert settings.auth == "api_keys" and settings.api_keys_file == tmp_path / "api-keys" / "api_keys"
     assert settings.max_message_bytes == 16 << 20
 
@@ -825,6 +852,7 @@ def test_rayservice_mode():
     serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
     reference = yaml.safe_load((REPO / "services" / "orchestrator" / "serve_config.yaml").read_text())
     assert serve["grpc_options"] == reference["grpc_options"]
+    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000}  # the Realtime port, on the pod's address
     app, ref_app = serve["applications"][0], reference["applications"][0]
     for key in ("name", "route_prefix", "import_path", "args", "runtime_env"):
         assert app[key] == ref_app[key], key
@@ -834,6 +862,7 @@ def test_rayservice_mode():
     head = cluster["headGroupSpec"]["template"]
     ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
     assert ports["serve-grpc"] == 50052  # Ray's proxy, behind each Ray pod's gateway sidecar
+    assert ports["serve"] == 8000  # Ray's HTTP proxy (KubeRay's name for it), the Service's port http
     # the first Serve replica of each Ray pod serves the pod's metrics: every Ray pod declares the port
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         assert {"name": "metrics", "containerPort": 9464} in group["template"]["spec"]["containers"][0]["ports"]
@@ -854,6 +883,195 @@ def test_rayservice_mode():
     assert deployment["deployments"][0]["num_replicas"] == 3
     assert deployment["deployments"][0]["max_ongoing_requests"] == 24
     assert "workerGroupSpecs" not in one(scaled, "RayService", name)["spec"]["rayClusterConfig"]
+
+
+# -- the Realtime port (HTTP) ----------------------------------------------------------------
+
+def orchestrator_pod_templates(objs: list[dict]) -> list[tuple[str, dict]]:
+    """(pod, pod template) of the orchestrator's pods: the Deployment's, the Ray head's and workers'."""
+    out = [(o["metadata"]["name"], o["spec"]["template"]) for o in find(objs, "Deployment", f"{PREFIX}-orchestrator")]
+    for rs in find(objs, "RayService"):
+        cluster = rs["spec"]["rayClusterConfig"]
+        out.append(("head", cluster["headGroupSpec"]["template"]))
+        out += [(g["groupName"], g["template"]) for g in cluster.get("workerGroupSpecs", [])]
+    return out
+
+
+def admitting_rules(objs: list[dict], labels: dict, ports: dict, port: int) -> list:
+    """The `from` of every NetworkPolicy rule that lets TCP traffic to `port` into a pod with these
+    labels and container ports (name -> number): None where a rule admits anyone."""
+    found = []
+    for policy in find(objs, "NetworkPolicy"):
+        spec = policy["spec"]
+        if not spec["podSelector"]["matchLabels"].items() <= labels.items() or "Ingress" not in spec["policyTypes"]:
+            continue
+        for rule in spec.get("ingress", []):
+            rule_ports = rule.get("ports")
+            if rule_ports is None or any(p.get("protocol", "TCP") == "TCP" and ports.get(p["port"], p["port"]) == port
+                                         for p in rule_ports):
+                found.append(rule.get("from"))
+    return found
+
+
+def _realtime_values(profile_name: str, mode: str) -> dict:
+    extra = {"orchestrator": {"mode": mode}}
+    if mode == "rayservice":
+        extra["orchestrator"]["rayService"] = {"workerReplicas": 1}
+    return deep_merge(profile(profile_name), extra)
+
+
+@pytest.mark.parametrize("mode", ["deployment", "rayservice"])
+@pytest.mark.parametrize("profile_name", ["dev-cpu", "gpu"])
+def test_realtime_port_is_exposed_on_the_pods_the_service_and_the_network_policy(
+        profile_name, mode, tmp_path, monkeypatch, no_funchat_env):
+    """The Realtime WebSocket's port (orchestrator.httpPort, 8000) in both modes and both profiles:
+    Ray Serve's HTTP proxy binds it on all the pod's interfaces (FUNCHAT_HTTP_HOST=0.0.0.0 for the
+    process of mode deployment, serveConfigV2's http_options in the Ray pods), every orchestrator pod
+    declares it, the public Service's port http reaches it on every pod it selects, and the
+    NetworkPolicy admits it from wherever it admits the gRPC port."""
+    objs = objects(_realtime_values(profile_name, mode))
+    for obj in objs:  # these renders are no SCENARIOS: validated here
+        key = (obj["apiVersion"], obj["kind"])
+        if key in CUSTOM:
+            custom_validator(CUSTOM[key]).validate(obj)
+        else:
+            kubernetes_validate.validate(obj, KUBE, strict=True)
+    name = f"{PREFIX}-orchestrator"
+    cm = one(objs, "ConfigMap", name)["data"]
+    assert cm["FUNCHAT_HTTP_PORT"] == "8000"
+    svc = one(objs, "Service", name)
+    http = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+    assert (http["port"], http["protocol"], http["appProtocol"]) == (8000, "TCP", "http")
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["grpc", "http"]
+    pods = orchestrator_pod_templates(objs)
+    assert len(pods) == (1 if mode == "deployment" else 2)
+    for pod, template in pods:
+        assert svc["spec"]["selector"].items() <= template["metadata"]["labels"].items(), pod
+        main = template["spec"]["containers"][0]  # the orchestrator container, or KubeRay's Ray container
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        # the Service's targetPort names a port of this pod: the HTTP proxy's, on the Ray container for KubeRay
+        assert ports[http["targetPort"]] == 8000, pod
+        assert http["targetPort"] in [p["name"] for p in main.get("ports", [])], pod
+        assert http["targetPort"] == ("http" if mode == "deployment" else "serve")  # "serve": KubeRay's name
+        grpc_from = admitting_rules(objs, template["metadata"]["labels"], ports, 50051)
+        assert None in grpc_from  # networkPolicy.publicFrom [] : anyone
+        assert admitting_rules(objs, template["metadata"]["labels"], ports, 8000) == grpc_from, pod
+        env = env_of(main)
+        if mode == "deployment":
+            assert main["command"] == ["python", "-m", "funchat.orchestrator.app"]
+            assert env["FUNCHAT_HTTP_HOST"] == "0.0.0.0", pod  # not the setting's 127.0.0.1: unreachable
+        else:
+            assert "FUNCHAT_HTTP_HOST" not in env, pod  # no such process in a Ray pod: http_options decide
+    if mode == "deployment":  # what the process reads from the rendered ConfigMap and env
+        settings = _load_rendered_settings(objs, tmp_path, monkeypatch)
+        assert (settings.http_host, settings.http_port) == ("0.0.0.0", 8000)
+    else:
+        from ray.serve.schema import ServeDeploySchema
+
+        raw = yaml.safe_load(one(objs, "RayService", name)["spec"]["serveConfigV2"])
+        serve = ServeDeploySchema.model_validate(raw)  # what KubeRay hands Ray's dashboard
+        assert (serve.http_options.host, serve.http_options.port) == ("0.0.0.0", 8000)
+        assert raw["http_options"] == {"host": "0.0.0.0", "port": 8000}  # nothing else: Ray's defaults
+        assert serve.proxy_location.value == "EveryNode"  # a proxy, so the port, on every Ray pod
+
+
+@pytest.mark.parametrize("mode", ["deployment", "rayservice"])
+def test_realtime_port_value_and_public_peers_reach_every_place(mode):
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}}}]
+    values = {"orchestrator": {"mode": mode, "httpPort": 8080}, "networkPolicy": {"publicFrom": peers}}
+    objs = objects(values)
+    name = f"{PREFIX}-orchestrator"
+    assert one(objs, "ConfigMap", name)["data"]["FUNCHAT_HTTP_PORT"] == "8080"
+    http = next(p for p in one(objs, "Service", name)["spec"]["ports"] if p["name"] == "http")
+    assert http["port"] == 8080
+    for pod, template in orchestrator_pod_templates(objs):
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports[http["targetPort"]] == 8080, pod
+        assert 8000 not in ports.values(), pod  # the Ray pods' "serve" port too
+        public = [f for f in admitting_rules(objs, template["metadata"]["labels"], ports, 8080) if f != [
+            {"podSelector": {"matchLabels": one(objs, "Service", name)["spec"]["selector"]}}]]
+        assert public == [peers], pod  # publicFrom, as for gRPC
+        assert admitting_rules(objs, template["metadata"]["labels"], ports, 50051) == \
+            admitting_rules(objs, template["metadata"]["labels"], ports, 8080), pod
+    if mode == "rayservice":
+        serve = yaml.safe_load(one(objs, "RayService", name)["spec"]["serveConfigV2"])
+        assert serve["http_options"] == {"host": "0.0.0.0", "port": 8080}
+    notes = render(values)["funchat/templates/NOTES.txt"]
+    assert f"ws://{name}:8080/v1/realtime?model=fun-audio-chat" in notes
+    assert f"port-forward svc/{name} 50051 8080" in notes
+
+
+def test_realtime_disabled_keeps_the_public_service_grpc_only():
+    """orchestrator.realtime.enabled false: no port http on the Service, no NetworkPolicy rule for it;
+    mode deployment binds the HTTP proxy on the pod's loopback (no container port), mode rayservice
+    keeps it on "serve" (KubeRay probes it on the pod's address) but admits it only among Ray pods."""
+    name = f"{PREFIX}-orchestrator"
+    objs = objects({"orchestrator": {"realtime": {"enabled": False}}})
+    assert [p["name"] for p in one(objs, "Service", name)["spec"]["ports"]] == ["grpc"]
+    orch = container(one(objs, "Deployment", name)["spec"]["template"]["spec"], "orchestrator")
+    assert "http" not in [p["name"] for p in orch["ports"]]
+    assert env_of(orch)["FUNCHAT_HTTP_HOST"] == "127.0.0.1"
+    assert one(objs, "NetworkPolicy", name)["spec"]["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}]}]
+    notes = render({"orchestrator": {"realtime": {"enabled": False}}})["funchat/templates/NOTES.txt"]
+    assert "ws://" not in notes and "not exposed (orchestrator.realtime.enabled false)" in notes
+    assert f"port-forward svc/{name} 50051\n" in notes
+
+    ray = objects(SCENARIOS["realtime-off-rayservice"])
+    assert [p["name"] for p in one(ray, "Service", name)["spec"]["ports"]] == ["grpc"]
+    serve = yaml.safe_load(one(ray, "RayService", name)["spec"]["serveConfigV2"])
+    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    for pod, template in orchestrator_pod_templates(ray):
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports["serve"] == 8000, pod
+        selector = one(ray, "Service", name)["spec"]["selector"]
+        assert admitting_rules(ray, template["metadata"]["labels"], ports, 8000) == [
+            [{"podSelector": {"matchLabels": selector}}]], pod  # the Ray pods among themselves only
+
+
+def test_realtime_ingress():
+    """orchestrator.realtime.ingress: an Ingress to the Service's port http, TLS ended there with
+    tlsSecretName; off by default; refused without realtime.enabled, TLS refused without a host."""
+    assert not find(objects(), "Ingress")
+    objs = objects(SCENARIOS["realtime-ingress"])
+    name = f"{PREFIX}-orchestrator"
+    ing = one(objs, "Ingress", name)
+    assert ing["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/proxy-read-timeout": "3600"}
+    assert ing["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"
+    spec = ing["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}]
+    [rule] = spec["rules"]
+    assert rule["host"] == "chat.example.com"
+    [path] = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")  # /v1/realtime and the web page
+    backend = path["backend"]["service"]
+    assert backend["name"] == name
+    assert backend["port"]["name"] in [p["name"] for p in one(objs, "Service", name)["spec"]["ports"]]
+    notes = render(SCENARIOS["realtime-ingress"])["funchat/templates/NOTES.txt"]
+    assert "wss://chat.example.com/v1/realtime?model=fun-audio-chat" in notes and "WARNING" not in notes
+    bare = objects({"orchestrator": {"realtime": {"ingress": {"enabled": True}}}})
+    spec = one(bare, "Ingress", name)["spec"]
+    assert "tls" not in spec and "ingressClassName" not in spec and "host" not in spec["rules"][0]
+    kubernetes_validate.validate(one(bare, "Ingress", name), KUBE, strict=True)
+    notes = render({"orchestrator": {"realtime": {"ingress": {"enabled": True}}}})["funchat/templates/NOTES.txt"]
+    assert "WARNING: the Ingress has no TLS" in notes
+
+
+def test_realtime_model_name_in_the_notes():
+    values = {"orchestrator": {"settings": {"model_name": "gpt-realtime"}}}
+    cm = one(objects(values), "ConfigMap", f"{PREFIX}-orchestrator")["data"]
+    assert cm["FUNCHAT_MODEL_NAME"] == "gpt-realtime"
+    assert "/v1/realtime?model=gpt-realtime" in render(values)["funchat/templates/NOTES.txt"]
+
+
+@pytest.mark.parametrize("ports, message", [
+    ({"httpPort": 50051}, "orchestrator.grpcPort and orchestrator.httpPort are both 50051"),
+    ({"httpPort": 50052}, "orchestrator.httpPort and orchestrator.proxyPort are both 50052"),
+    ({"httpPort": 9464}, "orchestrator.httpPort and orchestrator.metricsPort are both 9464"),
+])
+def test_orchestrator_ports_must_differ(ports, message):
+    assert message in render_error({"orchestrator": ports})
+    assert render({"orchestrator": {"httpPort": 9464, "metricsPort": 0}})  # metricsPort 0 is off, no port
 
 
 # -- API keys (auth) -------------------------------------------------------------------------
@@ -1097,13 +1315,13 @@ def test_network_policies():
                                  "ports": [{"port": 6379, "protocol": "TCP"}]}]
     public = one(objs, "NetworkPolicy", f"{PREFIX}-orchestrator")["spec"]
     assert public["podSelector"]["matchLabels"] == orch_labels
-    assert public["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}]}]
+    assert public["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}]
     monitored = objects(SCENARIOS["monitoring"])
     ingress = one(monitored, "NetworkPolicy", f"{PREFIX}-model-services")["spec"]["ingress"]
     assert ingress[1]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     prometheus = SCENARIOS["monitoring"]["networkPolicy"]["metricsFrom"]
     ingress = one(monitored, "NetworkPolicy", f"{PREFIX}-orchestrator")["spec"]["ingress"]
-    assert ingress == [{"ports": [{"port": 50051, "protocol": "TCP"}]},
+    assert ingress == [{"ports": [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]},
                        {"from": prometheus, "ports": [{"port": 9464, "protocol": "TCP"}]}]
     ray = one(objects(SCENARIOS["rayservice"]), "NetworkPolicy", f"{PREFIX}-orchestrator")["spec"]["ingress"]
     assert ray[1] == {"from": [{"podSelector": {"matchLabels": orch_labels}}]}  # Ray pods among themselves
@@ -1551,7 +1769,7 @@ def test_metrics_port_0_turns_the_orchestrator_endpoint_and_its_monitors_off():
         assert not find(objs, "Service", f"{name}-metrics")
         ingress = one(objs, "NetworkPolicy", name)["spec"]["ingress"]
         ports = [p["port"] for rule in ingress for p in rule.get("ports", [])]
-        assert ports == [50051]
+        assert ports == [50051, 8000]  # the public ports, gRPC and Realtime, no metrics
         # the model services' monitors stay
         assert one(objs, "ServiceMonitor", f"{PREFIX}-model-services")
         assert one(objs, "PodMonitor", f"{PREFIX}-model-services")

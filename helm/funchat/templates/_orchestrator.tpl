@@ -20,6 +20,13 @@ env:
   - name: FUNCHAT_API_KEYS_FILE
     value: {{ include "funchat.apiKeysMountPath" . }}/{{ .Values.auth.apiKeysSecret.key }}
   {{- end }}
+  {{- if eq .Values.orchestrator.mode "deployment" }}
+  # the address `python -m funchat.orchestrator.app` binds Ray Serve's HTTP proxy (FUNCHAT_HTTP_PORT,
+  # the Realtime WebSocket) on: all interfaces when exposed (orchestrator.realtime.enabled), else the
+  # pod's loopback only. The Ray pods' proxy binds what serveConfigV2's http_options say instead.
+  - name: FUNCHAT_HTTP_HOST
+    value: {{ ternary "0.0.0.0" "127.0.0.1" .Values.orchestrator.realtime.enabled | quote }}
+  {{- end }}
   {{- if eq .Values.orchestrator.mode "rayservice" }}
   # Ray Serve's gRPC proxy limit (2 GiB otherwise), which `python -m funchat.orchestrator.app` sets
   # from FUNCHAT_MAX_MESSAGE_BYTES in mode deployment; the Ray pods have no such process
@@ -127,8 +134,11 @@ containers:
       - name: client
         containerPort: 10001
       {{- end }}
+      # Ray Serve's HTTP proxy (serveConfigV2 http_options: 0.0.0.0:httpPort), the Realtime WebSocket and
+      # the web page: the public Service's port http targets it; KubeRay finds it by this name (its
+      # readiness probe of the workers, its own <name>-serve-svc)
       - name: serve
-        containerPort: 8000
+        containerPort: {{ $o.httpPort }}
       # Ray Serve's gRPC proxy, behind the gateway sidecar (on all interfaces: Ray binds [::])
       - name: serve-grpc
         containerPort: {{ $o.proxyPort }}
@@ -243,4 +253,25 @@ through Ray's proxy (plaintext: kubelet's gRPC probes cannot speak TLS); alive w
   volumeMounts:
     {{- . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* The container port of Ray Serve's HTTP proxy: "http" on the Deployment's orchestrator
+container, "serve" on the Ray containers (the name KubeRay looks for). */}}
+{{- define "funchat.httpPortName" -}}
+{{- ternary "serve" "http" (eq .Values.orchestrator.mode "rayservice") -}}
+{{- end -}}
+
+{{/* Fails when two of the orchestrator's ports (public gRPC, Ray's gRPC proxy, HTTP, metrics) are one. */}}
+{{- define "funchat.checkOrchestratorPorts" -}}
+{{- $o := .Values.orchestrator -}}
+{{- $ports := dict "grpcPort" $o.grpcPort "proxyPort" $o.proxyPort "httpPort" $o.httpPort -}}
+{{- if $o.metricsPort }}{{ $_ := set $ports "metricsPort" $o.metricsPort }}{{ end -}}
+{{- $seen := dict -}}
+{{- range $key := keys $ports | sortAlpha }}
+{{- $port := toString (index $ports $key) }}
+{{- if hasKey $seen $port }}
+{{- fail (printf "orchestrator.%s and orchestrator.%s are both %s: each orchestrator port needs its own number" (index $seen $port) $key $port) }}
+{{- end }}
+{{- $_ := set $seen $port $key }}
+{{- end }}
 {{- end -}}
