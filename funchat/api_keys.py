@@ -569,6 +569,15 @@ class KeyStore:
             raise AuthError("unknown", f"unknown or revoked API key (key id {key_id})", key_id=key_id)
         return entry.tenant
 
+    def active_tenant(self, key_id: str) -> str:
+        """The tenant of the key `key_id` while it is active (what a credential derived from it may act
+        as); AuthError once it is revoked or gone."""
+        self.refresh()
+        entry = self._keys.get(key_id)
+        if entry is None or not entry.active:
+            raise AuthError("unknown", f"unknown or revoked API key (key id {key_id})", key_id=key_id)
+        return entry.tenant
+
     def authenticate(self, authorization: str | None) -> str:
         """The tenant of an authorization value `Bearer <key>` (None or "" when none was sent);
         AuthError, to answer UNAUTHENTICATED with, otherwise."""

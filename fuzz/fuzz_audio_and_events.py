@@ -133,7 +133,7 @@ class RecordingCall(ConverseCall):
         self.turns: list[int] = []
 
     async def start_turn(self, audio, stopped=None) -> None:
-        self.turns.append(len(audio))
+        self.turns.append(len(audio) if audio is not None else 0)  # None: `respond`, no new speech
 
 
 async def _append_turns(session_id, turns):

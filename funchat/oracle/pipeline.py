@@ -90,10 +90,11 @@ class ReferencePipeline:
         return turns
 
     @torch.inference_mode()
-    def respond(self, audio: np.ndarray, history: Sequence[Mapping[str, Any]] = (), mode: str | Mode = Mode.S2S,
+    def respond(self, audio: np.ndarray | None, history: Sequence[Mapping[str, Any]] = (), mode: str | Mode = Mode.S2S,
                 system_prompt: str | None = None, tools: list[dict] | None = None,
                 gen: GenerationConfig | None = None, on_step: StepCallback | None = None) -> TurnResult:
-        """One assistant turn for a user's speech.
+        """One assistant turn for a user's speech (audio None: no new speech; the reply answers the
+        history as it stands, e.g. a user's text or a function's output).
 
         history: earlier turns, oldest first, as {"role": "user"|"assistant"|"tool", "content": text
         or a 16 kHz float32 array (user speech)}; oldest turns are dropped to fit the context.
@@ -108,23 +109,24 @@ class ReferencePipeline:
             raise PromptError("this checkpoint has no Speech Refined Head: only s2t mode is available")
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        audio = self.check_audio(audio)
+        audio = self.check_audio(audio) if audio is not None else None
         history = list(history)
         for i, turn in enumerate(history):
             if isinstance(turn.get("content"), np.ndarray):
                 self.check_audio(turn["content"], what=f"history turn {i} audio")
 
         prompt = self.prompts.build(mode.value, system_prompt, tools, self.prompt_turns(history),
-                                    self.audio_groups(len(audio)), gen.max_new_tokens)
+                                    self.audio_groups(len(audio)) if audio is not None else 0, gen.max_new_tokens)
         history, dropped = prompt.kept(history), prompt.dropped
         timings["prompt"] = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
-        clips = [turn["content"] for turn in history if isinstance(turn.get("content"), np.ndarray)] + [audio]
+        clips = [turn["content"] for turn in history if isinstance(turn.get("content"), np.ndarray)]
+        clips += [audio] if audio is not None else []
         mels = [log_mel_spectrogram(c, n_mels=self.model.cfg.audio.num_mel_bins).to(self.model.device) for c in clips]
         t1 = time.perf_counter()
         frames = [speech_frames_for_samples(len(c), SAMPLE_RATE) for c in clips]
-        audio_rows = self.model.encode_audio(mels, frames)
+        audio_rows = self.model.encode_audio(mels, frames) if clips else []
         t2 = time.perf_counter()
         timings["mel"], timings["encoder"] = t1 - t0, t2 - t1
 

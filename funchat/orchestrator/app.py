@@ -32,7 +32,7 @@ import socket
 import sys
 import threading
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
@@ -103,6 +103,11 @@ class Orchestrator:
     async def realtime(self, websocket: WebSocket, model: str | None = None):
         with metrics.unexpected_errors_counted():
             await realtime.serve_websocket(self.service, websocket, model)
+
+    @http_api.post("/v1/realtime/client_secrets")
+    async def realtime_client_secret(self, request: Request):
+        with metrics.unexpected_errors_counted():
+            return await realtime.create_client_secret(self.service, request)
 
     @http_api.get("/")
     async def web_page(self):

@@ -207,6 +207,34 @@ class ConverseCall:
         except ApiError as exc:
             self.error(exc.code, exc.message, "function_call_output")
 
+    async def on_user_text(self, event: pb.ClientEvent) -> None:
+        """The caller's words as text: a user turn in the history (`respond` answers it)."""
+        text = event.user_text.text
+        size = len(text.encode())
+        if not text.strip():
+            self.error("INVALID_ARGUMENT", "user_text is empty: send the caller's words", "user_text")
+            return
+        if size > MAX_FUNCTION_OUTPUT_BYTES:
+            self.error("INVALID_ARGUMENT", f"user_text is {size} bytes, over the {MAX_FUNCTION_OUTPUT_BYTES}-byte "
+                                           "limit", "user_text")
+            return
+        if self.response is not None and self.response.running():
+            self.error("FAILED_PRECONDITION", "a reply is being generated: send user_text after its response_done "
+                                              "(or cancel it)", "user_text")
+            return
+        try:
+            await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(role="user", text=text)]))
+        except ApiError as exc:
+            self.error(exc.code, exc.message, "user_text")
+
+    async def on_respond(self, event: pb.ClientEvent) -> None:
+        """Answer the history as it stands, without new speech (after a user_text or a function's output)."""
+        if self.response is not None and self.response.running():
+            self.error("FAILED_PRECONDITION", "a reply is already being generated: wait for its response_done or "
+                                              "cancel it", "respond")
+            return
+        await self.start_turn(None)
+
     async def on_truncate(self, event: pb.ClientEvent) -> None:
         """The caller heard the reply only up to audio_end_ms: cut its assistant turn there."""
         t = event.truncate
@@ -245,7 +273,7 @@ class ConverseCall:
 
     HANDLERS = {"session": on_session, "audio": on_audio, "commit": on_commit, "clear": on_clear,
                 "cancel": on_cancel, "playback": on_playback, "function_call_output": on_function_call_output,
-                "truncate": on_truncate}
+                "truncate": on_truncate, "user_text": on_user_text, "respond": on_respond}
 
     # ---- turns ----
 
@@ -320,8 +348,9 @@ class ConverseCall:
                          "funchat.silence_ms": silence_ms, "funchat.forced": stopped.forced}
         return trace
 
-    async def start_turn(self, audio: np.ndarray, stopped: SpeechStopped | None = None) -> None:
-        """stopped: the VAD's event that ended this turn (None: a commit)."""
+    async def start_turn(self, audio: np.ndarray | None, stopped: SpeechStopped | None = None) -> None:
+        """audio: the caller's turn (None: no new speech, `respond`); stopped: the VAD's event that ended
+        this turn (None: a commit)."""
         if self.response is not None and self.response.ahead is not None:
             self.aheads.append(self.response.ahead)  # the new turn's prefill waits for it (TurnRunner's lock)
         if self.response is not None and self.response.running():
@@ -330,12 +359,13 @@ class ConverseCall:
         trace = self.turn_trace(stopped)
         response = Response.new()
         self.response, self.stopped = response, None
-        await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
-            item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
+        if audio is not None:
+            await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
+                item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
         response.task = metrics.spawn(
             Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace,
-                     spoken=self.caller_turn.take()).run(),
+                     spoken=self.caller_turn.take() if audio is not None else None).run(),
             "converse.exchange")
 
     def model_idle(self) -> bool:

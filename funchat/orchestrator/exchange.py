@@ -155,10 +155,12 @@ def turn_request(cfg: CallConfig, settings, session_id: str, response_id: str, r
 class Exchange:
     """One caller turn and its reply (see the module docstring for the steps)."""
 
-    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, audio16k: np.ndarray,
+    def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, audio16k: np.ndarray | None,
                  response: Response, emit: Emit, t_end: float, trace: TurnTrace | None = None,
                  spoken: SpokenTurn | None = None):
-        """emit: where the reply's events go (the call's outbox); t_end: when the caller's turn ended
+        """audio16k: the caller's turn (None: no new speech: the reply answers the history as it stands,
+        which must end with the caller's turn or a function's output; only the reply is stored).
+        emit: where the reply's events go (the call's outbox); t_end: when the caller's turn ended
         (time.perf_counter), the start of the latencies reported. spoken: the turn's encoder windows
         encoded (and prefilled) while it was spoken (`CallerTurn`)."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
@@ -183,7 +185,7 @@ class Exchange:
                 start_time=tr.speech_ended_ns or tr.ended_ns, record_exception=True, set_status_on_exception=True,
                 attributes={"funchat.tenant": tr.tenant, "funchat.session_id": self.session_id,
                             "funchat.response_id": self.response.response_id,
-                            "funchat.mode": self.cfg.mode, "funchat.audio_ms": len(self.audio16k) * 1000 // SAMPLE_RATE}
+                            "funchat.mode": self.cfg.mode, "funchat.audio_ms": self.audio_ms}
                 ) as self.span:
             if tr.speech_ended_ns is not None:
                 tracing.record_span("vad.end_of_turn", tr.speech_ended_ns, tr.ended_ns, attributes=tr.vad)
@@ -197,6 +199,7 @@ class Exchange:
             record = await store_call(self.service.store.get(self.session_id))
             await self.end_abandoned_turn(record)
             self.check_model(record.turns)
+            self.check_something_to_answer(record.turns)
             rows, n_groups, encode_ms = await self.encode()
             request = self.turn_request(rows, n_groups, record.turns)
             await self.mark_responding(request)
@@ -321,14 +324,29 @@ class Exchange:
             "funchat.history_turns_dropped": outcome.history_turns_dropped,
             **{f"funchat.{name}_ms": float(lat[name]) for name in ("first_text", "first_audio") if name in lat}})
 
+    @property
+    def audio_ms(self) -> int:
+        return len(self.audio16k) * 1000 // SAMPLE_RATE if self.audio16k is not None else 0
+
+    def check_something_to_answer(self, history: list[HistoryTurn]) -> None:
+        """A reply without new speech answers the last turn: the caller's (text, or speech whose answer
+        failed) or a function's output."""
+        if self.audio16k is None and (not history or history[-1].role not in ("user", "tool")):
+            last = "its last turn is the assistant's" if history else "it is empty"
+            raise ApiError("FAILED_PRECONDITION", f"nothing to respond to: the conversation has no new caller turn "
+                                                  f"({last}); send the caller's speech, a user_text or a function's "
+                                                  "output first", "respond")
+
     def check_length(self) -> None:
         max_turn_s = self.service.settings.max_turn_s
-        if len(self.audio16k) > max_turn_s * SAMPLE_RATE:
+        if self.audio16k is not None and len(self.audio16k) > max_turn_s * SAMPLE_RATE:
             raise TurnError("INVALID_ARGUMENT", f"the turn's audio is {len(self.audio16k) / SAMPLE_RATE:.1f} s, over "
                                                 f"the {max_turn_s:g} s limit")
 
     async def encode(self) -> tuple[np.ndarray, int, float]:
-        """-> (the audio tokenizer's rows, n_groups, ms it took)."""
+        """-> (the audio tokenizer's rows, n_groups, ms it took); none without new speech."""
+        if self.audio16k is None:
+            return np.zeros((0, self.service.info.facts.hidden_size), np.float32), 0, 0.0
         t = time.perf_counter()
         try:
             windows = await self.spoken.windows(self.audio16k) if self.spoken is not None else None
@@ -363,8 +381,8 @@ class Exchange:
             outcome = await self.service.runner.run(request, self.emit_tracked, self.response.cancel,
                                                     t_end_of_turn=self.t_end)
         except TurnError as exc:
-            if exc.code == "INVALID_ARGUMENT" or self.lease_lost:
-                raise
+            if exc.code == "INVALID_ARGUMENT" or self.lease_lost or self.audio16k is None:
+                raise  # (without new speech there is no caller's turn to keep)
             user = self.user_turn(request.audio_rows, request.n_groups)
             try:
                 await store_call(self.service.store.append_turns(
@@ -429,8 +447,9 @@ class Exchange:
 
     async def store_turns(self, rows: np.ndarray, n_groups: int, assistant: HistoryTurn,
                           history: list[HistoryTurn]) -> list[HistoryTurn]:
-        """Both turns at the end of the history, the oldest trimmed; session listening. -> the two turns."""
-        turns = [self.user_turn(rows, n_groups), assistant]
+        """The caller's turn (if it spoke) and the reply at the end of the history, the oldest trimmed;
+        session listening. -> the turns stored."""
+        turns = ([self.user_turn(rows, n_groups)] if self.audio16k is not None else []) + [assistant]
         store = self.service.store
         stored = await store_call(store.append_turns(self.session_id, turns, lease=self.lease,
                                                      drop_oldest=self.unusable(history, turns)))

@@ -47,6 +47,7 @@ from funchat.orchestrator.exchange import Exchange, Response, TurnTrace
 from funchat.orchestrator.ingress import UnparsableMessage
 from funchat.orchestrator.kept_prompts import KeptPrompts
 from funchat.orchestrator.outbox import END, Outbox
+from funchat.orchestrator.realtime.call import CallContext
 from funchat.orchestrator.sessions import SessionRecord, SessionStore
 from funchat.orchestrator.settings import OrchestratorSettings
 from funchat.orchestrator.tenant_limits import CallSlot, LimitExceeded, TenantLimiter, TenantLimits
@@ -118,6 +119,8 @@ class FunchatService:
         Raises ApiError UNAUTHENTICATED saying what to send (never echoing a key)."""
         if self.keys is None:
             return ""
+        if isinstance(ctx, CallContext) and ctx.authenticated_tenant is not None:
+            return ctx.authenticated_tenant  # a client secret the Realtime endpoint verified
         metadata = getattr(ctx, "invocation_metadata", None)
         try:
             return self.keys.authenticate_metadata(metadata() if callable(metadata) else None)

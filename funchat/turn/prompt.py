@@ -277,14 +277,16 @@ class PromptBuilder:
 
     def messages(self, mode: str, persona: str | None, tools: list[dict] | None, history: Sequence[HistoryItem],
                  n_groups: int) -> list[Message]:
-        """System prompt, the history, then the caller's clip of n_groups positions."""
+        """System prompt, the history, then the caller's clip of n_groups positions (0: no new speech, the
+        reply answers the history as it stands: a caller's text, a function's output)."""
         msgs = [Message("system", system_prompt_for(mode, persona, tools))]
         for turn in history:
             if turn.n_groups > 0:
                 msgs.append(Message(turn.role, Audio(turn.n_groups)))
             else:
                 msgs.append(Message(turn.role, turn.text, turn.tool_calls or None))
-        msgs.append(Message("user", Audio(n_groups)))
+        if n_groups > 0:
+            msgs.append(Message("user", Audio(n_groups)))
         return msgs
 
     def ids(self, mode: str, persona: str | None, tools: list[dict] | None, history: Sequence[HistoryItem],

@@ -44,7 +44,8 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
     orch = None
     try:
         orch = start_orchestrator(run_dir, env, port, timeout=180)
-        yield {"orch": orch, "key": key, "base_url": f"http://127.0.0.1:{orch.http_port}/v1",
+        yield {"orch": orch, "key": key, "run_dir": run_dir, "keys_file": keys_file,
+               "base_url": f"http://127.0.0.1:{orch.http_port}/v1",
                "ws": f"ws://127.0.0.1:{orch.http_port}/v1/realtime", "target": f"127.0.0.1:{port}"}
     finally:
         if orch is not None:
@@ -269,15 +270,19 @@ def test_bad_events_get_an_error_naming_them_and_the_call_goes_on(stack, tiny_pi
         (json.dumps({"type": "input_audio_buffer.append",
                      "audio": base64.b64encode(bytes(61 * 32000)).decode()}), "invalid_value", "smaller appends"),
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty", "empty"),
-        (json.dumps({"type": "response.create"}), "nothing_to_respond_to", "commit"),
+        # nothing committed and no text or function output to answer: the response fails, saying so
+        (json.dumps({"type": "response.create"}), "failed_precondition", "nothing to respond to"),
         (json.dumps({"type": "response.create", "response": {"instructions": "x"}}), "unsupported_field",
          "response.instructions"),
         (json.dumps({"type": "response.cancel"}), "failed_precondition", "no response"),
         (json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
                      "audio_end_ms": 10}), "invalid_value", "item_nope"),
         (json.dumps({"type": "conversation.item.create",
-                     "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}),
+                     "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "hi"}]}}),
          "unsupported_value", "message"),
+        (json.dumps({"type": "conversation.item.create",
+                     "item": {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": ""}]}}),
+         "unsupported_value", "input_text"),
         (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "unsupported_event", "delete"),
     ]
 
@@ -287,9 +292,11 @@ def test_bad_events_get_an_error_naming_them_and_the_call_goes_on(stack, tiny_pi
             await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
             await until(conn, "session.updated")
             errors = []
-            for raw, _, _ in bad:
+            for raw, code, _ in bad:
                 await conn.send_raw(raw)
                 errors.append((await until(conn, "error"))[-1])
+                if code == "failed_precondition" and "response.create" in raw:
+                    await until(conn, "response.done")  # the failed response ends before the next event
             await conn._connection.send(b"\x00\x01")  # a binary frame
             binary = (await until(conn, "error"))[-1]
             events = await spoken_turn(conn, pcm16_bytes(a))  # the call still answers
@@ -419,3 +426,116 @@ def test_a_caller_who_hangs_up_mid_reply_frees_the_call_at_once(stack, speech):
             await asyncio.sleep(0.1)
 
     asyncio.run(main())
+
+
+def post_client_secret(stack, body: dict | None, key: str | None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(stack["base_url"] + "/realtime/client_secrets", method="POST",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def test_a_browser_connects_with_a_short_lived_client_secret_never_the_api_key(stack, make_api_key):
+    import websockets
+
+    from funchat.api_keys import revoke_key
+
+    _, key = make_api_key(stack["run_dir"], "dev")  # this test's own key: it is revoked at the end
+    deadline = time.monotonic() + 30
+    while (created := post_client_secret(stack, {"session": {"type": "realtime", "instructions": "Be brief."},
+                                                 "expires_after": {"anchor": "created_at", "seconds": 60}},
+                                          key))[0] == 401:
+        assert time.monotonic() < deadline, "the new key was not taken"
+        time.sleep(0.5)
+    status, secret = created
+    assert status == 200 and secret["value"].startswith("ek_") and key not in secret["value"]
+    assert 0 < secret["expires_at"] - time.time() <= 60
+    assert secret["session"]["instructions"] == "Be brief."
+
+    async def first_event(token: str):
+        async with websockets.connect(stack["ws"], subprotocols=["realtime", f"openai-insecure-api-key.{token}"]) as ws:
+            event = json.loads(await ws.recv())
+            if event["type"] == "error":
+                await ws.wait_closed()
+            return event, ws.close_code
+
+    opened, _ = asyncio.run(first_event(secret["value"]))
+    assert opened["type"] == "session.created" and opened["session"]["instructions"] == "Be brief."
+    tampered, code = asyncio.run(first_event(secret["value"][:-2] + ("AA" if not secret["value"].endswith("AA")
+                                                                       else "BB")))
+    assert tampered["error"]["code"] == "unauthenticated" and "signature" in tampered["error"]["message"]
+    assert code == 1008
+
+    # bad requests for a secret: no key, a client secret in the key's place, a bad session, a bad expiry
+    assert post_client_secret(stack, {}, None)[0] == 401
+    assert post_client_secret(stack, {}, secret["value"])[0] == 401  # a secret cannot mint secrets
+    status, bad = post_client_secret(stack, {"session": {"audio": {"input": {"format": {"type": "audio/wav"}}}}}, key)
+    assert status == 400 and bad["error"]["param"] == "session.audio.input.format.type"
+    status, bad = post_client_secret(stack, {"session": {"audio": {"output": {"voice": "nobody"}}}}, key)
+    assert status == 400 and bad["error"]["code"] == "invalid_argument" and "nobody" in bad["error"]["message"]
+    status, bad = post_client_secret(stack, {"expires_after": {"seconds": 10 ** 6}}, key)
+    assert status == 400 and bad["error"]["param"] == "expires_after"
+
+    # revoking the API key ends its secrets too
+    revoke_key(stack["keys_file"], key)
+    deadline = time.monotonic() + 30
+    while True:
+        event, code = asyncio.run(first_event(secret["value"]))
+        if event["type"] == "error":
+            break
+        assert time.monotonic() < deadline, "the revoked key's client secret still opens calls"
+        time.sleep(0.5)
+    assert event["error"]["code"] == "unauthenticated" and "revoked" in event["error"]["message"] and code == 1008
+
+
+def test_a_user_text_message_is_answered_on_response_create_as_the_oracle(stack, tiny_pipeline, tiny_checkpoint,
+                                                                          speech):
+    """conversation.item.create with a user message of text joins the history; response.create answers
+    it without new speech; the reply equals the oracle's for that history."""
+    a = pcm16_samples(speech[:48000])
+    question = "And what about tomorrow?"
+
+    async def main():
+        async with connect(stack) as conn:
+            created = (await until(conn, "session.created"))[-1]
+            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
+            await until(conn, "session.updated")
+            first = await spoken_turn(conn, pcm16_bytes(a))
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": question}]})
+            added = [e for e in await until(conn, "conversation.item.done") if e.type != "rate_limits.updated"]
+            await conn.response.create()
+            second = await until(conn, "response.done")
+            # bad: an empty text
+            await conn.send({"type": "conversation.item.create", "event_id": "evt_empty",
+                             "item": {"type": "message", "role": "user", "content": [{"type": "input_text",
+                                                                                      "text": " "}]}})
+            empty = (await until(conn, "error"))[-1]
+            return created.session.id, first, added, second, empty
+
+    session_id, first, added, second, empty = asyncio.run(main())
+    assert [e.type for e in added] == ["conversation.item.added", "conversation.item.done"]
+    assert added[-1].item.role == "user" and added[-1].item.content[0].text == question
+    assert "input_buffer" not in " ".join(e.type for e in second)  # no speech committed for it
+    gen = GenerationConfig.greedy(Mode.S2S, MAX_NEW)
+    ref1 = tiny_pipeline.respond(a, gen=gen)
+    assert_same_as_oracle(reply(first), ref1, tiny_checkpoint)
+    ref2 = tiny_pipeline.respond(None, history=[{"role": "user", "content": a}, {"role": "assistant", "content": ref1.text},
+                                                {"role": "user", "content": question}], gen=gen)
+    assert_same_as_oracle(reply(second), ref2, tiny_checkpoint)
+    assert empty.error.code == "invalid_argument" and empty.error.event_id == "evt_empty"
+
+    async def stored():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
+    turns = asyncio.run(stored()).turns
+    assert [(t.role, t.text) for t in turns] == [("user", ""), ("assistant", ref1.text), ("user", question),
+                                                 ("assistant", ref2.text)]

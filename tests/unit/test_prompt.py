@@ -60,6 +60,19 @@ def test_the_oracle_and_the_orchestrator_build_the_same_prompt(builder, tiny_pip
     assert mine.max_new_tokens == 512
 
 
+def test_a_reply_without_new_speech_answers_the_history_as_it_stands(builder):
+    """n_groups 0 (a user's text, a function's output to answer): no caller clip after the history, the
+    prompt ends with the assistant's header right after the last turn."""
+    history = [PromptTurn("user", n_groups=7), PromptTurn("assistant", "hello"), PromptTurn("user", "and tomorrow?")]
+    with_speech = builder.ids("s2s", None, None, history, 4)
+    without = builder.ids("s2s", None, None, history, 0)
+    audio = builder.special.audio  # <|AUDIO|>: one position per 5 Hz group
+    assert without.count(audio) == 7 and with_speech.count(audio) == 11
+    assert builder.tokenizer.decode(without, skip_special_tokens=False).endswith(
+        "and tomorrow?<|im_end|>\n<|im_start|>assistant\n")
+    assert builder.messages("s2s", None, None, history, 0)[-1].content == "and tomorrow?"
+
+
 def test_history_is_fitted_and_the_reply_bounded_by_the_room_left(tiny_checkpoint):
     small = PromptBuilder.from_checkpoint(tiny_checkpoint, context_tokens=120)
     history = [PromptTurn("user", n_groups=30), PromptTurn("assistant", "a"), PromptTurn("user", n_groups=30),

@@ -13,7 +13,9 @@ implemented a second time; what the Realtime protocol has and Converse has not i
   protocol has no event for it), so clients configure before they speak, as they do.
 - Manual turns (turn_detection null) are answered on `response.create`, not on the commit:
   `input_audio_buffer.commit` announces the user item at once and holds Converse's commit until
-  `response.create`; audio the caller sends in between waits here for the next turn.
+  `response.create`; audio the caller sends in between waits here for the next turn. A
+  `response.create` with no spoken turn committed is Converse's `respond`: the history is answered
+  as it stands (a user text message, a function's output).
 - An append of any length is cut into pieces Converse takes (at most FUNCHAT_MAX_CHUNK_MS each).
 """
 
@@ -39,14 +41,18 @@ MAX_EVENT_BYTES = 15 << 20  # one client event's JSON text, as OpenAI's service 
 CONVERSE_KINDS = {"audio": "input_audio_buffer.append", "commit": "input_audio_buffer.commit",
                   "clear": "input_audio_buffer.clear", "cancel": "response.cancel",
                   "truncate": "conversation.item.truncate", "function_call_output": "conversation.item.create",
-                  "session": "session.update"}
+                  "session": "session.update", "user_text": "conversation.item.create",
+                  "respond": "response.create"}
 
 
 class CallContext:
-    """What Converse reads of a gRPC servicer context: the caller's metadata, and the status it ends with."""
+    """What Converse reads of a gRPC servicer context: the caller's metadata, and the status it ends with.
+    authenticated_tenant: the tenant of a client secret this endpoint has already verified (it is no API
+    key, which Converse checks itself); a context made from the network never has it."""
 
-    def __init__(self, metadata: list[tuple[str, str]]):
+    def __init__(self, metadata: list[tuple[str, str]], authenticated_tenant: str | None = None):
         self.metadata = metadata
+        self.authenticated_tenant = authenticated_tenant
         self.code = None
         self.details = ""
 
@@ -66,11 +72,11 @@ class CallContext:
 class ConverseRun:
     """One Converse call of this replica fed from a queue; its events go to `deliver`."""
 
-    def __init__(self, service: FunchatService, config: pb.SessionConfig, metadata: list[tuple[str, str]],
+    def __init__(self, service: FunchatService, config: pb.SessionConfig, ctx: CallContext,
                  deliver: Callable[[pb.ServerEvent], Awaitable[None]]):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.queue.put_nowait(pb.ClientEvent(session=config))
-        self.ctx = CallContext(metadata)
+        self.ctx = ctx
         self.events = service.Converse(self.requests(), self.ctx)
         self.deliver = deliver
         self.task = metrics.spawn(self.pump(), "realtime.converse")
@@ -101,15 +107,31 @@ class ConverseRun:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
+def check_config(service: FunchatService, session: RealtimeSession) -> None:
+    """What only the server knows (its voices, the tools' JSON, its limits), checked as Converse will:
+    RealtimeError naming what is wrong."""
+    from funchat.orchestrator.call_config import parse_config
+    from funchat.orchestrator.errors import ApiError
+    try:
+        parse_config(session.to_pb(), service.voices, service.settings.max_new_tokens)
+    except ApiError as exc:
+        raise RealtimeError(exc.code.lower(), exc.message, param="session") from None
+
+
 class RealtimeCall:
-    """One WebSocket: `run(receive)` until the client goes or the call ends."""
+    """One WebSocket's call: `start`, then `handle` each client message (endpoint.py feeds them), then
+    `abort` when the socket closes; Converse's events go out through `send` as they come."""
 
     def __init__(self, service: FunchatService, send: Callable[[dict], Awaitable[None]],
-                 metadata: list[tuple[str, str]], model: str):
+                 metadata: list[tuple[str, str]], model: str, tenant: str | None = None,
+                 session: RealtimeSession | None = None):
+        """tenant: set when the caller came with a verified client secret (then `session` is the one it
+        opens with); else Converse authenticates the API key in `metadata`."""
         self.service = service
         self._send = send
         self.metadata = metadata
-        self.session = RealtimeSession(model=model)
+        self.tenant = tenant
+        self.session = session or RealtimeSession(model=model)
         self.events = ServerEvents(lambda: self.session, self.client_event_of, self.reply_done, self.rate_limits)
         self.run: ConverseRun | None = None
         self.pending_update: RealtimeSession | None = None  # a session.update waiting for response.done
@@ -134,11 +156,14 @@ class RealtimeCall:
         """The caller's tenant limits (0: none of that kind); what is left of them lives in Redis, shared by
         all replicas, and is not read for this."""
         try:
-            limits = self.service.limiter.limits_of(self.service.tenant_of(CallContext(self.metadata)))
+            limits = self.service.limiter.limits_of(self.service.tenant_of(self.context()))
         except Exception:  # noqa: BLE001 (a key revoked since the call began: no limits to report)
             return []
         return [{"name": "calls", "limit": limits.max_calls}, {"name": "requests_per_second", "limit": limits.rate_per_s},
                 {"name": "requests_burst", "limit": limits.burst}]
+
+    def context(self) -> CallContext:
+        return CallContext(self.metadata, self.tenant)
 
     def client_event_of(self, kind: str) -> str | None:
         return self.last_event_ids.get(CONVERSE_KINDS.get(kind, kind))
@@ -157,7 +182,7 @@ class RealtimeCall:
             if event.WhichOneof("event") == "session_created":
                 created.set()
 
-        run = self.run = ConverseRun(self.service, config, self.metadata, deliver)
+        run = self.run = ConverseRun(self.service, config, self.context(), deliver)
         waiter = asyncio.ensure_future(created.wait())
         await asyncio.wait({waiter, run.task}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -225,12 +250,7 @@ class RealtimeCall:
     async def apply(self, new: RealtimeSession) -> None:
         """Take a checked session: when Converse's config changes, resume the session in a new call."""
         self.pending_update = None
-        from funchat.orchestrator.call_config import parse_config
-        from funchat.orchestrator.errors import ApiError
-        try:  # what only the server knows (voices, tool schemas' JSON, limits), before anything changes
-            parse_config(new.to_pb(), self.service.voices, self.service.settings.max_new_tokens)
-        except ApiError as exc:
-            raise RealtimeError(exc.code.lower(), exc.message, param="session") from None
+        check_config(self.service, new)  # before anything changes
         changed = new.to_pb() != self.session.to_pb()
         self.session = new
         if not changed:
@@ -317,16 +337,13 @@ class RealtimeCall:
             raise RealtimeError("unsupported_field", f"response.{ignored[0]} is not supported by this server: "
                                                      "a response takes the session's settings (session.update)",
                                 param=f"response.{ignored[0]}")
-        if not self.session.manual:
-            raise RealtimeError("unsupported_event", "with server_vad each detected turn is answered on its own: "
-                                                     "response.create is for manual turns (turn_detection null)")
         if self.events.responding:
             raise RealtimeError("conversation_already_has_active_response", "a response is in progress: wait for "
                                                                             "response.done or send response.cancel")
-        if self.committed is None:
-            raise RealtimeError("nothing_to_respond_to", "no committed caller audio to answer: this model answers "
-                                                         "speech; append audio and input_audio_buffer.commit first")
         run = self.converse()
+        if self.committed is None:  # no spoken turn waiting: answer the history (a user text, a function output)
+            run.send(pb.ClientEvent(respond=pb.ResponseCreate()))
+            return
         run.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
         self.committed = None
         for held in self.held:
@@ -363,11 +380,14 @@ class RealtimeCall:
         item = event.get("item")
         if not isinstance(item, dict):
             raise RealtimeError("invalid_value", "conversation.item.create needs an `item` object", param="item")
+        if item.get("type") == "message" and item.get("role") == "user":
+            await self.create_user_text(item)
+            return
         if item.get("type") != "function_call_output":
             what = f"{item.get('type')!r}" + (f" ({item.get('role')})" if item.get("role") else "")
             raise RealtimeError("unsupported_value", f"conversation.item.create of a {what} item is not supported: "
-                                                     "this server takes function_call_output items (the caller's "
-                                                     "turns are speech)", param="item.type")
+                                                     "this server takes user messages of input_text and "
+                                                     "function_call_output items", param="item.type")
         call_id, output = item.get("call_id"), item.get("output")
         if not isinstance(call_id, str) or not isinstance(output, str):
             raise RealtimeError("invalid_value", "a function_call_output item needs `call_id` and `output` strings",
@@ -376,6 +396,22 @@ class RealtimeCall:
                                                                                        output=output)))
         done = {"id": item.get("id") or item_id(), "object": "realtime.item", "type": "function_call_output",
                 "status": "completed", "call_id": call_id, "output": output}
+        for out in self.events.added_item(done):
+            await self.send(out)
+
+    async def create_user_text(self, item: dict) -> None:
+        """A user message of text: a user turn in the history (response.create answers it)."""
+        content = item.get("content")
+        if (not isinstance(content, list) or not content
+                or any(not isinstance(c, dict) or c.get("type") != "input_text" or not isinstance(c.get("text"), str)
+                       for c in content)):
+            raise RealtimeError("unsupported_value", "a user message's content must be input_text parts "
+                                                     "({\"type\": \"input_text\", \"text\": ...}); send speech with "
+                                                     "input_audio_buffer.append", param="item.content")
+        text = "\n".join(c["text"] for c in content)
+        self.converse().send(pb.ClientEvent(user_text=pb.UserText(text=text)))
+        done = {"id": item.get("id") or item_id(), "object": "realtime.item", "type": "message", "role": "user",
+                "status": "completed", "content": [{"type": "input_text", "text": text}]}
         for out in self.events.added_item(done):
             await self.send(out)
 
