@@ -19,7 +19,8 @@ from funchat.turn.schedule import Mode
 
 MODES = {pb.MODE_UNSPECIFIED: Mode.S2S, pb.MODE_SPEECH_TO_SPEECH: Mode.S2S, pb.MODE_SPEECH_TO_TEXT: Mode.S2T}
 PROTO_MODES = {Mode.S2S: pb.MODE_SPEECH_TO_SPEECH, Mode.S2T: pb.MODE_SPEECH_TO_TEXT}
-VAD_DEFAULTS = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+VAD_DEFAULTS = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500, "create_response": True,
+                "interrupt_response": True, "idle_timeout_ms": 0}
 SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "repetition_penalty")  # Generation fields for speech
 # Limits the wire types allow but the model services do not: the seed is sent as int64 and the text
 # stream draws with seed + 1 (funchat.turn.sampling.text_seed); top_k is sent as int32; the sampler
@@ -171,6 +172,13 @@ def _turn_detection(td: pb.TurnDetection) -> dict | None:
         if not 100 <= v.silence_duration_ms <= 10000:
             raise _bad(f"server_vad.silence_duration_ms must be in 100..10000, got {v.silence_duration_ms}")
         vad["silence_duration_ms"] = int(v.silence_duration_ms)
+    for flag in ("create_response", "interrupt_response"):
+        if v.HasField(flag):
+            vad[flag] = bool(getattr(v, flag))
+    if v.idle_timeout_ms:
+        if not 1000 <= v.idle_timeout_ms <= 60000:
+            raise _bad(f"server_vad.idle_timeout_ms must be in 1000..60000 (0: none), got {v.idle_timeout_ms}")
+        vad["idle_timeout_ms"] = int(v.idle_timeout_ms)
     return vad
 
 

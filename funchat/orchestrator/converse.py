@@ -21,7 +21,7 @@ from funchat.api import pb
 from funchat.audio_io import SAMPLE_RATE
 from funchat.orchestrator import metrics
 from funchat.orchestrator.audio_input import AudioFormatError, InputAudioStream
-from funchat.orchestrator.call_config import MAX_FUNCTION_OUTPUT_BYTES, CallConfig, quoted
+from funchat.orchestrator.call_config import MAX_FUNCTION_OUTPUT_BYTES, VAD_DEFAULTS, CallConfig, quoted
 from funchat.orchestrator.caller_turn import CallerTurn
 from funchat.orchestrator.errors import ApiError, store_call
 from funchat.orchestrator.exchange import Exchange, Response, TurnTrace, turn_request
@@ -64,6 +64,9 @@ class ConverseCall:
         self.buffered = 0
         self.response: Response | None = None
         self.stopped: Response | None = None  # the reply a barge-in or cancel just stopped (truncate may name it)
+        self.held: tuple[np.ndarray, SpeechStopped] | None = None  # VAD turn committed, answered on `respond`
+        self.idle: list[np.ndarray] = []  # server VAD: the caller's silence since the last reply played out
+        self.idle_samples = 0
         self.caller_turn = CallerTurn(self)  # the turn in progress, encoded and prefilled while spoken
 
     def error(self, code: str, message: str, event: str) -> None:
@@ -151,6 +154,7 @@ class ConverseCall:
             for ev in self.detector.feed(samples):
                 await self.on_vad(ev)
             self.caller_turn.follow(self.detector)
+            await self.check_idle(samples)
         else:
             self.buffer_audio(samples)
 
@@ -228,10 +232,15 @@ class ConverseCall:
             self.error(exc.code, exc.message, "user_text")
 
     async def on_respond(self, event: pb.ClientEvent) -> None:
-        """Answer the history as it stands, without new speech (after a user_text or a function's output)."""
+        """Answer the turn server VAD committed without answering (create_response false), else the history
+        as it stands, without new speech (after a user_text or a function's output)."""
         if self.response is not None and self.response.running():
             self.error("FAILED_PRECONDITION", "a reply is already being generated: wait for its response_done or "
                                               "cancel it", "respond")
+            return
+        if self.held is not None:
+            (audio, stopped), self.held = self.held, None
+            await self.start_turn(audio, stopped, announce=False)  # its `committed` was sent when it was held
             return
         await self.start_turn(None)
 
@@ -288,17 +297,61 @@ class ConverseCall:
         self.buffered += len(samples)
         self.caller_turn.append(samples)
 
+    def vad_option(self, name: str):
+        """A server VAD setting (a session stored before the setting existed has its default)."""
+        return (self.cfg.vad or {}).get(name, VAD_DEFAULTS[name])
+
     async def on_vad(self, ev) -> None:
         if isinstance(ev, SpeechStarted):
             speech_started = time.perf_counter()
             await self.outbox.put(pb.ServerEvent(speech_started=pb.SpeechStarted(
                 audio_start_ms=int(ev.audio_start_ms))))
-            if self.response is not None and self.response.playing():
+            if self.response is not None and self.response.playing() and self.vad_option("interrupt_response"):
                 if await self.interrupt(barge_in=True):
                     metrics.barge_in(time.perf_counter() - speech_started)
         elif isinstance(ev, SpeechStopped):
             await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ev.audio_end_ms))))
-            await self.start_turn(np.asarray(ev.audio, dtype=np.float32), ev)
+            await self.end_of_speech(np.asarray(ev.audio, dtype=np.float32), ev)
+
+    async def end_of_speech(self, audio: np.ndarray, stopped: SpeechStopped) -> None:
+        """The VAD ended the caller's turn: answer it, or hold it (create_response false), or answer it once
+        the reply it spoke over is done (interrupt_response false)."""
+        if not self.vad_option("create_response"):
+            if self.held is not None:  # a second utterance before `respond`: one turn of both
+                audio = np.concatenate([self.held[0], audio])
+            self.held = (audio, stopped)
+            await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
+                item_id="item_" + secrets.token_hex(6), audio_ms=len(stopped.audio) * 1000 // SAMPLE_RATE)))
+            return
+        r = self.response
+        if r is not None and r.running() and not self.vad_option("interrupt_response"):
+            # the caller may not stop the reply: this turn is answered after it (generation is faster
+            # than real time: the wait is short, and events queue meanwhile)
+            await asyncio.gather(r.task, return_exceptions=True)
+        await self.start_turn(audio, stopped)
+
+    async def check_idle(self, samples: np.ndarray) -> None:
+        """Server VAD's idle timeout: once a reply has played out and the caller has said nothing for
+        idle_timeout_ms of their audio, that silence is their turn, and it is answered."""
+        timeout_ms = self.vad_option("idle_timeout_ms")
+        if not timeout_ms:
+            return
+        r = self.response
+        busy = (r is None or r.playing() or self.detector.in_speech or self.held is not None
+                or not self.model_idle())  # counted from a reply's end: none yet, none to count from
+        if busy:
+            self.idle, self.idle_samples = [], 0
+            return
+        self.idle.append(samples)
+        self.idle_samples += len(samples)
+        if self.idle_samples * 1000 < timeout_ms * SAMPLE_RATE:
+            return
+        audio = np.concatenate(self.idle)[-int(self.settings.max_turn_s * SAMPLE_RATE):]
+        self.idle, self.idle_samples = [], 0
+        end_ms = self.detector.position_ms
+        await self.outbox.put(pb.ServerEvent(idle_timeout=pb.IdleTimeout(
+            audio_start_ms=max(0, end_ms - len(audio) * 1000 // SAMPLE_RATE), audio_end_ms=end_ms)))
+        await self.start_turn(audio)
 
     async def interrupt(self, barge_in: bool) -> bool:
         """Stop the reply: cancel generation, drop unsent audio, cut the history at what was heard.
@@ -348,9 +401,10 @@ class ConverseCall:
                          "funchat.silence_ms": silence_ms, "funchat.forced": stopped.forced}
         return trace
 
-    async def start_turn(self, audio: np.ndarray | None, stopped: SpeechStopped | None = None) -> None:
+    async def start_turn(self, audio: np.ndarray | None, stopped: SpeechStopped | None = None,
+                         announce: bool = True) -> None:
         """audio: the caller's turn (None: no new speech, `respond`); stopped: the VAD's event that ended
-        this turn (None: a commit)."""
+        this turn (None: a commit); announce: send `committed` (not for a turn held since its commit)."""
         if self.response is not None and self.response.ahead is not None:
             self.aheads.append(self.response.ahead)  # the new turn's prefill waits for it (TurnRunner's lock)
         if self.response is not None and self.response.running():
@@ -359,7 +413,7 @@ class ConverseCall:
         trace = self.turn_trace(stopped)
         response = Response.new()
         self.response, self.stopped = response, None
-        if audio is not None:
+        if audio is not None and announce:
             await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
                 item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
@@ -385,7 +439,7 @@ class ConverseCall:
                 if isinstance(ev, SpeechStopped):
                     await self.outbox.put(pb.ServerEvent(speech_stopped=pb.SpeechStopped(
                         audio_end_ms=int(ev.audio_end_ms))))
-                    await self.start_turn(np.asarray(ev.audio, dtype=np.float32), ev)
+                    await self.end_of_speech(np.asarray(ev.audio, dtype=np.float32), ev)
         if self.response is not None and self.response.task is not None:
             await asyncio.gather(self.response.task, return_exceptions=True)
         await self.wait_aheads()

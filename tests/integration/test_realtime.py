@@ -539,3 +539,57 @@ def test_a_user_text_message_is_answered_on_response_create_as_the_oracle(stack,
     turns = asyncio.run(stored()).turns
     assert [(t.role, t.text) for t in turns] == [("user", ""), ("assistant", ref1.text), ("user", question),
                                                  ("assistant", ref2.text)]
+
+
+def test_server_vad_without_create_response_commits_the_turn_and_answers_it_on_response_create(
+        stack, tiny_pipeline, tiny_checkpoint, speech):
+    """create_response false: the VAD commits the caller's turn (speech_started, speech_stopped,
+    committed) and nothing answers it until response.create; the answer equals the oracle's for the
+    utterance the VAD cut (the same detector run locally on the same stream). Then idle_timeout_ms:
+    once that reply has played out, the caller's silence is committed as their turn and answered."""
+    from funchat.orchestrator.vad import SpeechStopped, TurnDetector
+
+    stream = pcm16_samples(np.concatenate([np.zeros(8000, np.float32), speech[:64000], np.zeros(24000, np.float32)]))
+    local = TurnDetector(silence_duration_ms=800)
+    utterances = [ev.audio for k in range(0, len(stream), 1600) for ev in local.feed(stream[k:k + 1600])
+                  if isinstance(ev, SpeechStopped)]
+    assert len(utterances) == 1
+    session = {"type": "realtime", "max_output_tokens": MAX_NEW, "generation": {"greedy": True, "seed": 0},
+               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": {
+                   "type": "server_vad", "silence_duration_ms": 800, "create_response": False,
+                   "idle_timeout_ms": 1000}}}}
+
+    async def main():
+        async with connect(stack) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session=session)
+            updated = (await until(conn, "session.updated"))[-1]
+            for k in range(0, len(stream), 1600):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16_bytes(stream[k:k + 1600])).decode())
+            committed = await until(conn, "conversation.item.done")
+            with pytest.raises(asyncio.TimeoutError):  # not answered on its own
+                await until(conn, "response.created", timeout=1.5)
+            await conn.response.create()
+            answered = await until(conn, "response.done")
+            audio_s = reply(answered)["funchat"]["audio_ms"] / 1000
+            # the reply plays out (as the server counts it, from its first audio), then 1 s of silence
+            await asyncio.sleep(audio_s)
+            silence = np.zeros(1600, np.float32)
+            for _ in range(15):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16_bytes(silence)).decode())
+            idle = await until(conn, "response.done")
+            return updated, committed, answered, idle
+
+    updated, committed, answered, idle = asyncio.run(main())
+    assert updated.session.audio.input.turn_detection.create_response is False
+    assert [e.type for e in committed][-5:] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                                "input_audio_buffer.committed", "conversation.item.added",
+                                                "conversation.item.done"]
+    ref = tiny_pipeline.respond(utterances[0], gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    assert_same_as_oracle(reply(answered), ref, tiny_checkpoint)
+    types = [e.type for e in idle]
+    assert types.index("input_audio_buffer.timeout_triggered") < types.index("input_audio_buffer.committed") \
+        < types.index("response.created")
+    triggered = next(e for e in idle if e.type == "input_audio_buffer.timeout_triggered")
+    assert triggered.audio_end_ms - triggered.audio_start_ms == 1000
+    assert reply(idle)["done"].response.status == "completed"

@@ -64,9 +64,9 @@ def test_an_update_maps_every_field_it_takes():
      "session.audio.output.format.rate"),
     ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}, "unsupported_value",
      "session.audio.input.turn_detection.type"),
-    ({"audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}}}, "unsupported_value",
+    ({"audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": "no"}}}}, "invalid_type",
      "session.audio.input.turn_detection.create_response"),
-    ({"audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}}}, "unsupported_value",
+    ({"audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 500}}}}, "invalid_value",
      "session.audio.input.turn_detection.idle_timeout_ms"),
     ({"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 1.5}}}}, "invalid_value",
      "session.audio.input.turn_detection.threshold"),
@@ -88,6 +88,27 @@ def test_a_bad_update_is_refused_naming_the_field_and_changes_nothing(fields, co
     assert (refused.value.code, refused.value.param) == (code, param)
     assert param in refused.value.message
     assert s == RealtimeSession(model=MODEL)
+
+
+def test_server_vad_options_map_to_the_calls_turn_detection():
+    s = RealtimeSession(model=MODEL).update({"audio": {"input": {"turn_detection": {
+        "type": "server_vad", "create_response": False, "interrupt_response": False, "idle_timeout_ms": 6000}}}})
+    vad = s.to_pb().turn_detection.server_vad
+    assert (vad.HasField("create_response"), vad.create_response) == (True, False)
+    assert (vad.HasField("interrupt_response"), vad.interrupt_response) == (True, False)
+    assert vad.idle_timeout_ms == 6000
+    td = s.to_json("s")["audio"]["input"]["turn_detection"]
+    assert (td["create_response"], td["interrupt_response"], td["idle_timeout_ms"]) == (False, False, 6000)
+    default = RealtimeSession(model=MODEL).to_pb().turn_detection.server_vad
+    assert default.create_response and default.interrupt_response and default.idle_timeout_ms == 0
+
+
+def test_an_idle_timeout_opens_the_callers_item():
+    events = ServerEvents(lambda: RealtimeSession(model=MODEL), lambda kind: None)
+    out = events.translate(pb.ServerEvent(idle_timeout=pb.IdleTimeout(audio_start_ms=1000, audio_end_ms=7000)))
+    assert out[0]["type"] == "input_audio_buffer.timeout_triggered" and out[0]["audio_end_ms"] == 7000
+    committed = events.translate(pb.ServerEvent(committed=pb.InputAudioCommitted(item_id="x", audio_ms=6000)))
+    assert committed[0]["item_id"] == out[0]["item_id"]
 
 
 def test_a_status_becomes_an_error_event_with_the_client_event_id():

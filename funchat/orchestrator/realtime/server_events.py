@@ -116,6 +116,12 @@ class ServerEvents:
         return [{"type": "input_audio_buffer.speech_stopped", "event_id": event_id(),
                  "audio_end_ms": e.audio_end_ms, "item_id": self.user_item}]
 
+    def on_idle_timeout(self, e: pb.IdleTimeout) -> list[dict]:
+        """The caller's silence after a reply is committed as their turn (it is answered next)."""
+        self.user_item = item_id()
+        return [{"type": "input_audio_buffer.timeout_triggered", "event_id": event_id(),
+                 "audio_start_ms": e.audio_start_ms, "audio_end_ms": e.audio_end_ms, "item_id": self.user_item}]
+
     def on_committed(self, e: pb.InputAudioCommitted) -> list[dict]:
         if self.session().manual:
             return []  # announced at the client's commit (RealtimeCall.on_commit)

@@ -3,9 +3,8 @@ config it maps to (`pb.SessionConfig`, the one Converse takes).
 
 `RealtimeSession.update(fields)` checks a `session.update`'s `session` field by field and either
 returns the new session or raises `RealtimeError` naming the first field it cannot take, so a bad
-update changes nothing. What the GA protocol has and this server does not do (semantic VAD, a
-response that does not start on its own after server VAD, the idle timeout, forcing a tool) is
-refused by name, never ignored.
+update changes nothing. What the GA protocol has and this server does not do (semantic VAD, input
+transcription, noise reduction, forcing a tool) is refused by name, never ignored.
 
 Extensions (the GA protocol has no way to ask for them): `audio.input.format` `audio/pcm` at 8-48
 kHz besides 24 kHz, and `generation` (greedy / seed / sampling, as in the gRPC API's `Generation`)
@@ -153,7 +152,10 @@ class RealtimeSession:
         td = self.turn_detection
         turns = pb.TurnDetection(manual=pb.ManualTurns()) if td is None else pb.TurnDetection(
             server_vad=pb.ServerVad(threshold=td["threshold"], prefix_padding_ms=td["prefix_padding_ms"],
-                                    silence_duration_ms=td["silence_duration_ms"]))
+                                    silence_duration_ms=td["silence_duration_ms"],
+                                    create_response=td["create_response"],
+                                    interrupt_response=td["interrupt_response"],
+                                    idle_timeout_ms=td["idle_timeout_ms"] or 0))
         gen = pb.Generation(max_new_tokens=0 if self.max_output_tokens == "inf" else self.max_output_tokens,
                             **self.generation)
         cfg = pb.SessionConfig(mode=mode, instructions=self.instructions, voice=self.voice, turn_detection=turns,
@@ -229,16 +231,19 @@ def _turn_detection(value: Any) -> dict | None:
     if value.get("type") != "server_vad":
         raise RealtimeError("unsupported_value", f"{name}.type {value.get('type')!r} is not supported: use "
                                                  "'server_vad', or null for manual turns", param=f"{name}.type")
-    # This server always answers a detected turn and always stops a reply the caller speaks over
+    td = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+          "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}
     for flag in ("create_response", "interrupt_response"):
-        if value.get(flag, True) is not True:
-            raise RealtimeError("unsupported_value", f"{name}.{flag}: only true (use turn_detection null for "
-                                                     "turns the client commits and answers itself)",
-                                param=f"{name}.{flag}")
-    if value.get("idle_timeout_ms") is not None:
-        raise RealtimeError("unsupported_value", f"{name}.idle_timeout_ms: not supported (null)",
-                            param=f"{name}.idle_timeout_ms")
-    td = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+        if flag in value:
+            if not isinstance(value[flag], bool):
+                raise RealtimeError("invalid_type", f"{name}.{flag} must be a boolean", param=f"{name}.{flag}")
+            td[flag] = value[flag]
+    idle = value.get("idle_timeout_ms")
+    if idle is not None:
+        if not isinstance(idle, int) or isinstance(idle, bool) or not 1000 <= idle <= 60000:
+            raise RealtimeError("invalid_value", f"{name}.idle_timeout_ms {idle!r} is out of range (1000-60000 ms, "
+                                                 "or null)", param=f"{name}.idle_timeout_ms")
+        td["idle_timeout_ms"] = idle
     for key in VAD_FIELDS:
         if key in value:
             v = value[key]
@@ -249,7 +254,7 @@ def _turn_detection(value: Any) -> dict | None:
                                                      + ("(0-1)" if key == "threshold" else "(0-10000 ms)"),
                                     param=f"{name}.{key}")
             td[key] = v
-    return {**td, "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}
+    return td
 
 
 def _tool(value: Any, i: int) -> dict:
