@@ -6,8 +6,9 @@ plus the few values that podman needs (`podman_values`):
 - pods reach each other by pod name on a podman network, not by Service name: podman names the pod
   of Deployment or StatefulSet `X` `X-pod-0`, so `orchestrator.addresses` points the orchestrator at
   `<model service>-pod-0:8001` and `<release>-redis-pod-0:6379`;
-- the public port is published on 127.0.0.1 with `orchestrator.hostPort`, and no other port is
-  published (`unpublished_ports`);
+- the public gRPC port is published on 127.0.0.1 with `orchestrator.hostPort` (and the Realtime
+  WebSocket's HTTP port with `hostPort.httpPort`, when asked), and no other port is published
+  (`unpublished_ports`);
 - the /dev/shm emptyDir is left to podman's own /dev/shm (`without_shm_volume`);
 - no registry is reachable here, so Redis is the local `localhost/funchat-redis` image
   (`services/redis/Dockerfile`).
@@ -85,13 +86,14 @@ def container_name(pod: str, container: str) -> str:
     return f"{pod}-{container}"
 
 
-def podman_values(port: int) -> dict:
-    """The values that the dev-cpu profile needs on top to run under podman (module docstring)."""
+def podman_values(port: int, http_port: int = 0) -> dict:
+    """The values that the dev-cpu profile needs on top to run under podman (module docstring).
+    http_port: where the Realtime WebSocket is published (0: not published)."""
     addresses = {m: pod_name(f"{RELEASE}-" + m.replace("_", "-")) + ":8001" for m in MODELS}
     addresses["redis"] = f"{pod_name(f'{RELEASE}-redis')}:6379"
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     return {
-        "orchestrator": {"hostPort": {"enabled": True, "hostIP": "127.0.0.1", "port": port},
+        "orchestrator": {"hostPort": {"enabled": True, "hostIP": "127.0.0.1", "port": port, "httpPort": http_port},
                          "addresses": addresses},
         "redis": {"internal": {"image": {"repository": "localhost/funchat-redis", "tag": str(app_version)}}},
     }
@@ -104,9 +106,9 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def render(port: int) -> list[dict]:
-    """Every object of the chart rendered with values-dev-cpu.yaml + podman_values(port)."""
-    values = deep_merge(yaml.safe_load((CHART / "values-dev-cpu.yaml").read_text()), podman_values(port))
+def render(port: int, http_port: int = 0) -> list[dict]:
+    """Every object of the chart rendered with values-dev-cpu.yaml + podman_values(port, http_port)."""
+    values = deep_merge(yaml.safe_load((CHART / "values-dev-cpu.yaml").read_text()), podman_values(port, http_port))
     return chart_objects(values)
 
 
@@ -395,13 +397,14 @@ def fill_volume(name: str, source: Path) -> None:
 
 
 def up(checkpoint: Path, port: int = DEFAULT_PORT, run_dir: Path | None = None, timeout: float = 600.0,
-       api_keys_file: Path | None = None) -> dict:
+       api_keys_file: Path | None = None, http_port: int = 0) -> dict:
     """Render, play and wait until every container is ready; returns the state `down` needs.
     api_keys_file: the key file (`funchat.api_keys.create_key`) given to the orchestrator as the
-    API-keys Secret the chart mounts (module docstring)."""
+    API-keys Secret the chart mounts (module docstring). http_port: publish the Realtime WebSocket
+    there too (0: not)."""
     run_dir = run_dir or STATE_FILE.parent
     run_dir.mkdir(parents=True, exist_ok=True)
-    objects = render(port)
+    objects = render(port, http_port)
     secrets = [o for o in objects if o["kind"] == "Secret"]
     keys_secret = api_keys_secret(objects, api_keys_file) if api_keys_file is not None else None
     if keys_secret is not None:
@@ -419,6 +422,7 @@ def up(checkpoint: Path, port: int = DEFAULT_PORT, run_dir: Path | None = None, 
                                            sort_keys=False))
     claims = sorted(claim_names(objects))
     state = {"manifest": str(manifest), "claims": claims, "port": port, "target": f"127.0.0.1:{port}",
+             "http_port": http_port,
              "skipped": sorted({o["kind"] for o in objects} - set(PLAYED_KINDS) - {"Secret", "StatefulSet"})}
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATE_FILE.write_text(json.dumps(state, indent=2))
@@ -473,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="render the dev-cpu chart, kube play it, wait for its probes")
     p_up.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "tiny")
     p_up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p_up.add_argument("--http-port", type=int, default=0, help="publish the Realtime WebSocket here (0: not)")
     p_up.add_argument("--timeout", type=float, default=600.0)
     p_up.add_argument("--api-keys-file", type=Path, default=None,
                       help="the API key file given to the orchestrator as its Secret (default: "
@@ -486,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             keys = args.api_keys_file or default_keys_file()
             if keys == DEFAULT_KEYS_FILE:  # .run/api_keys of the checkout, as `make up` makes it
                 keys = REPO / keys
-            state = up(args.checkpoint, args.port, timeout=args.timeout, api_keys_file=keys)
+            state = up(args.checkpoint, args.port, timeout=args.timeout, api_keys_file=keys, http_port=args.http_port)
             print(f"ready in {state['all_ready_s']:.1f} s; public API on {state['target']} "
                   f"(not played: {', '.join(state['skipped'])})")
         else:

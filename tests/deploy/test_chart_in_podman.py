@@ -37,11 +37,12 @@ if shutil.which("podman") is None:
 
 @pytest.fixture(scope="module")
 def deployed(tiny_checkpoint, tmp_path_factory):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     run_dir = tmp_path_factory.mktemp("podman-deploy")
     keys_file = run_dir / "api_keys"
     key, _ = create_key(keys_file, "deploy-test")
-    state = podman_deploy.up(tiny_checkpoint, port, run_dir=run_dir, timeout=600, api_keys_file=keys_file)
+    state = podman_deploy.up(tiny_checkpoint, port, run_dir=run_dir, timeout=600, api_keys_file=keys_file,
+                             http_port=http_port)
     try:
         yield {**state, "api_key": key, "run_dir": run_dir}
     finally:
@@ -103,3 +104,38 @@ def test_calls_without_the_key_are_unauthenticated(deployed, example_wav):
                 stub.GetSession(request, timeout=30, metadata=metadata)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
             assert deployed["api_key"] not in (err.value.details() or "")
+
+
+def test_the_realtime_websocket_answers_a_greedy_turn_like_the_oracle(deployed, tiny_pipeline, example_wav):
+    """The chart's HTTP port (orchestrator.httpPort, published with hostPort.httpPort): the official
+    openai SDK holds a greedy manual turn over /v1/realtime with the deployed key, equal to the oracle."""
+    import asyncio
+    import base64
+
+    from openai import AsyncOpenAI
+
+    speech = pcm16_samples(load_audio(example_wav)[: 16000 * 3])
+    session = {"type": "realtime", "max_output_tokens": MAX_NEW, "generation": {"greedy": True, "seed": 0},
+               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}}
+
+    async def main():
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{deployed['http_port']}/v1", api_key=deployed["api_key"])
+        async with client.realtime.connect(model="fun-audio-chat") as conn:
+            async def until(kind):
+                while (event := await asyncio.wait_for(conn.recv(), 120)).type != kind:
+                    assert event.type != "error", event
+                return event
+            await until("session.created")
+            await conn.session.update(session=session)
+            await until("session.updated")
+            pcm = (np.clip(speech, -1, 1) * 32767.0).round().astype("<i2").tobytes()
+            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm).decode())
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            return await until("response.done")
+
+    done = asyncio.run(main())
+    ref = tiny_pipeline.respond(speech, gen=GenerationConfig.greedy(Mode.S2S, MAX_NEW))
+    tokens = done.response.model_extra["funchat"]
+    assert done.response.status == "completed"
+    assert tokens["text_tokens"] == ref.text_tokens and tokens["speech_tokens"] == ref.speech_tokens

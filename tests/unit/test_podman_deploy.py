@@ -67,6 +67,13 @@ def test_only_host_ports_stay_and_shm_is_podmans_own(rendered):
     assert [p["hostPort"] for p in orch["spec"]["template"]["spec"]["containers"][0]["ports"]] == [PORT]
 
 
+def test_the_realtime_port_is_published_on_loopback_when_asked():
+    orch = pd.unpublished_ports(workload(pd.render(PORT, PORT + 1), "Deployment", "funchat-orchestrator"))
+    ports = orch["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert [(p["name"], p["hostIP"], p["hostPort"]) for p in ports] == [("grpc", "127.0.0.1", PORT),
+                                                                         ("http", "127.0.0.1", PORT + 1)]
+
+
 def test_secrets_are_stored_in_the_form_their_use_needs(rendered):
     uses = pd.secret_uses(rendered)
     assert uses == {"funchat-redis": {"env"}, "funchat-resume": {"volume"}, "funchat-api-keys": {"volume"}}
