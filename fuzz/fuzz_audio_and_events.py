@@ -49,7 +49,7 @@ with instrumented:
 API_RATES = (16000, 8000, 11025, 22050, 24000, 44100, 48000, 32000)
 LIBRARY_RATES = (16000, 8000, 44100, 48000, 1000, 768000, 0, 1, 999, 768001, -16000, 2**40)
 DTYPES = (np.float32, np.float64, np.float16, np.int16, np.int32, np.int8, np.uint8, np.int64, np.complex64)
-EVENT_CODES = {"INVALID_ARGUMENT", "FAILED_PRECONDITION"}
+EVENT_CODES = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND"}
 VOICES = {"alice"}
 _DIR = tempfile.mkdtemp(prefix="funchat-fuzz-")  # where library_file writes its input
 atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
@@ -128,7 +128,7 @@ class RecordingCall(ConverseCall):
 
     def __init__(self, cfg: CallConfig):
         service = SimpleNamespace(settings=SimpleNamespace(max_chunk_ms=1000, max_turn_s=60.0, encode_while_speaking=False),
-                                  store=SimpleNamespace(append_turns=_append_turns))
+                                  store=SimpleNamespace(append_turns=_append_turns, delete_turn=_delete_turn))
         super().__init__(service, "sid", cfg)
         self.turns: list[int] = []
 
@@ -138,6 +138,10 @@ class RecordingCall(ConverseCall):
 
 async def _append_turns(session_id, turns):
     return len(turns)
+
+
+async def _delete_turn(session_id, item_id):
+    return False
 
 
 def check_config(cfg: pb.SessionConfig) -> CallConfig | None:

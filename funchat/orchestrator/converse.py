@@ -64,7 +64,7 @@ class ConverseCall:
         self.buffered = 0
         self.response: Response | None = None
         self.stopped: Response | None = None  # the reply a barge-in or cancel just stopped (truncate may name it)
-        self.held: tuple[np.ndarray, SpeechStopped] | None = None  # VAD turn committed, answered on `respond`
+        self.held: tuple[np.ndarray, SpeechStopped, str] | None = None  # VAD turn committed, answered on `respond`
         self.idle: list[np.ndarray] = []  # server VAD: the caller's silence since the last reply played out
         self.idle_samples = 0
         self.caller_turn = CallerTurn(self)  # the turn in progress, encoded and prefilled while spoken
@@ -206,8 +206,8 @@ class ConverseCall:
                                            f"{MAX_FUNCTION_OUTPUT_BYTES}-byte limit: return less", "function_call_output")
             return
         try:
-            await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(role="tool",
-                                                                                            text=out.output)]))
+            await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(
+                role="tool", text=out.output, item_id=out.item_id or None)]))
         except ApiError as exc:
             self.error(exc.code, exc.message, "function_call_output")
 
@@ -226,8 +226,10 @@ class ConverseCall:
             self.error("FAILED_PRECONDITION", "a reply is being generated: send user_text after its response_done "
                                               "(or cancel it)", "user_text")
             return
+        item = event.user_text.item_id or "item_" + secrets.token_hex(6)
         try:
-            await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(role="user", text=text)]))
+            await store_call(self.service.store.append_turns(self.session_id, [HistoryTurn(role="user", text=text,
+                                                                                            item_id=item)]))
         except ApiError as exc:
             self.error(exc.code, exc.message, "user_text")
 
@@ -239,10 +241,32 @@ class ConverseCall:
                                               "cancel it", "respond")
             return
         if self.held is not None:
-            (audio, stopped), self.held = self.held, None
-            await self.start_turn(audio, stopped, announce=False)  # its `committed` was sent when it was held
+            (audio, stopped, item), self.held = self.held, None
+            await self.start_turn(audio, stopped, item=item)  # its `committed` was sent when it was held
             return
         await self.start_turn(None)
+
+    async def on_delete_turn(self, event: pb.ClientEvent) -> None:
+        """Remove a turn from the history (by its item id, or a reply's response id)."""
+        item = event.delete_turn.item_id
+        if self.response is not None and self.response.running():
+            self.error("FAILED_PRECONDITION", "a reply is being generated: delete turns after its response_done",
+                       "delete_turn")
+            return
+        try:
+            deleted = await store_call(self.service.store.delete_turn(self.session_id, item))
+        except ApiError as exc:
+            self.error(exc.code, exc.message, "delete_turn")
+            return
+        if not deleted:
+            self.error("NOT_FOUND", f"no turn {quoted(item)} in the session's history (it may have been trimmed)",
+                       "delete_turn")
+            return
+        # the history moved: a later truncate or playback ack may not name a reply by its old place
+        if self.response is not None and not self.response.running():
+            self.response = None
+        self.stopped = None
+        await self.outbox.put(pb.ServerEvent(turn_deleted=pb.TurnDeleted(item_id=item)))
 
     async def on_truncate(self, event: pb.ClientEvent) -> None:
         """The caller heard the reply only up to audio_end_ms: cut its assistant turn there."""
@@ -282,7 +306,8 @@ class ConverseCall:
 
     HANDLERS = {"session": on_session, "audio": on_audio, "commit": on_commit, "clear": on_clear,
                 "cancel": on_cancel, "playback": on_playback, "function_call_output": on_function_call_output,
-                "truncate": on_truncate, "user_text": on_user_text, "respond": on_respond}
+                "truncate": on_truncate, "user_text": on_user_text, "respond": on_respond,
+                "delete_turn": on_delete_turn}
 
     # ---- turns ----
 
@@ -317,11 +342,12 @@ class ConverseCall:
         """The VAD ended the caller's turn: answer it, or hold it (create_response false), or answer it once
         the reply it spoke over is done (interrupt_response false)."""
         if not self.vad_option("create_response"):
-            if self.held is not None:  # a second utterance before `respond`: one turn of both
+            item = "item_" + secrets.token_hex(6)
+            if self.held is not None:  # a second utterance before `respond`: one turn of both (the newer name)
                 audio = np.concatenate([self.held[0], audio])
-            self.held = (audio, stopped)
+            self.held = (audio, stopped, item)
             await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
-                item_id="item_" + secrets.token_hex(6), audio_ms=len(stopped.audio) * 1000 // SAMPLE_RATE)))
+                item_id=item, audio_ms=len(stopped.audio) * 1000 // SAMPLE_RATE)))
             return
         r = self.response
         if r is not None and r.running() and not self.vad_option("interrupt_response"):
@@ -402,9 +428,10 @@ class ConverseCall:
         return trace
 
     async def start_turn(self, audio: np.ndarray | None, stopped: SpeechStopped | None = None,
-                         announce: bool = True) -> None:
+                         item: str | None = None) -> None:
         """audio: the caller's turn (None: no new speech, `respond`); stopped: the VAD's event that ended
-        this turn (None: a commit); announce: send `committed` (not for a turn held since its commit)."""
+        this turn (None: a commit); item: the turn's item id when its `committed` was sent already (a
+        turn held since its commit), else one is made and announced."""
         if self.response is not None and self.response.ahead is not None:
             self.aheads.append(self.response.ahead)  # the new turn's prefill waits for it (TurnRunner's lock)
         if self.response is not None and self.response.running():
@@ -413,13 +440,14 @@ class ConverseCall:
         trace = self.turn_trace(stopped)
         response = Response.new()
         self.response, self.stopped = response, None
-        if audio is not None and announce:
+        if audio is not None and item is None:
+            item = "item_" + secrets.token_hex(6)
             await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(
-                item_id="item_" + secrets.token_hex(6), audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
+                item_id=item, audio_ms=len(audio) * 1000 // SAMPLE_RATE)))
         await self.outbox.put(pb.ServerEvent(response_created=pb.ResponseCreated(response_id=response.response_id)))
         response.task = metrics.spawn(
             Exchange(self.service, self.session_id, self.cfg, audio, response, self.outbox.put, t_end, trace,
-                     spoken=self.caller_turn.take() if audio is not None else None).run(),
+                     spoken=self.caller_turn.take() if audio is not None else None, item_id=item).run(),
             "converse.exchange")
 
     def model_idle(self) -> bool:

@@ -157,7 +157,7 @@ class Exchange:
 
     def __init__(self, service: FunchatService, session_id: str, cfg: CallConfig, audio16k: np.ndarray | None,
                  response: Response, emit: Emit, t_end: float, trace: TurnTrace | None = None,
-                 spoken: SpokenTurn | None = None):
+                 spoken: SpokenTurn | None = None, item_id: str | None = None):
         """audio16k: the caller's turn (None: no new speech: the reply answers the history as it stands,
         which must end with the caller's turn or a function's output; only the reply is stored).
         emit: where the reply's events go (the call's outbox); t_end: when the caller's turn ended
@@ -165,6 +165,7 @@ class Exchange:
         encoded (and prefilled) while it was spoken (`CallerTurn`)."""
         self.service, self.session_id, self.cfg = service, session_id, cfg
         self.spoken = spoken
+        self.item_id = item_id  # the caller's turn's item id (its `committed`), kept with it in the history
         self.audio16k, self.response, self.emit, self.t_end = audio16k, response, emit, t_end
         self.audio_out = metrics.ReplyAudio(cfg.mode, t_end)  # first audio, underruns
         self.trace = trace or TurnTrace()
@@ -430,7 +431,8 @@ class Exchange:
     def user_turn(self, rows: np.ndarray, n_groups: int) -> HistoryTurn:
         """The caller's speech as its rows, marked with the model that encoded them."""
         return HistoryTurn(role="user", text=None, audio_rows=rows, n_groups=n_groups,
-                           audio_ms=len(self.audio16k) * 1000 // SAMPLE_RATE, audio_model=self.fingerprint)
+                           audio_ms=len(self.audio16k) * 1000 // SAMPLE_RATE, audio_model=self.fingerprint,
+                           item_id=self.item_id)
 
     def unusable(self, history: list[HistoryTurn], new: list[HistoryTurn]) -> int:
         """How many of the oldest turns the store may trim once `new` is appended: those no later

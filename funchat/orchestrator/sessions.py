@@ -169,6 +169,7 @@ class HistoryTurn:
     tool_calls: list | None = None
     response_id: str | None = None
     audio_model: str | None = None
+    item_id: str | None = None             # the caller's name for it (a committed item, a text or output item)
 
 
 @dataclass
@@ -208,7 +209,7 @@ def _encode_turn(turn: HistoryTurn, dtype: str = AUDIO_DTYPES["float32"]) -> tup
         audio, blob = {"shape": list(rows.shape), "dtype": dtype, "model": turn.audio_model}, rows.tobytes()
     doc = {"role": turn.role, "text": turn.text, "n_groups": int(turn.n_groups), "audio_ms": int(turn.audio_ms),
            "truncated": bool(turn.truncated), "tool_calls": turn.tool_calls, "response_id": turn.response_id,
-           "audio": audio}
+           "audio": audio, "item_id": turn.item_id}
     return doc, blob
 
 
@@ -221,7 +222,7 @@ def _decode_turn(doc: dict, blob: bytes | None) -> HistoryTurn:
     return HistoryTurn(role=doc["role"], text=doc.get("text"), audio_rows=rows, n_groups=doc.get("n_groups", 0),
                        audio_ms=doc.get("audio_ms", 0), truncated=doc.get("truncated", False),
                        tool_calls=doc.get("tool_calls"), response_id=doc.get("response_id"),
-                       audio_model=(doc.get("audio") or {}).get("model"))
+                       audio_model=(doc.get("audio") or {}).get("model"), item_id=doc.get("item_id"))
 
 
 def _dumps(obj: Any) -> str:
@@ -504,6 +505,31 @@ class SessionStore:
             stored[k] = doc
 
         await self._write(session_id, queue, lease=lease)
+
+    @_store_op
+    async def delete_turn(self, session_id: str, item_id: str) -> bool:
+        """Delete the turn named `item_id` (its item id, or a reply's response id), its audio included;
+        the later turns' audio keys move down one number with them, in the same transaction. Refused
+        (SessionBusy) while a turn holds the session. -> whether there was such a turn."""
+        turns_key = self._turns_key(session_id)
+
+        def queue(pipe, meta: dict, stored: list[dict]) -> bool:
+            k = next((i for i, t in enumerate(stored) if item_id in (t.get("item_id"), t.get("response_id"))), None)
+            if k is None:
+                return False
+            dropped = meta.get("dropped", 0)
+            if stored[k].get("audio") is not None:
+                pipe.delete(self._audio_key(session_id, dropped + k))
+            for j in range(k + 1, len(stored)):  # "audio:<n> exists iff turn n has audio", renumbered
+                if stored[j].get("audio") is not None:
+                    pipe.rename(self._audio_key(session_id, dropped + j), self._audio_key(session_id, dropped + j - 1))
+            del stored[k]
+            pipe.delete(turns_key)
+            if stored:
+                pipe.rpush(turns_key, *[_dumps(t) for t in stored])
+            return True
+
+        return await self._write(session_id, queue, exclusive=True)
 
     @_store_op
     async def set_state(self, session_id: str, state: str, active: dict | None = None,

@@ -283,7 +283,7 @@ def test_bad_events_get_an_error_naming_them_and_the_call_goes_on(stack, tiny_pi
         (json.dumps({"type": "conversation.item.create",
                      "item": {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": ""}]}}),
          "unsupported_value", "input_text"),
-        (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "unsupported_event", "delete"),
+        (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "not_found", "no turn"),
     ]
 
     async def main():
@@ -593,3 +593,45 @@ def test_server_vad_without_create_response_commits_the_turn_and_answers_it_on_r
     triggered = next(e for e in idle if e.type == "input_audio_buffer.timeout_triggered")
     assert triggered.audio_end_ms - triggered.audio_start_ms == 1000
     assert reply(idle)["done"].response.status == "completed"
+
+
+def test_deleted_items_leave_the_history_and_the_next_turn_is_answered_without_them(
+        stack, tiny_pipeline, tiny_checkpoint, speech):
+    a, b, c = pcm16_samples(speech[:48000]), pcm16_samples(speech[40000:96000]), pcm16_samples(speech[16000:56000])
+
+    async def main():
+        async with connect(stack) as conn:
+            created = (await until(conn, "session.created"))[-1]
+            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
+            await until(conn, "session.updated")
+            first = await spoken_turn(conn, pcm16_bytes(a))
+            second = await spoken_turn(conn, pcm16_bytes(b))
+            user_item = next(e for e in first if e.type == "input_audio_buffer.committed").item_id
+            reply_item = [e for e in first if e.type == "response.output_item.done"][-1].item.id
+            deleted = []
+            for item in (user_item, reply_item):
+                await conn.conversation.item.delete(item_id=item)
+                deleted.append((await until(conn, "conversation.item.deleted"))[-1].item_id)
+            await conn.send({"type": "conversation.item.delete", "event_id": "evt_again", "item_id": user_item})
+            again = (await until(conn, "error"))[-1]
+            third = await spoken_turn(conn, pcm16_bytes(c))
+            return created.session.id, (user_item, reply_item), deleted, again, second, third
+
+    session_id, items, deleted, again, second, third = asyncio.run(main())
+    assert deleted == list(items)
+    assert again.error.code == "not_found" and again.error.event_id == "evt_again"
+    gen = GenerationConfig.greedy(Mode.S2S, MAX_NEW)
+    ref1 = tiny_pipeline.respond(a, gen=gen)
+    ref2 = tiny_pipeline.respond(b, history=[{"role": "user", "content": a}, {"role": "assistant", "content": ref1.text}],
+                                 gen=gen)
+    assert_same_as_oracle(reply(second), ref2, tiny_checkpoint)
+    ref3 = tiny_pipeline.respond(c, history=[{"role": "user", "content": b}, {"role": "assistant", "content": ref2.text}],
+                                 gen=gen)
+    assert_same_as_oracle(reply(third), ref3, tiny_checkpoint)
+
+    async def stored():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
+    turns = asyncio.run(stored()).turns
+    assert [(t.role, t.text) for t in turns] == [("user", ""), ("assistant", ref2.text), ("user", ""),
+                                                 ("assistant", ref3.text)]

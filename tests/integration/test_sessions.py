@@ -114,6 +114,28 @@ def test_update_turn_cuts_the_last_assistant_turn(redis_server):
     assert (cut.text, cut.truncated, cut.response_id) == ("one two", True, "r1")
 
 
+def test_delete_turn_keeps_every_later_turns_audio_with_it(redis_server, plain):
+    """Audio is keyed by turn number: deleting a turn moves the later turns' audio down with them."""
+    async def body(store):
+        sid = (await store.create(CONFIG)).session_id
+        await store.append_turns(sid, [
+            HistoryTurn(role="user", audio_rows=rows(1), n_groups=7, item_id="u1"),
+            HistoryTurn(role="assistant", text="one", response_id="r1"),
+            HistoryTurn(role="user", text="typed", item_id="u2"),
+            HistoryTurn(role="assistant", text="two", response_id="r2"),
+            HistoryTurn(role="user", audio_rows=rows(3), n_groups=7, item_id="u3")])
+        gone = [await store.delete_turn(sid, name) for name in ("u1", "r2", "nope")]
+        return sid, gone, await store.get(sid)
+
+    sid, gone, got = run_with_store(redis_server.url, body)
+    assert gone == [True, True, False]
+    assert [(t.role, t.text, t.item_id, t.response_id) for t in got.turns] == [
+        ("assistant", "one", None, "r1"), ("user", "typed", "u2", None), ("user", None, "u3", None)]
+    assert got.turns[2].audio_rows.tobytes() == rows(3).tobytes()
+    audio_keys = sorted(k.decode() for k in plain.keys(f"funchat:session:{sid}:audio:*"))
+    assert audio_keys == [f"funchat:session:{sid}:audio:2"]  # exactly one, where the last turn now is
+
+
 def test_state_active_owner_and_config(redis_server):
     active = {"response_id": "r9", "llm": "127.0.0.1:1", "refined_head": "127.0.0.1:2", "correlation_id": "c",
               "replica": "orch-1", "started_at": 1.5}

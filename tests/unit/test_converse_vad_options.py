@@ -29,9 +29,9 @@ class RecordingCall(ConverseCall):
         super().__init__(service, "sid", CallConfig(vad={**VAD_DEFAULTS, "silence_duration_ms": 800, **vad}))
         self.turns: list[int | None] = []
 
-    async def start_turn(self, audio, stopped=None, announce=True) -> None:
+    async def start_turn(self, audio, stopped=None, item=None) -> None:
         self.turns.append(None if audio is None else len(audio))
-        if audio is not None and announce:
+        if audio is not None and item is None:
             await self.outbox.put(pb.ServerEvent(committed=pb.InputAudioCommitted(audio_ms=len(audio) // 16)))
 
     async def send(self, samples: np.ndarray) -> None:

@@ -46,7 +46,7 @@ FEW = settings(max_examples=40, deadline=None, derandomize=True, database=None,
 VOICES = {"alice", "bob"}
 MAX_NEW_TOKENS = 512
 CONFIG_CODES = {"INVALID_ARGUMENT"}  # what parse_config may refuse with
-EVENT_CODES = {"INVALID_ARGUMENT", "FAILED_PRECONDITION"}  # what one refused Converse event gets
+EVENT_CODES = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND"}  # what one refused Converse event gets
 MAX_ERROR_CHARS = 1000  # a refusal says what to fix; it never echoes a caller's megabytes
 HUGE_TEXT = "\u00e9" * (1 << 20)  # 2 MiB of UTF-8 in one string
 
@@ -402,6 +402,9 @@ def test_refusals_quote_huge_strings_cut():
 class FakeStore:
     async def append_turns(self, session_id, turns):
         return len(turns)
+
+    async def delete_turn(self, session_id, item_id):
+        return False  # no such turn: NOT_FOUND
 
 
 class RecordingCall(ConverseCall):

@@ -42,7 +42,7 @@ CONVERSE_KINDS = {"audio": "input_audio_buffer.append", "commit": "input_audio_b
                   "clear": "input_audio_buffer.clear", "cancel": "response.cancel",
                   "truncate": "conversation.item.truncate", "function_call_output": "conversation.item.create",
                   "session": "session.update", "user_text": "conversation.item.create",
-                  "respond": "response.create"}
+                  "respond": "response.create", "delete_turn": "conversation.item.delete"}
 
 
 class CallContext:
@@ -345,7 +345,7 @@ class RealtimeCall:
             run.send(pb.ClientEvent(respond=pb.ResponseCreate()))
             return
         run.send(pb.ClientEvent(commit=pb.InputAudioCommit()))
-        self.committed = None
+        self.events.manual_item, self.committed = self.committed, None
         for held in self.held:
             run.send(held)
         self.held.clear()
@@ -392,9 +392,10 @@ class RealtimeCall:
         if not isinstance(call_id, str) or not isinstance(output, str):
             raise RealtimeError("invalid_value", "a function_call_output item needs `call_id` and `output` strings",
                                 param="item")
+        name = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else item_id()
         self.converse().send(pb.ClientEvent(function_call_output=pb.FunctionCallOutput(call_id=call_id,
-                                                                                       output=output)))
-        done = {"id": item.get("id") or item_id(), "object": "realtime.item", "type": "function_call_output",
+                                                                                       output=output, item_id=name)))
+        done = {"id": name, "object": "realtime.item", "type": "function_call_output",
                 "status": "completed", "call_id": call_id, "output": output}
         for out in self.events.added_item(done):
             await self.send(out)
@@ -409,15 +410,25 @@ class RealtimeCall:
                                                      "({\"type\": \"input_text\", \"text\": ...}); send speech with "
                                                      "input_audio_buffer.append", param="item.content")
         text = "\n".join(c["text"] for c in content)
-        self.converse().send(pb.ClientEvent(user_text=pb.UserText(text=text)))
-        done = {"id": item.get("id") or item_id(), "object": "realtime.item", "type": "message", "role": "user",
+        name = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else item_id()
+        self.converse().send(pb.ClientEvent(user_text=pb.UserText(text=text, item_id=name)))
+        done = {"id": name, "object": "realtime.item", "type": "message", "role": "user",
                 "status": "completed", "content": [{"type": "input_text", "text": text}]}
         for out in self.events.added_item(done):
             await self.send(out)
 
     async def on_item_delete(self, event: dict) -> None:
-        raise RealtimeError("unsupported_event", "conversation.item.delete is not supported: the history is kept "
-                                                 "as spoken (conversation.item.truncate cuts a reply)")
+        """Remove an item's turn from the history. An assistant reply is one turn: deleting its message or
+        one of its function calls deletes the reply."""
+        item = event.get("item_id")
+        if not isinstance(item, str) or not item:
+            raise RealtimeError("invalid_value", "conversation.item.delete needs an `item_id`", param="item_id")
+        if item == self.committed:
+            raise RealtimeError("invalid_value", f"item {item[:64]!r} is committed and waiting for response.create: "
+                                                 "it joins the history when it is answered", param="item_id")
+        turn = self.events.turn_of_item.get(item) or self.events.reply_of_item.get(item) or item
+        self.events.deleting[turn] = item
+        self.converse().send(pb.ClientEvent(delete_turn=pb.DeleteTurn(item_id=turn)))
 
     async def on_item_retrieve(self, event: dict) -> None:
         raise RealtimeError("unsupported_event", "conversation.item.retrieve is not supported")

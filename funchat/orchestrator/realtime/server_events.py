@@ -72,7 +72,10 @@ class ServerEvents:
         self.user_item: str | None = None  # the caller's turn in progress (VAD: from speech_started)
         self.reply: ReplyState | None = None  # the reply in progress
         self.replies: dict[str, ReplyState] = {}  # response_id -> its items (truncate, late interrupted)
-        self.reply_of_item: dict[str, str] = {}  # assistant message item id -> response_id
+        self.reply_of_item: dict[str, str] = {}  # assistant item id (message, function call) -> response_id
+        self.turn_of_item: dict[str, str] = {}  # a caller's audio item id -> its turn's id in Converse
+        self.manual_item: str | None = None  # manual turns: the item whose commit went to Converse last
+        self.deleting: dict[str, str] = {}  # Converse turn id -> the item id the client asked to delete
 
     @property
     def responding(self) -> bool:
@@ -123,10 +126,17 @@ class ServerEvents:
                  "audio_start_ms": e.audio_start_ms, "audio_end_ms": e.audio_end_ms, "item_id": self.user_item}]
 
     def on_committed(self, e: pb.InputAudioCommitted) -> list[dict]:
-        if self.session().manual:
-            return []  # announced at the client's commit (RealtimeCall.on_commit)
+        if self.session().manual:  # announced at the client's commit (RealtimeCall.on_commit)
+            if self.manual_item is not None:
+                self.turn_of_item[self.manual_item], self.manual_item = e.item_id, None
+            return []
         item, self.user_item = self.user_item or item_id(), None
+        self.turn_of_item[item] = e.item_id
         return self.committed(item)
+
+    def on_turn_deleted(self, e: pb.TurnDeleted) -> list[dict]:
+        item = self.deleting.pop(e.item_id, e.item_id)
+        return [{"type": "conversation.item.deleted", "event_id": event_id(), "item_id": item}]
 
     def on_response_created(self, e: pb.ResponseCreated) -> list[dict]:
         self.reply = self.replies[e.response_id] = ReplyState(e.response_id)
@@ -176,6 +186,7 @@ class ServerEvents:
                 "call_id": e.call_id, "name": e.name, "arguments": e.arguments_json}
         index = len(reply.output)
         reply.calls.append(item)
+        self.reply_of_item[item["id"]] = reply.response_id
         previous, self.last_item = self.last_item, item["id"]
         where = {"response_id": reply.response_id, "item_id": item["id"], "output_index": index,
                  "call_id": e.call_id}
