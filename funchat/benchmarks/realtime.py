@@ -27,13 +27,10 @@ import numpy as np
 
 from funchat.benchmarks.e2e import DEFAULT_INPUT, BenchError, load_clip, log, start_stack
 from funchat.benchmarks.latency import median, spoken_turn as grpc_turn
+from funchat.client.audio import encode_audio
 
 CHUNK_S = 0.1
 MODEL = "fun-audio-chat"
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767.0).round().astype("<i2").tobytes()
 
 
 async def realtime_turn(base_url: str, api_key: str, clip: np.ndarray, max_new_tokens: int, timeout: float,
@@ -60,7 +57,7 @@ async def realtime_turn(base_url: str, api_key: str, clip: np.ndarray, max_new_t
         await next_of(conn, "session.updated")
         t0 = time.monotonic()
         for i, k in enumerate(range(0, len(clip), step)):
-            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16(clip[k:k + step])).decode())
+            await conn.input_audio_buffer.append(audio=base64.b64encode(encode_audio(clip[k:k + step], "pcm16")).decode())
             await asyncio.sleep(max(0.0, t0 + (i + 1) * chunk_s - time.monotonic()))
         await conn.input_audio_buffer.commit()
         await next_of(conn, "input_audio_buffer.committed")

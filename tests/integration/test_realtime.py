@@ -46,11 +46,20 @@ def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
         orch = start_orchestrator(run_dir, env, port, timeout=180)
         yield {"orch": orch, "key": key, "run_dir": run_dir, "keys_file": keys_file,
                "base_url": f"http://127.0.0.1:{orch.http_port}/v1",
-               "ws": f"ws://127.0.0.1:{orch.http_port}/v1/realtime", "target": f"127.0.0.1:{port}"}
+               "ws": f"ws://127.0.0.1:{orch.http_port}/v1/realtime", "page": f"http://127.0.0.1:{orch.http_port}/",
+               "target": f"127.0.0.1:{port}"}
     finally:
         if orch is not None:
             orch.stop()
         redis_server.stop()
+
+
+def stored_turns(stack, session_id: str) -> list:
+    """The session's history as GetSession (gRPC, the same key) shows it."""
+    async def get():
+        async with grpc.aio.insecure_channel(stack["target"]) as ch:
+            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
+    return list(asyncio.run(get()).turns)
 
 
 def connect(stack, api_key: str | None = None, model: str = MODEL):
@@ -227,10 +236,7 @@ def test_truncate_cuts_the_reply_and_the_next_turn_is_answered_from_the_cut_hist
     assert past.error.code == "invalid_argument" and "past the end" in past.error.message
     assert past.error.event_id == "evt_past"
 
-    async def stored():
-        async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
-    turns = asyncio.run(stored()).turns
+    turns = stored_turns(stack, session_id)
     assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
     gen = GenerationConfig.greedy(Mode.S2S, MAX_NEW)
     ref1 = tiny_pipeline.respond(a, gen=gen)
@@ -533,10 +539,7 @@ def test_a_user_text_message_is_answered_on_response_create_as_the_oracle(stack,
     assert_same_as_oracle(reply(second), ref2, tiny_checkpoint)
     assert empty.error.code == "invalid_argument" and empty.error.event_id == "evt_empty"
 
-    async def stored():
-        async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
-    turns = asyncio.run(stored()).turns
+    turns = stored_turns(stack, session_id)
     assert [(t.role, t.text) for t in turns] == [("user", ""), ("assistant", ref1.text), ("user", question),
                                                  ("assistant", ref2.text)]
 
@@ -629,9 +632,6 @@ def test_deleted_items_leave_the_history_and_the_next_turn_is_answered_without_t
                                  gen=gen)
     assert_same_as_oracle(reply(third), ref3, tiny_checkpoint)
 
-    async def stored():
-        async with grpc.aio.insecure_channel(stack["target"]) as ch:
-            return await funchat_stub(ch, stack["key"]).GetSession(pb.GetSessionRequest(session_id=session_id))
-    turns = asyncio.run(stored()).turns
+    turns = stored_turns(stack, session_id)
     assert [(t.role, t.text) for t in turns] == [("user", ""), ("assistant", ref2.text), ("user", ""),
                                                  ("assistant", ref3.text)]

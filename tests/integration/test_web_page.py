@@ -26,35 +26,14 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from funchat.dev.redis_server import start_redis
-from funchat.dev.stack import start_orchestrator
-from funchat.dev.tritonserver import free_port
 from tests.integration.pcm import pcm16_bytes
-from tests.integration.test_orchestrator import SECRET
+from tests.integration.test_realtime import stack  # noqa: F401 (the module's own stack, as test_realtime's)
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT_COPY = Path("/tmp/funchat_web_page.png")
 SPEECH_S = 5.6  # the recording's speech (it ends at ~5.55 s), then silence; chromium loops the file
 SILENCE_S = 2.0
 REPLY_TIMEOUT_S = 90.0
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory, make_api_key, model_services):
-    run_dir = tmp_path_factory.mktemp("web-page")
-    keys_file, key = make_api_key(run_dir, "dev")
-    redis_server = start_redis(run_dir)
-    env = {"FUNCHAT_CHECKPOINT": str(tiny_checkpoint), "FUNCHAT_REDIS_URL": redis_server.url,
-           "FUNCHAT_RESUME_SECRET": SECRET, "FUNCHAT_ENDPOINTS": json.dumps(model_services.endpoints),
-           "FUNCHAT_MAX_NEW_TOKENS": "512", "FUNCHAT_AUTH": "api_keys", "FUNCHAT_API_KEYS_FILE": str(keys_file)}
-    orch = None
-    try:
-        orch = start_orchestrator(run_dir, env, free_port(), timeout=180)
-        yield {"orch": orch, "key": key, "page": f"http://127.0.0.1:{orch.http_port}/"}
-    finally:
-        if orch is not None:
-            orch.stop()
-        redis_server.stop()
 
 
 @pytest.fixture(scope="module")
