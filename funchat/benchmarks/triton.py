@@ -31,6 +31,7 @@ from funchat.orchestrator.model_clients import (LLM_STEP_OUTPUTS, AudioTokenizer
                                                 VocoderClient)
 from funchat.dev.tritonserver import start_servers
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
+from funchat.vocoder.token2wav import StreamPush
 
 CONCURRENCY = (1, 4, 16)
 
@@ -126,8 +127,8 @@ async def bench(ckpt: Path, cluster, audio: np.ndarray, repeats: int) -> dict:
         # vocoder: a first chunk (18 codes) of a new incremental stream per request
         row["vocoder_first_chunk"] = {
             "service": await _service(lambda w, i: voc.push(codes, None, final=False, mode="incremental"), c, repeats),
-            "in_process": _in_process(lambda n, i: [vocoder.push(vocoder.start(xvec), codes) for _ in range(n)],
-                                      c, repeats)}
+            "in_process": _in_process(lambda n, i: vocoder.push_many([StreamPush(vocoder.start(xvec), codes)
+                                                                      for _ in range(n)]), c, repeats)}
         results[str(c)] = row
     for client in (tok, llm, srh, voc):
         await client.close()

@@ -18,6 +18,10 @@ the values):
 4. flow window (tiny): incremental mel SNR against offline, and the cost per chunk, for
    `flow_left_tokens` 10, 25, 50 (default), 100 on a ~500-token utterance; the reference
    streaming path for comparison.
+5. concurrent calls: n incremental calls that start together, pushed one by one (as one service
+   instance ran them before batching) against together (`push_many`, as the service now runs a
+   dynamic batch): the last call's first chunk, then the time of a round of one 15-token push per
+   call, per-call RTF (round / 0.6 s), and the speed-up, measured in the same run.
 
 `--quick` shortens everything (a smoke run of the script).
 """
@@ -38,12 +42,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from funchat.vocoder.token2wav import StreamConfig, StreamState, Token2Wav, VocoderConfig
+from funchat.vocoder.token2wav import StreamConfig, StreamPush, StreamState, Token2Wav, VocoderConfig
 
 MODES = ("incremental", "reference")
 POSITIONS = (100, 500, 1000, 2500, 5000, 7500)
 WINDOWS = (10, 25, 50, 100)
 HOP = 15
+FIRST_HOP_TOKENS = 18  # first_hop (15) + look-ahead (3): the push that gives a call its first chunk
 
 
 def log(msg: str) -> None:
@@ -198,6 +203,33 @@ def bench_windows(model: Token2Wav, xvec: torch.Tensor, n_tokens: int, windows: 
 # -- tables --------------------------------------------------------------------------------
 
 
+def bench_concurrent(model: Token2Wav, xvec: torch.Tensor, calls: int, rounds: int) -> dict[str, Any]:
+    """n calls started together, pushed one by one and together: first chunks and steady rounds."""
+    first = FIRST_HOP_TOKENS
+    streams = {k: [tokens(first + rounds * HOP + 3, 500 + i) for i in range(calls)] for k in ("serial", "batched")}
+    out: dict[str, Any] = {"calls": calls}
+    warm = model.start(xvec)
+    model.push(warm, tokens(first + HOP, 1))  # first-use costs out of the timing
+    for kind, toks in streams.items():
+        states = [model.start(xvec) for _ in range(calls)]
+
+        def push_round(lo: int, hi: int) -> None:
+            pushes = [StreamPush(s, t[lo:hi]) for s, t in zip(states, toks)]
+            if kind == "batched":
+                model.push_many(pushes)
+            else:
+                for p in pushes:
+                    model.push(p.state, p.tokens)
+
+        first_s, _ = timed(lambda: push_round(0, first))
+        round_s = [timed(lambda: push_round(first + r * HOP, first + (r + 1) * HOP))[0] for r in range(rounds)]
+        out[kind] = {"first_chunk_ms": first_s * 1e3, "round_s": statistics.median(round_s),
+                     "rtf_per_call": statistics.median(round_s) / (HOP / 25)}
+    out["round_speedup"] = out["serial"]["round_s"] / out["batched"]["round_s"]
+    out["first_chunk_speedup"] = out["serial"]["first_chunk_ms"] / out["batched"]["first_chunk_ms"]
+    return out
+
+
 def _cell(value: float | None, fmt: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
 
@@ -239,6 +271,17 @@ def print_tables(report: dict[str, Any]) -> None:
             print(f"{name:<18}{r['snr_db']:>11.1f}{r['chunk_ms_median']:>10.1f}{r['chunk_ms_max']:>9.1f}{r['chunks']:>8}")
         print("(ms/chunk: median once the window is full; reference mode: median over the call, it grows)")
 
+    if report.get("concurrent"):
+        print(f"\n[5] concurrent calls, one by one against batched (push_many): last first chunk and a "
+              f"{HOP}-token round for all calls")
+        print(f"{'preset':<8}{'calls':>6}{'first ms 1by1':>15}{'first ms batch':>16}{'round s 1by1':>14}"
+              f"{'round s batch':>15}{'RTF/call batch':>16}{'speed-up':>10}")
+        for name, levels in report["concurrent"].items():
+            for r in levels:
+                print(f"{name:<8}{r['calls']:>6}{r['serial']['first_chunk_ms']:>15.1f}{r['batched']['first_chunk_ms']:>16.1f}"
+                      f"{r['serial']['round_s']:>14.3f}{r['batched']['round_s']:>15.3f}"
+                      f"{r['batched']['rtf_per_call']:>16.3f}{r['round_speedup']:>9.2f}x")
+
 
 # -- main ----------------------------------------------------------------------------------
 
@@ -274,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "cpu": platform.processor() or platform.machine(), "quick": quick,
                  "reference_budget_s": args.reference_budget_s, "reference_total_s": args.reference_total_s,
                  "hop": HOP, "long_tokens": long_tokens, "full_long_tokens": full_long},
-        "offline": {}, "first_chunk": {}, "long_call": {}, "windows": None,
+        "offline": {}, "first_chunk": {}, "long_call": {}, "windows": None, "concurrent": {},
     }
     xvec = speaker()
     snapshots: dict[int, bytes] = {}
@@ -322,6 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "tiny":
             log(f"  flow windows, {window_tokens} tokens")
             report["windows"] = bench_windows(model, xvec, window_tokens, WINDOWS)
+        levels = (1, 4) if quick or name == "full" else (1, 4, 16)
+        log(f"  concurrent calls {levels}")
+        report["concurrent"][name] = [bench_concurrent(model, xvec, n, 1 if quick or name == "full" else 3)
+                                      for n in levels]
         del model
 
     report["meta"]["elapsed_s"] = time.perf_counter() - started

@@ -9,6 +9,9 @@ per-stream slot to time out. In incremental mode the state stays small (the HiFT
 a few KB plus the token list); in reference mode it holds the whole mel history, as that path needs.
 
 Each request is one push: `Token2Wav.push(state, tokens, final=final)`, its chunks concatenated.
+Requests that arrive together (Triton's dynamic batcher) are pushed together
+(`Token2Wav.push_many`): the chunk calls of different calls run as one flow forward and, in
+mid-call, one HiFT run; a request refused for its own input is answered alone.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 import torch
 
 from funchat.engines.triton_adapter import ServiceParams
+from funchat.errors import FunchatError
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
-from funchat.vocoder.token2wav import MODES, StreamState, Token2Wav, VocoderInputError
+from funchat.vocoder.token2wav import MODES, StreamPush, StreamState, Token2Wav, VocoderInputError
 
 
 @dataclass
@@ -45,10 +49,29 @@ class VocoderEngine:
         self.speakers = speakers
 
     def push(self, push: VocoderPush) -> VocoderOutput:
-        state = self._state(push)
-        chunks = self.vocoder.push(state, push.tokens, final=push.final)
-        audio = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
-        return VocoderOutput(audio.astype(np.float32, copy=False), state.to_bytes(), state.dropped_codes)
+        result = self.push_batch([push])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def push_batch(self, pushes: list[VocoderPush]) -> list[VocoderOutput | FunchatError]:
+        """Pushes of different streams, run together: -> per push its output, or the input error
+        that refused it (bad state, speaker, mode or tokens; the others go on)."""
+        results: list[VocoderOutput | FunchatError | None] = [None] * len(pushes)
+        accepted: list[tuple[int, StreamPush]] = []
+        for i, push in enumerate(pushes):
+            try:
+                accepted.append((i, StreamPush(self._state(push), push.tokens, push.final)))
+            except FunchatError as exc:
+                results[i] = exc
+        outcomes = self.vocoder.push_many([p for _, p in accepted])
+        for (i, p), chunks in zip(accepted, outcomes):
+            if isinstance(chunks, Exception):
+                results[i] = chunks
+                continue
+            audio = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
+            results[i] = VocoderOutput(audio.astype(np.float32, copy=False), p.state.to_bytes(), p.state.dropped_codes)
+        return results
 
     def _state(self, push: VocoderPush) -> StreamState:
         """The stream's state: a new one (from speaker and mode) or the caller's, decoded and checked."""

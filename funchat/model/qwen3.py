@@ -8,6 +8,8 @@ Shapes: B batch, T new positions, S cached positions, D hidden, H query heads, K
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,15 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+@dataclass
+class CacheWrite:
+    """Where one forward writes its new positions in a KVCache (`KVCache.plan_write`)."""
+
+    start: int | None  # the position every row starts at, or None when rows differ
+    end: int  # time-axis positions attended after the write (the longest row's new length)
+    index: torch.Tensor | None  # rows that differ: each row's new positions [B, 1, T, 1]
 
 
 class KVCache:
@@ -70,20 +81,32 @@ class KVCache:
                 pad = t.new_zeros(t.shape[0], t.shape[1], grow, t.shape[3])
                 store[i] = torch.cat([t, pad], dim=2)
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan_write(self, t: int) -> "CacheWrite":
+        """Where a forward of t new positions per row writes, computed once for all its layers:
+        the one host read of the rows' lengths (on a GPU, a device sync) per forward, not per layer.
+        Grows the time axis first when the longest row would outgrow it (as `reserve`)."""
+        starts = self.lengths.tolist()
+        need = max(starts, default=0) + t
+        if need > self.capacity:
+            self.ensure_capacity(max(need, 2 * self.capacity))
+        if len(set(starts)) <= 1:
+            start = starts[0] if starts else 0
+            return CacheWrite(start=start, end=start + t, index=None)
+        positions = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)[None]  # [B, T]
+        return CacheWrite(start=None, end=max(starts) + t, index=positions[:, None, :, None])  # [B, 1, T, 1]
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+              where: "CacheWrite") -> tuple[torch.Tensor, torch.Tensor]:
         """Store k_new/v_new [B, K, T, d] after each row's length; return views [B, K, S, d]."""
         t = k_new.shape[2]
-        if uniform:
-            start = int(self.lengths[0])
-            self.k[layer][:, :, start:start + t] = k_new
-            self.v[layer][:, :, start:start + t] = v_new
-        else:
-            for b in range(self.batch):
-                start = int(self.lengths[b])
-                self.k[layer][b, :, start:start + t] = k_new[b]
-                self.v[layer][b, :, start:start + t] = v_new[b]
-        end = self.max_length() + t
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if where.index is None:  # every row starts at the same position: one slice
+            self.k[layer][:, :, where.start:where.start + t] = k_new
+            self.v[layer][:, :, where.start:where.start + t] = v_new
+        else:  # rows of different lengths: one scatter along the time axis, no per-row loop
+            index = where.index.expand(-1, k_new.shape[1], -1, k_new.shape[3])  # [B, K, T, d]
+            self.k[layer].scatter_(2, index, k_new)
+            self.v[layer].scatter_(2, index, v_new)
+        return self.k[layer][:, :, :where.end], self.v[layer][:, :, :where.end]
 
     def advance(self, new_lens: torch.Tensor) -> None:
         self.lengths = self.lengths + new_lens
@@ -157,14 +180,14 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool, cache: KVCache | None, layer: int, uniform: bool) -> torch.Tensor:
+                causal: bool, cache: KVCache | None, layer: int, where: CacheWrite | None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, d]
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, K, T, d]
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, T, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(layer, k, v, uniform)  # [B, K, S, d]
+            k, v = cache.write(layer, k, v, where)  # [B, K, S, d]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                              enable_gqa=self.n_heads != self.n_kv)  # [B, H, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -189,8 +212,8 @@ class Qwen3Layer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, causal, cache, layer, uniform):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, layer, uniform)
+    def forward(self, x, cos, sin, mask, causal, cache, layer, where):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, layer, where)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -224,24 +247,21 @@ class Qwen3Model(nn.Module):
         steps = torch.arange(t, device=device)
         if cache is None:
             positions = steps[None].expand(b, t)
-            mask, causal, uniform = None, True, True
+            mask, causal, where = None, True, None
         else:
-            cache.reserve(t)
-            past = cache.lengths  # [B]
-            positions = past[:, None] + steps[None]  # [B, T]
-            uniform = bool((past == past[0]).all()) if b > 1 else True
-            if uniform and int(past[0]) == 0:
+            where = cache.plan_write(t)  # the forward's only read of the lengths on the host (grows the cache)
+            positions = cache.lengths[:, None] + steps[None]  # [B, T]
+            if where.start == 0:
                 mask, causal = None, True  # plain causal prefill
-            elif uniform and t == 1:
+            elif where.start is not None and t == 1:
                 mask, causal = None, False  # one new position sees everything cached
             else:
-                s = cache.max_length() + t
-                keys = torch.arange(s, device=device)
+                keys = torch.arange(where.end, device=device)
                 mask = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
                 mask, causal = mask[:, None], False  # [B, 1, T, S]
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, causal, cache, i, uniform)
+            x = layer(x, cos, sin, mask, causal, cache, i, where)
         if cache is not None:
             cache.advance(new_lens if new_lens is not None else torch.full((b,), t, device=device))
         return self.norm(x)

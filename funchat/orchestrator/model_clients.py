@@ -245,20 +245,20 @@ class VocoderClient(_Client):
         produced (default: now). -> (24 kHz samples ready now [m] float32, the new state, codes dropped
         so far in the stream)."""
         ready_at = time.perf_counter() if ready_at is None else ready_at
-        codes = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
-        inputs = [_input("TOKENS", codes, "INT64"), _input("FINAL", np.array([bool(final)]), "BOOL")]
+        codes = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(1, -1))  # [1, n]: a batch of one
+        inputs = [_input("TOKENS", codes, "INT64"), _input("FINAL", np.array([[bool(final)]]), "BOOL")]
         if state:
-            inputs.append(_input("STATE", np.array([bytes(state)], dtype=np.object_), "BYTES"))
+            inputs.append(_input("STATE", np.array([[bytes(state)]], dtype=np.object_), "BYTES"))
         if speaker is not None:
-            inputs.append(_input("SPEAKER", np.array([speaker.encode()], dtype=np.object_), "BYTES"))
+            inputs.append(_input("SPEAKER", np.array([[speaker.encode()]], dtype=np.object_), "BYTES"))
         if mode is not None:
-            inputs.append(_input("MODE", np.array([mode.encode()], dtype=np.object_), "BYTES"))
+            inputs.append(_input("MODE", np.array([[mode.encode()]], dtype=np.object_), "BYTES"))
         result, _ = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at, span="vocoder.push",
                                    attributes={"funchat.codes": int(codes.size), "funchat.final": bool(final),
                                                "funchat.stream_start": state is None})
         audio = result.as_numpy("AUDIO")
-        return (audio.astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
-                bytes(result.as_numpy("STATE")[0]), int(result.as_numpy("DROPPED")[0]))
+        return (audio.reshape(-1).astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
+                bytes(result.as_numpy("STATE").reshape(-1)[0]), int(result.as_numpy("DROPPED").reshape(-1)[0]))
 
 
 class _SequenceClient(_Client):

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -144,6 +145,28 @@ class StreamState:
                    **meta)
 
 
+@dataclass
+class StreamPush:
+    """One push into one stream (`Token2Wav.push_many` takes several, of different streams)."""
+
+    state: StreamState
+    tokens: list[int] | np.ndarray
+    final: bool = False
+
+
+@dataclass
+class _HiftRun:
+    """A stream's HiFT input in a batched call: its mel history plus new frames, and the frames
+    already sent (`committed`) and given an f0 (`f0_new_end`), absolute."""
+
+    index: int
+    state: StreamState
+    mel_all: torch.Tensor  # [80, frames from state.mel_start]
+    committed: int
+    f0_new_end: int
+    cycles: torch.Tensor | None = None  # [frames, 9] float64 running phase, set by the batch
+
+
 def _move_state(state: StreamState, device: torch.device) -> None:
     """Put the state's tensors on `device` (no copy when they are there already)."""
     for name in ("xvec", "mel", "f0", "cycles"):
@@ -254,47 +277,101 @@ class Token2Wav(nn.Module):
         """Add tokens to the stream; return the chunks (1-D float32) that became ready, in order.
         With final=True the rest is flushed and the state is finished. `trace`, if given, gets one
         record per vocoder call (tokens so far, token offset, finalize, samples, the call's flow mel)."""
+        result = self.push_many([StreamPush(state, tokens, final)], trace)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def push_many(self, pushes: list["StreamPush"],
+                  trace: list[dict[str, Any]] | None = None) -> list[list[torch.Tensor] | VocoderInputError]:
+        """Push into several streams at once (one push per stream): -> per push, its chunks as in
+        `push`, or the VocoderInputError that refused it (that push changes nothing; the others
+        go on). Calls of different streams run together: the k-th vocoder call of every push is
+        one batched flow forward (windows padded and masked) and, for windows of equal length, one
+        batched HiFT run; each stream's samples equal those of pushing it alone (to float rounding)."""
+        results: list[list[torch.Tensor] | VocoderInputError] = []
+        plans: dict[int, list[tuple[int, bool]]] = {}
+        for i, push in enumerate(pushes):
+            try:
+                self._accept(push)
+            except VocoderInputError as exc:
+                results.append(exc)
+                continue
+            results.append([])
+            plans[i] = self._chunk_calls(push.state, push.final)
+        for r in range(max((len(plan) for plan in plans.values()), default=0)):
+            group = [i for i, plan in plans.items() if r < len(plan)]
+            chunks = self._run_calls([(pushes[i].state, *plans[i][r]) for i in group], trace)
+            for i, chunk in zip(group, chunks):
+                if chunk.numel():
+                    results[i].append(chunk)
+        for i in plans:
+            if pushes[i].final:
+                pushes[i].state.finished = True
+        return results
+
+    def _accept(self, push: "StreamPush") -> None:
+        """Check a push and add its codes to its stream; raises (changing nothing) if it is refused."""
+        state = push.state
         if state.finished:
             raise VocoderInputError("the stream is already finished")
-        codes, dropped = self.clean_tokens(tokens)
+        codes, dropped = self.clean_tokens(push.tokens)
         self._check_length(len(state.tokens) + len(codes), state.mode)  # before any change: no partial output
         state.dropped_codes += dropped
         state.tokens.extend(codes)
+
+    def _chunk_calls(self, state: StreamState, final: bool) -> list[tuple[int, bool]]:
+        """The vocoder calls the stream's tokens allow now: (tokens the call takes, finalize) each.
+        A chunk per hop once its look-ahead exists (and is not the stream's last token on a final
+        push), then on a final push the flush of the rest. A non-final call's look-ahead tokens are
+        only context: the stream's token offset moves to the hop's end."""
         la = self.cfg.flow.pre_lookahead_len
-        chunks = []
+        offset, n, calls = state.token_offset, len(state.tokens), []
         while True:
-            hop = self.cfg.stream.first_hop if state.token_offset == 0 else self.cfg.stream.hop
-            end = state.token_offset + hop
-            if end + la > len(state.tokens):
-                break
-            if final and end + la >= len(state.tokens):
-                break  # the final call covers it with real (not look-ahead) context
-            chunks.append(self._call(state, state.tokens[: end + la], False, trace))
-        if final:
-            if state.token_offset < len(state.tokens):
-                chunks.append(self._call(state, state.tokens, True, trace))
-            state.finished = True
-        return [c for c in chunks if c.numel()]
+            end = offset + (self.cfg.stream.first_hop if offset == 0 else self.cfg.stream.hop)
+            if end + la > n or (final and end + la >= n):
+                break  # not enough look-ahead yet, or the final call covers it with real context
+            calls.append((end + la, False))
+            offset = end
+        if final and offset < n:
+            calls.append((n, True))
+        return calls
 
     @torch.inference_mode()
-    def _call(self, state: StreamState, tokens: list[int], finalize: bool,
-              trace: list[dict[str, Any]] | None) -> torch.Tensor:
-        offset = state.token_offset
-        _move_state(state, self.device)
+    def _run_calls(self, calls: list[tuple[StreamState, int, bool]],
+                   trace: list[dict[str, Any]] | None) -> list[torch.Tensor]:
+        """One vocoder call per stream (state, tokens it takes, finalize), of different streams:
+        -> each call's new samples [m] on the CPU. Incremental calls run batched."""
+        offsets = [state.token_offset for state, _, _ in calls]
+        results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(calls)  # (chunk, flow mel)
+        for state, _, _ in calls:
+            _move_state(state, self.device)
         try:
             with parametrize.cached():
-                if state.mode == "reference":
-                    chunk, flow_mel = self._reference_call(state, tokens, finalize)
-                else:
-                    flow_mel = self.incremental_flow(state, tokens, finalize)
-                    chunk = self.incremental_hift(state, flow_mel, finalize)
+                incremental = []
+                for k, (state, n, finalize) in enumerate(calls):
+                    if state.mode == "reference":
+                        results[k] = self._reference_call(state, state.tokens[:n], finalize)
+                    else:
+                        incremental.append(k)
+                if incremental:
+                    batch = [calls[k] for k in incremental]
+                    mels = self.incremental_flow(batch)
+                    chunks = self.incremental_hift([(state, mel, finalize)
+                                                    for (state, _, finalize), mel in zip(batch, mels)])
+                    for k, chunk, mel in zip(incremental, chunks, mels):
+                        results[k] = (chunk, mel)
         finally:
-            _move_state(state, torch.device("cpu"))  # states travel as bytes: they live on the CPU
-        chunk, flow_mel = chunk.cpu(), flow_mel.cpu()
-        if trace is not None:
-            trace.append({"tokens": len(tokens), "offset": offset, "finalize": finalize,
-                          "samples": chunk.numel(), "flow_mel": flow_mel})
-        return chunk
+            for state, _, _ in calls:
+                _move_state(state, torch.device("cpu"))  # states travel as bytes: they live on the CPU
+        out = []
+        for (state, n, finalize), offset, (chunk, flow_mel) in zip(calls, offsets, results):
+            chunk, flow_mel = chunk.cpu(), flow_mel.cpu()
+            if trace is not None:
+                trace.append({"tokens": n, "offset": offset, "finalize": finalize,
+                              "samples": chunk.numel(), "flow_mel": flow_mel})
+            out.append(chunk)
+        return out
 
     def _reference_call(self, state: StreamState, tokens: list[int], finalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One call of the reference's server path; -> (new samples, this call's whole flow mel [80, T])."""
@@ -316,56 +393,100 @@ class Token2Wav(nn.Module):
         state.token_offset = n if finalize else n - self.cfg.flow.pre_lookahead_len
         return chunk, mel[0]
 
-    def incremental_flow(self, state: StreamState, tokens: list[int], finalize: bool) -> torch.Tensor:
-        """The mel frames this call makes final, from a bounded flow window: -> [80, new frames]."""
+    def incremental_flow(self, calls: list[tuple[StreamState, int, bool]]) -> list[torch.Tensor]:
+        """Calls (state, tokens it takes, finalize) of different streams -> the mel frames each
+        makes final [80, new frames], from bounded flow windows run as one batch.
+
+        Each window is [start, n): `flow_left_tokens` of left context plus the new tokens (and the
+        look-ahead), its noise at absolute frame positions. Windows of different lengths are
+        padded on the right and masked: the DiT's position convs are causal and padded frames are
+        masked out of attention, so padding changes no valid frame."""
         cfg = self.cfg
         ratio = cfg.flow.token_mel_ratio
-        n = len(tokens)
-        end_token = n if finalize else n - cfg.flow.pre_lookahead_len  # tokens whose mel this call makes final
-        # Flow over [start, n): left context + new tokens (+ look-ahead), noise at absolute frames.
-        start = max(0, state.token_offset - cfg.stream.flow_left_tokens)
-        window = torch.tensor([tokens[start:]], device=self.device)
-        mu = self.flow.mu(window, finalize)  # [1, 80, (end_token - start) * ratio] in the flow's dtype
-        noise = self._flow_noise_window(start * ratio, end_token * ratio).to(self.device)
-        mel = self.flow.solve(mu, self._speaker(state.xvec[None]), noise)  # [1, 80, frames] float32
-        new = mel[0, :, (state.token_offset - start) * ratio:]  # [80, new frames]
-        state.token_offset = end_token
-        return new
+        mus, noises, first_new = [], [], []
+        for state, n, finalize in calls:
+            end_token = n if finalize else n - cfg.flow.pre_lookahead_len  # tokens whose mel this call makes final
+            start = max(0, state.token_offset - cfg.stream.flow_left_tokens)
+            window = torch.tensor([state.tokens[start:n]], device=self.device)
+            mus.append(self.flow.mu(window, finalize)[0])  # [80, (end_token - start) * ratio] in the flow's dtype
+            noises.append(self._flow_noise_window(start * ratio, end_token * ratio)[0])  # [80, same]
+            first_new.append((state.token_offset - start) * ratio)
+            state.token_offset = end_token
+        frames = [mu.shape[1] for mu in mus]
+        longest = max(frames)
+        mu = torch.stack([F.pad(m, (0, longest - m.shape[1])) for m in mus])  # [B, 80, T]
+        noise = torch.stack([F.pad(z, (0, longest - z.shape[1])) for z in noises]).to(self.device)  # [B, 80, T]
+        lengths = torch.tensor(frames, device=self.device)
+        mask = (torch.arange(longest, device=self.device)[None] < lengths[:, None])[:, None]  # [B, 1, T] bool
+        xvecs = torch.stack([state.xvec for state, _, _ in calls])  # [B, 192]
+        mel = self.flow.solve(mu, self._speaker(xvecs), noise, mask=mask)  # [B, 80, T] float32
+        return [mel[b, :, first:t] for b, (first, t) in enumerate(zip(first_new, frames))]  # [80, new frames] each
 
-    def incremental_hift(self, state: StreamState, new: torch.Tensor, finalize: bool) -> torch.Tensor:
-        """Continue the waveform with new mel frames [80, F]; HiFT re-runs only its receptive field."""
-        spf = self.cfg.hift.samples_per_frame
-        # HiFT over [mel_start, total): history (receptive field) + new frames.
+    def incremental_hift(self, items: list[tuple[StreamState, torch.Tensor, bool]]) -> list[torch.Tensor]:
+        """Continue each stream's waveform with its new mel frames: items (state, new [80, F],
+        finalize) of different streams -> each one's new samples. HiFT re-runs only its receptive
+        field; streams whose HiFT inputs have the same length (every stream in mid-call: history
+        plus one hop) run as one batch. The STFT's reflect padding makes HiFT sensitive to both
+        ends of its input, so unequal lengths are not padded together but run in separate batches."""
+        chunks: list[torch.Tensor] = [None] * len(items)
+        groups: dict[tuple[int, bool], list[_HiftRun]] = {}
+        for k, (state, new, finalize) in enumerate(items):
+            run = self._hift_run(k, state, new, finalize)
+            if run is None:  # not enough frames for samples yet: the new frames wait in the state
+                chunks[k] = torch.zeros(0, device=new.device)
+            else:
+                groups.setdefault((run.mel_all.shape[1], finalize), []).append(run)
+        for (_, finalize), runs in groups.items():
+            for run, chunk in zip(runs, self._hift_batch(runs, finalize)):
+                chunks[run.index] = chunk
+        return chunks
+
+    def _hift_run(self, index: int, state: StreamState, new: torch.Tensor, finalize: bool) -> "_HiftRun | None":
+        """One stream's HiFT input: history (receptive field) + new frames; None when a non-final
+        call would yield no samples yet (the frames are then kept in the state)."""
         hist = state.mel if state.mel is not None else new[:, :0]
         mel_all = torch.cat([hist, new], dim=1)  # frames [mel_start, total)
         total = state.mel_start + mel_all.shape[1]
-        committed = state.samples_sent // spf  # frames whose samples are already sent
+        committed = state.samples_sent // self.cfg.hift.samples_per_frame  # frames whose samples are already sent
         f0_new_end = total if finalize else total - self.hift.f0_lookahead_frames
         # A non-final decode holds back conv_pre's look-ahead and one more frame: wait until it yields samples.
         if not finalize and f0_new_end - self.hift.conv_pre_lookahead_frames - 1 <= committed:
             state.mel = mel_all
-            return torch.zeros(0, device=mel_all.device)
-        f0_all = self.hift.predict_f0(mel_all[None], finalize=finalize)[0]  # frames [mel_start, f0_new_end)
-        first_new = committed - state.mel_start
-        f0_hist = state.f0 if state.f0 is not None else f0_all[:0]
-        f0 = torch.cat([f0_hist, f0_all[first_new:]])  # committed f0 kept, new f0 appended
-        phase0 = state.cycles[-1:][None] if state.cycles is not None else None
-        cycles_new = self.hift.m_source.cycles(f0_all[first_new:][None], phase0)[0]  # [new, 9]
-        cycles = torch.cat([state.cycles, cycles_new]) if state.cycles is not None else cycles_new
-        noise = self._source_noise_window(state.mel_start * spf, f0_new_end * spf).to(mel_all.device)
-        source = self.hift.m_source.excite(f0[None], cycles[None], noise)  # [1, (f0_new_end-mel_start)*480, 1]
-        dec_mel = mel_all[None] if finalize else mel_all[None, :, : f0.shape[0]]
-        wav = self.hift.decode(dec_mel, source, finalize=finalize)[0]  # from frame mel_start
-        chunk = wav[(committed - state.mel_start) * spf:]
-        state.samples_sent += chunk.numel()
+            return None
+        return _HiftRun(index, state, mel_all, committed, f0_new_end)
 
-        # Keep only what the next call needs: receptive-field history before the new commit point.
+    def _hift_batch(self, runs: list["_HiftRun"], finalize: bool) -> list[torch.Tensor]:
+        """HiFT over runs whose mel_all have one length: f0 and decode batched, the source per stream."""
+        spf = self.cfg.hift.samples_per_frame
+        mel_all = torch.stack([run.mel_all for run in runs])  # [B, 80, T]
+        f0_all = self.hift.predict_f0(mel_all, finalize=finalize)  # [B, T or T - 3] frames from each mel_start
+        sources, f0s = [], []
+        for run, f0_run in zip(runs, f0_all):
+            state = run.state
+            first_new = run.committed - state.mel_start
+            f0_hist = state.f0 if state.f0 is not None else f0_run[:0]
+            f0 = torch.cat([f0_hist, f0_run[first_new:]])  # committed f0 kept, new f0 appended
+            phase0 = state.cycles[-1:][None] if state.cycles is not None else None
+            cycles_new = self.hift.m_source.cycles(f0_run[first_new:][None], phase0)[0]  # [new, 9]
+            run.cycles = torch.cat([state.cycles, cycles_new]) if state.cycles is not None else cycles_new
+            noise = self._source_noise_window(state.mel_start * spf, run.f0_new_end * spf).to(mel_all.device)
+            sources.append(self.hift.m_source.excite(f0[None], run.cycles[None], noise)[0])  # [(f0_new_end-mel_start)*480, 1]
+            f0s.append(f0)
+        dec_mel = mel_all if finalize else mel_all[:, :, : f0s[0].shape[0]]
+        wavs = self.hift.decode(dec_mel, torch.stack(sources), finalize=finalize)  # [B, samples] from each mel_start
+        return [self._hift_commit(run, f0, wav) for run, f0, wav in zip(runs, f0s, wavs)]
+
+    def _hift_commit(self, run: "_HiftRun", f0: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
+        """Take the samples past what was sent; keep only the history the next call needs."""
+        state, spf = run.state, self.cfg.hift.samples_per_frame
+        chunk = wav[(run.committed - state.mel_start) * spf:]
+        state.samples_sent += chunk.numel()
         keep_from = max(state.mel_start, state.samples_sent // spf - self._hift_left_frames())
         cut = keep_from - state.mel_start
-        state.mel = mel_all[:, cut:]
         committed_now = state.samples_sent // spf
+        state.mel = run.mel_all[:, cut:]
         state.f0 = f0[cut: committed_now - state.mel_start]
-        state.cycles = cycles[cut: committed_now - state.mel_start]
+        state.cycles = run.cycles[cut: committed_now - state.mel_start]
         state.mel_start = keep_from
         return chunk
 

@@ -234,6 +234,40 @@ def test_vocoder_concurrent_streams(triton, triton_vocoder2, vocoder_in_process)
         assert_same_calls(got, in_process_stream(vocoder_in_process, tokens, "incremental", "speaker1")[0])
 
 
+def batch_counts(cluster, model: str) -> tuple[float, float]:
+    """(executes, executes that ran one request) of funchat_<model>_batch_size, from the metrics port."""
+    text = urllib.request.urlopen(f"http://{cluster.metrics_endpoints[model]}/metrics", timeout=10).read().decode()
+    lines = text.splitlines()
+    total = next(l for l in lines if l.startswith(f"funchat_{model}_batch_size_count"))
+    single = next(l for l in lines if l.startswith(f"funchat_{model}_batch_size_bucket") and 'le="1"' in l)
+    return float(total.split()[-1]), float(single.split()[-1])
+
+
+def test_vocoder_pushes_that_wait_together_run_as_one_batch(triton, vocoder_in_process):
+    """Pushes of 6 calls queued behind a long push run in one execute (the dynamic batcher), and
+    each call gets the samples it gets alone (to the float32 rounding of a batched forward)."""
+    url = triton.endpoints["vocoder"]
+    streams = [stream_tokens(33 + 4 * i, seed=50 + i) for i in range(6)]
+    executes_before, singles_before = batch_counts(triton, "vocoder")
+
+    async def main():
+        async with VocoderClient(url) as slow, VocoderClient(url) as client:
+            busy = asyncio.create_task(slow.push(list(range(1, 200)), None, True))
+            await asyncio.sleep(0.3)  # the long push is running: the next pushes queue behind it
+            results = await asyncio.gather(*(client.push(t, None, final=True, speaker="speaker1") for t in streams))
+            await busy
+            return results
+
+    results = run(main())
+    executes, singles = batch_counts(triton, "vocoder")
+    assert executes - executes_before < 7 and executes - executes_before - (singles - singles_before) >= 1
+    model, speakers = vocoder_in_process
+    for tokens, (audio, _, dropped) in zip(streams, results):
+        want = torch.cat(model.push(model.start(pick_speaker(speakers, "speaker1")), tokens, final=True)).numpy()
+        assert audio.shape == want.shape and dropped == 2
+        np.testing.assert_allclose(audio, want, rtol=0, atol=5e-4)
+
+
 def cancelled_count(cluster, model: str) -> float:
     """funchat_<model>_cancelled_requests_total, read from the server's metrics port."""
     text = urllib.request.urlopen(f"http://{cluster.metrics_endpoints[model]}/metrics", timeout=10).read().decode()
@@ -378,10 +412,10 @@ VOCODER_BAD = {
     "push after final": (lambda url, st: push_once(url, [1, 2], st, False), "already finished"),
     "too many tokens": (lambda url, st: push_once(url, np.zeros(7501, np.int64), None, False),
                         "7501 speech tokens exceed the incremental vocoder's maximum of 7500"),
-    "wrong token dtype": (lambda url, st: raw_infer(url, "vocoder", [("TOKENS", np.zeros(3, np.float32), "FP32"),
-                                                                     ("FINAL", np.array([False]), "BOOL")]),
+    "wrong token dtype": (lambda url, st: raw_infer(url, "vocoder", [("TOKENS", np.zeros((1, 3), np.float32), "FP32"),
+                                                                     ("FINAL", np.array([[False]]), "BOOL")]),
                           "'TOKENS' data-type is 'FP32'"),
-    "missing FINAL": (lambda url, st: raw_infer(url, "vocoder", [("TOKENS", np.zeros(3, np.int64), "INT64")]),
+    "missing FINAL": (lambda url, st: raw_infer(url, "vocoder", [("TOKENS", np.zeros((1, 3), np.int64), "INT64")]),
                       "FINAL"),
 }
 

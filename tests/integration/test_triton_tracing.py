@@ -59,7 +59,7 @@ def encode(cluster, parameters: dict | None = None) -> None:
 
 def push(cluster, tokens: list[int], parameters: dict | None = None) -> None:
     inputs = []
-    for name, array, dtype in (("TOKENS", np.array(tokens, np.int64), "INT64"), ("FINAL", np.array([True]), "BOOL")):
+    for name, array, dtype in (("TOKENS", np.array([tokens], np.int64), "INT64"), ("FINAL", np.array([[True]]), "BOOL")):
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -101,9 +101,9 @@ def test_every_traced_vocoder_push_has_its_span(traced, receiver):
 def test_a_refused_push_has_an_error_span(traced, receiver):
     header, trace_id, span_id = traceparent()
     with pytest.raises(grpcclient.InferenceServerException, match="speaker"):
-        bad = [grpcclient.InferInput("TOKENS", [1], "INT64"), grpcclient.InferInput("FINAL", [1], "BOOL"),
-               grpcclient.InferInput("SPEAKER", [1], "BYTES")]
-        for tensor, array in zip(bad, (np.array([1], np.int64), np.array([True]), np.array([b"nobody"], object))):
+        bad = [grpcclient.InferInput("TOKENS", [1, 1], "INT64"), grpcclient.InferInput("FINAL", [1, 1], "BOOL"),
+               grpcclient.InferInput("SPEAKER", [1, 1], "BYTES")]
+        for tensor, array in zip(bad, (np.array([[1]], np.int64), np.array([[True]]), np.array([[b"nobody"]], object))):
             tensor.set_data_from_numpy(array)
         with grpcclient.InferenceServerClient(traced.endpoints["vocoder"]) as client:
             client.infer("vocoder", bad, parameters={"traceparent": header})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from funchat.engines.audio_tokenizer import AudioTokenizerEngine
-from funchat.engines.vocoder import VocoderEngine, VocoderPush
+from funchat.engines.vocoder import VocoderEngine, VocoderOutput, VocoderPush
 from funchat.errors import AudioInputError, FunchatError
 from funchat.model.checkpoint import ENCODER_PREFIXES, load_model
 from funchat.vocoder.checkpoint import load_vocoder, pick_speaker
@@ -60,3 +60,26 @@ def test_vocoder_pushes_equal_token2wav_and_bad_states_are_named(tiny_checkpoint
         with pytest.raises(FunchatError) as info:
             engine.push(push)
         assert words in str(info.value)
+
+
+def test_vocoder_batch_answers_each_push_and_refuses_only_the_bad_ones(tiny_checkpoint):
+    """A dynamic batch of pushes: good ones equal the same pushes run one at a time, each bad one
+    gets its own error, and a bad one does not disturb the others."""
+    model, speakers = load_vocoder(tiny_checkpoint)
+    engine = VocoderEngine(model, speakers)
+    rng = np.random.default_rng(2)
+    parts = [rng.integers(0, 6561, n) for n in (18, 33, 60)]
+    one_by_one = [engine.push(VocoderPush(p, final=k == 2, speaker="speaker1")) for k, p in enumerate(parts)]
+    batch = [VocoderPush(parts[0], False, speaker="speaker1"), VocoderPush(parts[1], False, b"junk"),
+             VocoderPush(parts[1], False, speaker="speaker1"), VocoderPush(parts[2], True, speaker="nobody"),
+             VocoderPush(parts[2], True, speaker="speaker1")]
+    out = engine.push_batch(batch)
+    assert "STATE (4 bytes)" in str(out[1]) and "unknown speaker 'nobody'" in str(out[3])
+    for got, want in zip((out[0], out[2], out[4]), one_by_one):
+        assert isinstance(got, VocoderOutput)
+        np.testing.assert_allclose(got.audio, want.audio, atol=5e-4)
+        assert got.audio.shape == want.audio.shape and got.dropped == want.dropped
+    # The returned states continue: the next pushes of the first two streams, batched again.
+    more = engine.push_batch([VocoderPush(rng.integers(0, 6561, 15), True, out[0].state),
+                              VocoderPush(rng.integers(0, 6561, 15), True, out[2].state)])
+    assert all(isinstance(m, VocoderOutput) and m.audio.size > 0 for m in more)

@@ -1,5 +1,6 @@
 """Triton model `vocoder`: thin adapter to funchat.engines.vocoder.VocoderEngine (stateless streaming:
-the stream's state travels with every call; see that module)."""
+the stream's state travels with every call; see that module). The pushes of a dynamic batch are
+checked one by one (a bad one is answered alone) and run together."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,15 +20,20 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"vocoder: {params.checkpoint}, speakers {', '.join(sorted(self.engine.speakers))}")
 
     def execute(self, requests):
-        return self.io.answer_each(requests, self._push, self.metrics, "chunk")
+        # The requests of a dynamic batch are pushes of different calls: run together.
+        return self.io.answer_batch(requests, parse=self._parse, run=self.engine.push_batch, outputs=self._outputs,
+                                    metrics=self.metrics, kind=lambda items: "chunk")
 
-    def _push(self, request):
+    def _parse(self, request):
         io = self.io
-        out = self.engine.push(VocoderPush(
-            tokens=io.required(request, "TOKENS").reshape(-1), final=bool(io.scalar(request, "FINAL")),
-            state=io.raw_bytes(request, "STATE"), speaker=io.text(request, "SPEAKER"), mode=io.text(request, "MODE")))
-        return {"AUDIO": out.audio, "STATE": np.array([out.state], dtype=np.object_),
-                "DROPPED": np.array([out.dropped], dtype=np.int64)}
+        return VocoderPush(tokens=io.required(request, "TOKENS").reshape(-1), final=bool(io.scalar(request, "FINAL")),
+                           state=io.raw_bytes(request, "STATE"), speaker=io.text(request, "SPEAKER"),
+                           mode=io.text(request, "MODE"))
+
+    @staticmethod
+    def _outputs(request, out):  # each output with the request's batch dimension of 1
+        return {"AUDIO": out.audio[None], "STATE": np.array([[out.state]], dtype=np.object_),
+                "DROPPED": np.array([[out.dropped]], dtype=np.int64)}
 
     def finalize(self):
         self.engine = None
