@@ -41,6 +41,7 @@ class VocoderOutput:
     audio: np.ndarray  # [m] float32 24 kHz samples ready after this push (possibly none)
     state: bytes  # the updated state, for the next push
     dropped: int  # codes dropped so far in the stream (speech specials)
+    wants: int = 0  # codes the stream needs before its next chunk (0: finished, or the next push makes one)
 
 
 class VocoderEngine:
@@ -70,7 +71,8 @@ class VocoderEngine:
                 results[i] = chunks
                 continue
             audio = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
-            results[i] = VocoderOutput(audio.astype(np.float32, copy=False), p.state.to_bytes(), p.state.dropped_codes)
+            results[i] = VocoderOutput(audio.astype(np.float32, copy=False), p.state.to_bytes(), p.state.dropped_codes,
+                                       self.vocoder.codes_wanted(p.state))
         return results
 
     def _state(self, push: VocoderPush) -> StreamState:

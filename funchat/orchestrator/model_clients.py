@@ -6,8 +6,8 @@
     token, h = await llm.prefill(call_id, ids, rows, sampling=GREEDY, seed=text_seed(seed))
     token, h = await llm.step(call_id, next_id, speech_group)   # the service chose `token`
     voc = VocoderClient("127.0.0.1:8004")
-    pcm, state, dropped = await voc.push(codes, None, final=False, speaker="default")
-    pcm, state, dropped = await voc.push(more, state, final=True)   # any vocoder replica
+    pcm, state, dropped, wants = await voc.push(codes, None, final=False, speaker="default")
+    pcm, state, dropped, wants = await voc.push(more, state, final=True)   # any vocoder replica
 
 A url may name several replicas of the service, "host:port,host:port" (`Replicas`): the client holds
 a channel to each. A stateless request (encode, a vocoder push: the stream's state travels with it)
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -235,15 +236,28 @@ class AudioTokenizerClient(_Client):
         return result.as_numpy("EMBEDDINGS")[0], float(result.as_numpy("MEL_MAX").reshape(-1)[0])
 
 
+class VocoderReply(NamedTuple):
+    """What one vocoder push returns."""
+
+    audio: np.ndarray  # [m] float32 24 kHz samples ready after this push (possibly none)
+    state: bytes  # the stream's state, for its next push
+    dropped: int  # codes dropped so far in the stream (speech specials)
+    wants: int  # codes the stream needs before its next chunk (0: the next push makes one, or finished)
+
+
 class VocoderClient(_Client):
     model = "vocoder"
+    # Codes a new stream needs for its first chunk, learned from the service's first reply to a
+    # stream (codes kept + WANTS); 0 until then. A caller holds a new stream's codes until it has
+    # this many, as it holds a running stream's until it has the last reply's `wants`.
+    first_chunk_codes = 0
 
     async def push(self, tokens, state: bytes | None, final: bool, speaker: str | None = None,
-                   mode: str | None = None, ready_at: float | None = None) -> tuple[np.ndarray, bytes, int]:
+                   mode: str | None = None, ready_at: float | None = None) -> "VocoderReply":
         """Push new speech codes into a stream. state: what the previous push returned (None starts a
         stream, with `speaker` and `mode`). ready_at: time.perf_counter() when the oldest code was
-        produced (default: now). -> (24 kHz samples ready now [m] float32, the new state, codes dropped
-        so far in the stream)."""
+        produced (default: now). -> VocoderReply (samples ready now, the new state, codes dropped so
+        far, codes the next chunk still needs)."""
         ready_at = time.perf_counter() if ready_at is None else ready_at
         codes = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(1, -1))  # [1, n]: a batch of one
         inputs = [_input("TOKENS", codes, "INT64"), _input("FINAL", np.array([[bool(final)]]), "BOOL")]
@@ -253,12 +267,17 @@ class VocoderClient(_Client):
             inputs.append(_input("SPEAKER", np.array([[speaker.encode()]], dtype=np.object_), "BYTES"))
         if mode is not None:
             inputs.append(_input("MODE", np.array([[mode.encode()]], dtype=np.object_), "BYTES"))
-        result, _ = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED"], ready_at, span="vocoder.push",
+        result, _ = await self._infer(inputs, ["AUDIO", "STATE", "DROPPED", "WANTS"], ready_at, span="vocoder.push",
                                    attributes={"funchat.codes": int(codes.size), "funchat.final": bool(final),
                                                "funchat.stream_start": state is None})
         audio = result.as_numpy("AUDIO")
-        return (audio.reshape(-1).astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
-                bytes(result.as_numpy("STATE").reshape(-1)[0]), int(result.as_numpy("DROPPED").reshape(-1)[0]))
+        reply = VocoderReply(
+            audio.reshape(-1).astype(np.float32, copy=False) if audio is not None else np.zeros(0, np.float32),
+            bytes(result.as_numpy("STATE").reshape(-1)[0]), int(result.as_numpy("DROPPED").reshape(-1)[0]),
+            int(result.as_numpy("WANTS").reshape(-1)[0]))
+        if state is None and not final and reply.audio.size == 0:  # a new stream's first push, no chunk yet
+            self.first_chunk_codes = int(codes.size) - reply.dropped + reply.wants
+        return reply
 
 
 class _SequenceClient(_Client):

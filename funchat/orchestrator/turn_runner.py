@@ -7,8 +7,9 @@ The loop is the oracle's (`funchat.oracle.generation.generate`) with every forwa
 call: the same `TurnSchedule`; the llm service choosing the text tokens (greedy, or seeded draws on
 the `text_seed` stream) and the refined_head service the speech tokens (the `speech_seed` stream),
 both as the oracle does. So under greedy decoding (or a fixed seed) the tokens are the oracle's.
-The vocoder runs in its own task and takes every code that has piled up each time it is free, so
-its work overlaps the next LLM steps.
+The vocoder runs in its own task and takes every code that has piled up each time it is free and
+they make a chunk (the vocoder says how many its next chunk wants), so its work overlaps the next
+LLM steps.
 
 Every turn is a fresh llm / refined_head sequence whose prompt is rebuilt from the session history
 (user speech kept as the audio tokenizer's rows): nothing of a call lives only in a model replica.
@@ -560,7 +561,10 @@ class _TurnStream:
 
 class _VocoderStream:
     """Feeds the vocoder service from its own task: each push takes every code waiting, so vocoder
-    work overlaps the LLM steps; audio deltas go out as soon as a push returns samples."""
+    work overlaps the LLM steps; audio deltas go out as soon as a push returns samples. Codes are
+    held until they can make a chunk (the last reply's `wants`; for a new stream what the service
+    said a first chunk needs), except on the final push: a push with fewer could only store them,
+    and while it was in flight the code that completes a chunk would wait for it."""
 
     def __init__(self, turn: _TurnStream):
         self.turn = turn
@@ -576,22 +580,31 @@ class _VocoderStream:
         self.out = OutputAudioStream(turn.req.output_format)
         self.seconds: list[float] = []
         self.error: BaseException | None = None
-        self.waiting_since: float | None = None  # when the oldest code not yet pushed was offered
+        self.waiting_since: float | None = None  # when the codes waiting became enough for a push
+        self.sent = 0  # codes pushed so far
+        self.wants = 0  # codes the stream needs before its next chunk (the last reply's)
+
+    def _pushable(self) -> bool:
+        """Whether the codes waiting make a push worth sending now."""
+        waiting = len(self.codes) - self.sent
+        if self.final:
+            return True
+        needed = self.wants if self.state is not None else self.turn.services.vocoder.first_chunk_codes
+        return waiting > 0 and waiting >= needed
 
     async def offer(self, vocoder_tokens: list[int], final: bool) -> None:
         if self.error is not None:
             raise self.error
         if len(vocoder_tokens) > len(self.codes):
             self.codes.extend(vocoder_tokens[len(self.codes):])
-            if self.waiting_since is None:
-                self.waiting_since = time.perf_counter()
         self.final = self.final or final
+        if self.waiting_since is None and self._pushable():
+            self.waiting_since = time.perf_counter()
         if self.task is None:
             self.task = metrics.spawn(self._run(), "turn.vocoder")
         self.wake.set()
 
     async def _run(self) -> None:
-        sent = 0
         voc = self.turn.services.vocoder
         try:
             while True:
@@ -600,24 +613,26 @@ class _VocoderStream:
                 if self.turn.cancel.is_set():
                     return
                 final = self.final
-                if len(self.codes) == sent and not final:
-                    continue
-                batch = self.codes[sent:]
+                if not self._pushable():
+                    continue  # nothing waiting, or too few codes for a chunk: held
+                batch = self.codes[self.sent:]
                 if self.state is None and not batch:
                     return  # the reply has no speech: no stream to open or flush
                 ready_at, self.waiting_since = self.waiting_since, None
                 t = time.perf_counter()
-                audio, self.state, _ = await voc.push(batch, self.state, final=final,
-                                                      speaker=self.turn.req.voice if self.state is None else None,
-                                                      ready_at=ready_at)
+                reply = await voc.push(batch, self.state, final=final,
+                                       speaker=self.turn.req.voice if self.state is None else None,
+                                       ready_at=ready_at)
+                self.state, self.wants = reply.state, reply.wants
                 self.seconds.append(time.perf_counter() - t)
                 metrics.stage("vocoder", self.seconds[-1])
-                sent += len(batch)
-                if (audio.size or final) and not self.turn.cancel.is_set():
-                    await self._emit(audio, final)  # final: the resampler's tail goes out too
+                self.sent += len(batch)
+                if (reply.audio.size or final) and not self.turn.cancel.is_set():
+                    await self._emit(reply.audio, final)  # final: the resampler's tail goes out too
                 if final:
                     return
-                if len(self.codes) > sent or self.final:
+                if self._pushable():
+                    self.waiting_since = self.waiting_since or time.perf_counter()
                     self.wake.set()
         except BaseException as exc:  # surfaced by offer()/close()
             self.error = exc

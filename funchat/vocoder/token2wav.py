@@ -320,6 +320,15 @@ class Token2Wav(nn.Module):
         state.dropped_codes += dropped
         state.tokens.extend(codes)
 
+    def codes_wanted(self, state: StreamState) -> int:
+        """Codes the stream still needs before its next chunk can be made (its hop and the
+        look-ahead); 0 when a push would make one now, or the stream is finished. A caller that
+        holds its codes until it has this many saves the pushes that could only store them."""
+        if state.finished:
+            return 0
+        hop = self.cfg.stream.first_hop if state.token_offset == 0 else self.cfg.stream.hop
+        return max(0, state.token_offset + hop + self.cfg.flow.pre_lookahead_len - len(state.tokens))
+
     def _chunk_calls(self, state: StreamState, final: bool) -> list[tuple[int, bool]]:
         """The vocoder calls the stream's tokens allow now: (tokens the call takes, finalize) each.
         A chunk per hop once its look-ahead exists (and is not the stream's last token on a final

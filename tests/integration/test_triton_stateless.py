@@ -185,7 +185,7 @@ async def service_stream(urls: list[str], tokens, mode, speaker):
     try:
         parts = pieces(tokens)
         for i, part in enumerate(parts):
-            audio, state, dropped = await clients[i % len(clients)].push(
+            audio, state, dropped, _ = await clients[i % len(clients)].push(
                 part, state, final=i == len(parts) - 1, speaker=speaker if state is None else None,
                 mode=mode if state is None else None)
             calls.append(audio)
@@ -193,6 +193,26 @@ async def service_stream(urls: list[str], tokens, mode, speaker):
         for c in clients:
             await c.close()
     return calls, state, dropped
+
+
+def test_vocoder_says_how_many_codes_its_next_chunk_wants(triton):
+    """WANTS: the codes a stream needs before its next chunk (first: 15 + 3 look-ahead, then 15)."""
+
+    async def go():
+        async with VocoderClient(triton.endpoints["vocoder"]) as client:
+            client.first_chunk_codes = 0
+            first = await client.push(list(range(5)), None, final=False)
+            learned = client.first_chunk_codes
+            second = await client.push(list(range(5, 18)), first.state, final=False)
+            third = await client.push(list(range(18, 30)), second.state, final=False)
+            last = await client.push([], third.state, final=True)
+            return first, learned, second, third, last
+
+    first, learned, second, third, last = run(go())
+    assert (first.audio.size, first.wants, learned) == (0, 13, 18)  # too few: stored, 13 more wanted
+    assert second.audio.size > 0 and second.wants == 15  # the first chunk; a hop of 15 for the next
+    assert third.audio.size == 0 and third.wants == 3
+    assert last.wants == 0 and (second.audio.size + last.audio.size) == 30 * 960
 
 
 def assert_same_calls(got, want):
@@ -262,9 +282,9 @@ def test_vocoder_pushes_that_wait_together_run_as_one_batch(triton, vocoder_in_p
     executes, singles = batch_counts(triton, "vocoder")
     assert executes - executes_before < 7 and executes - executes_before - (singles - singles_before) >= 1
     model, speakers = vocoder_in_process
-    for tokens, (audio, _, dropped) in zip(streams, results):
+    for tokens, (audio, _, dropped, wants) in zip(streams, results):
         want = torch.cat(model.push(model.start(pick_speaker(speakers, "speaker1")), tokens, final=True)).numpy()
-        assert audio.shape == want.shape and dropped == 2
+        assert audio.shape == want.shape and dropped == 2 and wants == 0
         np.testing.assert_allclose(audio, want, rtol=0, atol=5e-4)
 
 
@@ -302,7 +322,7 @@ def test_vocoder_requests_whose_deadline_passed_in_the_queue_are_not_run(triton)
                 with pytest.raises(ServiceError) as info:
                     await impatient.push(long_push, None, True)
                 refused.append(info.value.status)
-            audio, _, _ = await busy
+            audio = (await busy).audio
             return refused, audio
 
     refused, audio = run(main())
@@ -314,7 +334,7 @@ def test_vocoder_requests_whose_deadline_passed_in_the_queue_are_not_run(triton)
 
 
 def push_once_ok(url: str) -> bool:
-    audio, _, _ = run(push_once(url, [1, 2, 3], None, True))
+    audio = run(push_once(url, [1, 2, 3], None, True)).audio
     return audio.size == 960 * 3
 
 
@@ -436,7 +456,7 @@ def test_vocoder_bad_input(triton, vocoder_in_process, case):
         assert expected in result.message, result.message
         async with VocoderClient(url) as client:  # still serving
             assert await client.ready()
-            audio, _, _ = await client.push(list(range(30)), None, final=True)
+            audio = (await client.push(list(range(30)), None, final=True)).audio
             assert audio.shape == (30 * 960,) and np.isfinite(audio).all()
 
     run(go())

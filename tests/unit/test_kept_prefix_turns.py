@@ -16,7 +16,7 @@ from funchat.engines.slot_pool import SequenceError
 from funchat.model.checkpoint import load_model
 from funchat.model.sampling import GREEDY, SamplingParams
 from funchat.orchestrator.kept_prompts import KeptPrompts
-from funchat.orchestrator.model_clients import ServiceError
+from funchat.orchestrator.model_clients import ServiceError, VocoderReply
 from funchat.orchestrator.sessions import HistoryTurn
 from funchat.orchestrator.turn_runner import TurnRequest, TurnRunner
 from funchat.turn.prompt import PromptBuilder
@@ -65,8 +65,10 @@ class EngineSrh:
 
 
 class Vocoder:
+    first_chunk_codes = 0  # a stream's codes are pushed as they come (no chunk size learned)
+
     async def push(self, tokens, state, final, speaker=None, ready_at=None):
-        return np.zeros(960 * len(tokens), np.float32), b"state", 0
+        return VocoderReply(np.zeros(960 * len(tokens), np.float32), b"state", 0, 0)
 
 
 class Services:

@@ -23,6 +23,7 @@ from funchat.orchestrator.audio_output import (DEFAULT_OUTPUT, OutputAudioStream
 from funchat.orchestrator.call_config import CallConfig, parse_config
 from funchat.orchestrator.errors import ApiError
 from funchat.orchestrator.exchange import turn_request
+from funchat.orchestrator.model_clients import VocoderReply
 
 PCMU, PCMA, PCM16, FLOAT32 = (pb.AUDIO_ENCODING_PCMU, pb.AUDIO_ENCODING_PCMA, pb.AUDIO_ENCODING_PCM16,
                               pb.AUDIO_ENCODING_FLOAT32)
@@ -232,6 +233,8 @@ def test_a_reply_in_pcmu_is_collected_at_8_khz():
 class SineVocoder:
     """960 samples (40 ms) of a 24 kHz tone per code, continuous across pushes."""
 
+    first_chunk_codes = 0  # a stream's codes are pushed as they come (no chunk size learned)
+
     def __init__(self):
         self.made = 0
 
@@ -240,7 +243,7 @@ class SineVocoder:
         n = 960 * len(tokens)
         t = (self.made + np.arange(n)) / 24000
         self.made += n
-        return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), b"state", 0
+        return VocoderReply((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), b"state", 0, 0)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from funchat.orchestrator.model_clients import ServiceError
+from funchat.orchestrator.model_clients import ServiceError, VocoderReply
 from funchat.orchestrator.turn_runner import FAILED_TURN_END_TIMEOUT_S, TurnError, TurnRequest, TurnRunner
 from funchat.turn.prompt import PromptBuilder
 from funchat.turn.schedule import Mode
@@ -57,6 +57,8 @@ class FakeRefinedHead:
 
 class SlowVocoder:
     """Each push takes a while: generation runs ahead of it, as with a real vocoder."""
+    first_chunk_codes = 0  # a stream's codes are pushed as they come (no chunk size learned)
+
 
     def __init__(self):
         self.pushes = 0
@@ -64,7 +66,7 @@ class SlowVocoder:
     async def push(self, tokens, state, final, speaker=None, ready_at=None):
         self.pushes += 1
         await asyncio.sleep(0.01)
-        return np.zeros(960 * len(tokens), np.float32), b"state", 0
+        return VocoderReply(np.zeros(960 * len(tokens), np.float32), b"state", 0, 0)
 
 
 class FakeServices:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from funchat.orchestrator.kept_prompts import KeptPrompts, shared_prefix
-from funchat.orchestrator.model_clients import ServiceError
+from funchat.orchestrator.model_clients import ServiceError, VocoderReply
 from funchat.orchestrator.sessions import HistoryTurn
 from funchat.orchestrator.turn_runner import TurnError, TurnRequest, TurnRunner
 from funchat.turn.prompt import PromptBuilder
@@ -60,8 +60,10 @@ class RecordingRefinedHead:
 
 
 class Vocoder:
+    first_chunk_codes = 0  # a stream's codes are pushed as they come (no chunk size learned)
+
     async def push(self, tokens, state, final, speaker=None, ready_at=None):
-        return np.zeros(960 * len(tokens), np.float32), b"state", 0
+        return VocoderReply(np.zeros(960 * len(tokens), np.float32), b"state", 0, 0)
 
 
 class Services:

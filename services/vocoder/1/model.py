@@ -33,7 +33,7 @@ class TritonPythonModel:
     @staticmethod
     def _outputs(request, out):  # each output with the request's batch dimension of 1
         return {"AUDIO": out.audio[None], "STATE": np.array([[out.state]], dtype=np.object_),
-                "DROPPED": np.array([[out.dropped]], dtype=np.int64)}
+                "DROPPED": np.array([[out.dropped]], dtype=np.int64), "WANTS": np.array([[out.wants]], dtype=np.int64)}
 
     def finalize(self):
         self.engine = None
