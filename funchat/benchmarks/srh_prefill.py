@@ -35,9 +35,9 @@ def one(block: int, kept: int, new: int) -> dict:
     with torch.inference_mode():
         state = srh.new_state(1, capacity=(kept + new) * srh.cfg.group_size + 16)
         if kept:
-            srh.prefill_block = ONE_FORWARD
+            srh.crq_transformer.masked_block = ONE_FORWARD
             srh.extend(h[:, :kept], state)
-        srh.prefill_block = block
+        srh.crq_transformer.masked_block = block
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         tokens = srh(h[:, kept:], state, lambda _j, logits: logits.argmax(-1))  # [1, g]

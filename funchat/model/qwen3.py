@@ -65,11 +65,10 @@ class KVCache:
     def max_length(self) -> int:
         return int(self.lengths.max()) if self.batch else 0
 
-    def reserve(self, new_tokens: int) -> None:
-        need = self.max_length() + new_tokens
-        if need <= self.capacity:
-            return
-        self.ensure_capacity(max(need, 2 * self.capacity))
+    def reserve(self, need: int) -> None:
+        """Room for `need` positions on the time axis, doubling it when it grows (fewer copies)."""
+        if need > self.capacity:
+            self.ensure_capacity(max(need, 2 * self.capacity))
 
     def ensure_capacity(self, capacity: int) -> None:
         """Grow the time axis to at least `capacity` positions (contents kept)."""
@@ -84,11 +83,9 @@ class KVCache:
     def plan_write(self, t: int) -> "CacheWrite":
         """Where a forward of t new positions per row writes, computed once for all its layers:
         the one host read of the rows' lengths (on a GPU, a device sync) per forward, not per layer.
-        Grows the time axis first when the longest row would outgrow it (as `reserve`)."""
+        Grows the time axis first when the longest row would outgrow it."""
         starts = self.lengths.tolist()
-        need = max(starts, default=0) + t
-        if need > self.capacity:
-            self.ensure_capacity(max(need, 2 * self.capacity))
+        self.reserve(max(starts, default=0) + t)
         if len(set(starts)) <= 1:
             start = starts[0] if starts else 0
             return CacheWrite(start=start, end=start + t, index=None)
@@ -228,6 +225,10 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList(Qwen3Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        # New positions per forward when it needs an attention mask (None: any number). A masked
+        # forward materialises queries x keys per head and the mask; a longer one runs in blocks of
+        # this many, each attending over the cache so far, bounding that transient by the block.
+        self.masked_block: int | None = None
 
     def new_cache(self, batch: int, capacity: int = 64) -> KVCache:
         p = self.norm.weight
@@ -255,6 +256,8 @@ class Qwen3Model(nn.Module):
                 mask, causal = None, True  # plain causal prefill
             elif where.start is not None and t == 1:
                 mask, causal = None, False  # one new position sees everything cached
+            elif self.masked_block and t > self.masked_block:
+                return self._forward_in_blocks(x, cache, new_lens)
             else:
                 keys = torch.arange(where.end, device=device)
                 mask = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
@@ -265,6 +268,18 @@ class Qwen3Model(nn.Module):
         if cache is not None:
             cache.advance(new_lens if new_lens is not None else torch.full((b,), t, device=device))
         return self.norm(x)
+
+    def _forward_in_blocks(self, x: torch.Tensor, cache: KVCache, new_lens: torch.Tensor | None) -> torch.Tensor:
+        """A masked forward of x [B, T, D] as blocks of `masked_block` positions -> [B, T, D], the one
+        forward's values to float rounding. A row's real positions continue block after block; once
+        they end, its later blocks are padding (computed, not kept)."""
+        b, t, _ = x.shape
+        new_lens = new_lens if new_lens is not None else torch.full((b,), t, device=x.device)
+        outs = []
+        for start in range(0, t, self.masked_block):
+            stop = min(t, start + self.masked_block)
+            outs.append(self.forward(x[:, start:stop], cache, (new_lens - start).clamp(0, stop - start)))
+        return torch.cat(outs, dim=1)
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -24,10 +24,9 @@ from funchat.model.qwen3 import KVCache, Qwen3Model
 # choose(sub_step, logits [B, V] float32) -> token ids [B]
 TokenChooser = Callable[[int, torch.Tensor], torch.Tensor]
 
-# Sub-frames per crq_transformer forward in a prefill that needs an attention mask (it continues a
-# kept row, or its rows differ in length). Such a forward materialises queries x keys per head (and
-# the mask), so a long one (5 sub-frames per LLM position) runs in blocks of this many, each attending
-# over the cache so far: the transient is bounded by the block, not by the square of the prompt.
+# Sub-frames per crq_transformer forward when it needs an attention mask (a prefill that continues a
+# kept row or a partial chunk): a long one (5 sub-frames per LLM position) runs in blocks of this many
+# (`Qwen3Model.masked_block`), bounding its queries x keys transient by the block, not the prompt's square.
 PREFILL_BLOCK = 1024
 
 
@@ -48,7 +47,7 @@ class RefinedHead(nn.Module):
         self.crq_transformer = Qwen3Model(srh_cfg, with_embeddings=False)
         self.input_matching = nn.Linear(e, srh_cfg.hidden_size, bias=False)
         self.output_matching = nn.Linear(srh_cfg.hidden_size, e, bias=False)
-        self.prefill_block = PREFILL_BLOCK  # sub-frames per prefill forward (see PREFILL_BLOCK)
+        self.crq_transformer.masked_block = PREFILL_BLOCK
         # The output head is the speech embedding table itself (tied, not stored in checkpoints);
         # a tuple keeps it out of this module's parameters so it is not saved twice.
         self._codebook = (codebook,)
@@ -74,7 +73,7 @@ class RefinedHead(nn.Module):
         if lengths is None:
             lengths = torch.full((b,), l, dtype=torch.long, device=h.device)
         x = self.pre_matching(h).reshape(b, l * g, e) + state.prev_embed[:, None]  # [B, L*g, E]
-        self._prefill(self.input_matching(x), state.cache, lengths * g)
+        self.crq_transformer(self.input_matching(x), state.cache, lengths * g)
 
     def forward(self, h: torch.Tensor, state: RefinedHeadState, choose: TokenChooser,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,28 +88,6 @@ class RefinedHead(nn.Module):
             state.prev_embed = self.codebook[token]  # [B, E]
         return torch.stack(tokens, dim=1)  # [B, g]
 
-    def _prefill(self, x: torch.Tensor, cache: KVCache, new_lens: torch.Tensor) -> torch.Tensor:
-        """x [B, T, E_srh] new sub-frames (right-padded; new_lens [B] real) into the cache, in blocks
-        of `prefill_block` when the forward needs an attention mask -> each row's last real
-        sub-frame's output [B, E_srh]. Blocks give the one forward's values to float rounding."""
-        b, t, _ = x.shape
-        rows = torch.arange(b, device=x.device)
-        # From an empty cache with rows of one length the forward is plainly causal: SDPA's causal
-        # kernel needs no mask and no queries x keys matrix, so one forward is best there. Blocks are
-        # for the masked forwards: a prompt continuing a kept row or a partial chunk, rows that differ.
-        plain_causal = not bool(cache.lengths.any()) and bool((new_lens == t).all())
-        if t <= self.prefill_block or plain_causal:
-            return self.crq_transformer(x, cache, new_lens)[rows, new_lens - 1]
-        last = x.new_zeros(b, self.crq_transformer.cfg.hidden_size)  # [B, E_srh]
-        ends = new_lens - 1  # [B] each row's last real sub-frame
-        for start in range(0, t, self.prefill_block):
-            stop = min(t, start + self.prefill_block)
-            block_lens = (new_lens - start).clamp(0, stop - start)  # a row with no more real frames adds none
-            out = self.crq_transformer(x[:, start:stop], cache, block_lens)  # [B, stop - start, E_srh]
-            inside = (ends >= start) & (ends < stop)  # rows whose last real sub-frame is in this block
-            last = torch.where(inside[:, None], out[rows, (ends - start).clamp(0, stop - start - 1)], last)
-        return last
-
     def first_sub_frames(self, h: torch.Tensor, state: RefinedHeadState, choose: TokenChooser,
                          lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A block's sub-frames 0 .. L*g-g of each row, all with the previous token's embedding, and
@@ -124,7 +101,7 @@ class RefinedHead(nn.Module):
         sub = self.pre_matching(h).reshape(b, l * g, e)  # [B, L*g, E]
         x = sub[:, : l * g - (g - 1)] + state.prev_embed[:, None]  # [B, L*g-g+1, E]
         new_lens = lengths * g - (g - 1)
-        last = self._prefill(self.input_matching(x), state.cache, new_lens)  # [B, E_srh]
-        token = choose(0, self._logits(last))  # [B]
+        out = self.crq_transformer(self.input_matching(x), state.cache, new_lens)  # [B, T, E_srh]
+        token = choose(0, self._logits(out[rows, new_lens - 1]))  # [B]
         state.prev_embed = self.codebook[token]  # [B, E]
         return token, sub.reshape(b, l, g, e)[rows, lengths - 1]  # [B], [B, g, E]

@@ -83,6 +83,15 @@ async def until(conn, kind: str, seen: list | None = None, timeout: float = 60.0
             return seen
 
 
+async def manual_call(conn, **fields):
+    """Wait for session.created, switch the session to manual turns of 16 kHz PCM16 (`manual_session`,
+    plus any other session `fields`) and wait for session.updated; -> the session.created event."""
+    created = (await until(conn, "session.created"))[-1]
+    await conn.session.update(session={**manual_session(format={"type": "audio/pcm", "rate": 16000}), **fields})
+    await until(conn, "session.updated")
+    return created
+
+
 def reply(events) -> dict:
     done = [e for e in events if e.type == "response.done"][-1]
     audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta")
@@ -216,9 +225,7 @@ def test_truncate_cuts_the_reply_and_the_next_turn_is_answered_from_the_cut_hist
 
     async def main():
         async with connect(stack) as conn:
-            created = (await until(conn, "session.created"))[-1]
-            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
-            await until(conn, "session.updated")
+            created = await manual_call(conn)
             first = await spoken_turn(conn, pcm16_bytes(a))
             item = [e for e in first if e.type == "response.output_item.done"][-1].item
             heard_ms = reply(first)["funchat"]["audio_ms"] // 3
@@ -294,9 +301,7 @@ def test_bad_events_get_an_error_naming_them_and_the_call_goes_on(stack, tiny_pi
 
     async def main():
         async with connect(stack) as conn:
-            await until(conn, "session.created")
-            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
-            await until(conn, "session.updated")
+            await manual_call(conn)
             errors = []
             for raw, code, _ in bad:
                 await conn.send_raw(raw)
@@ -345,9 +350,7 @@ def test_a_session_update_during_a_reply_applies_after_it_and_keeps_the_history(
 
     async def main():
         async with connect(stack) as conn:
-            created = (await until(conn, "session.created"))[-1]
-            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
-            await until(conn, "session.updated")
+            created = await manual_call(conn)
             await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16_bytes(a)).decode())
             await conn.input_audio_buffer.commit()
             await conn.response.create()
@@ -368,11 +371,7 @@ def test_text_only_output_streams_output_text_events(stack, tiny_pipeline, speec
 
     async def main():
         async with connect(stack) as conn:
-            await until(conn, "session.created")
-            session = manual_session(format={"type": "audio/pcm", "rate": 16000})
-            session["output_modalities"] = ["text"]
-            await conn.session.update(session=session)
-            await until(conn, "session.updated")
+            await manual_call(conn, output_modalities=["text"])
             return await spoken_turn(conn, pcm16_bytes(a))
 
     events = asyncio.run(main())
@@ -415,11 +414,7 @@ def test_a_caller_who_hangs_up_mid_reply_frees_the_call_at_once(stack, speech):
 
     async def main():
         async with connect(stack) as conn:
-            await until(conn, "session.created")
-            session = manual_session(format={"type": "audio/pcm", "rate": 16000})
-            session["max_output_tokens"] = 400  # a long reply: still generating when the caller goes
-            await conn.session.update(session=session)
-            await until(conn, "session.updated")
+            await manual_call(conn, max_output_tokens=400)  # a long reply: still generating when the caller goes
             await conn.input_audio_buffer.append(audio=base64.b64encode(pcm16_bytes(a)).decode())
             await conn.input_audio_buffer.commit()
             await conn.response.create()
@@ -511,9 +506,7 @@ def test_a_user_text_message_is_answered_on_response_create_as_the_oracle(stack,
 
     async def main():
         async with connect(stack) as conn:
-            created = (await until(conn, "session.created"))[-1]
-            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
-            await until(conn, "session.updated")
+            created = await manual_call(conn)
             first = await spoken_turn(conn, pcm16_bytes(a))
             await conn.conversation.item.create(item={"type": "message", "role": "user",
                                                       "content": [{"type": "input_text", "text": question}]})
@@ -604,9 +597,7 @@ def test_deleted_items_leave_the_history_and_the_next_turn_is_answered_without_t
 
     async def main():
         async with connect(stack) as conn:
-            created = (await until(conn, "session.created"))[-1]
-            await conn.session.update(session=manual_session(format={"type": "audio/pcm", "rate": 16000}))
-            await until(conn, "session.updated")
+            created = await manual_call(conn)
             first = await spoken_turn(conn, pcm16_bytes(a))
             second = await spoken_turn(conn, pcm16_bytes(b))
             user_item = next(e for e in first if e.type == "input_audio_buffer.committed").item_id

@@ -285,36 +285,39 @@ def test_srh_batch_with_different_prompt_lengths_equals_each_row_alone(model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_srh_prefill_in_bounded_blocks_equals_one_forward(model, model64, dtype):
-    """A prompt longer than `prefill_block` sub-frames is prefilled block by block (bounded attention
-    memory): rows of different lengths, some ending in an earlier block than others, give the
-    logits and tokens of the one-forward prefill, and the cache holds the same lengths; every
-    block's forward stays within the block."""
+    """A prompt that continues a kept row (a masked forward) longer than `masked_block` sub-frames is
+    prefilled block by block (bounded attention memory): rows of different lengths, some ending in
+    an earlier block than others, give the logits and tokens of the one-forward prefill, and the
+    cache holds the same lengths; every block's forward stays within the block."""
     m = model if dtype == torch.float32 else model64
     srh = m.audio_invert_tower
     g = srh.cfg.group_size
     lens, steps = [9, 3, 6], 2  # 45, 15 and 30 sub-frames; blocks of 7 split each several times
     rows = [_srh_inputs(m, n + steps, seed=80 + b) for b, n in enumerate(lens)]
+    kept = torch.cat([_srh_inputs(m, 1, seed=90 + b) for b in range(len(lens))])  # [3, 1, E]: a kept position each
     prompt, lengths = _right_padded([h[:, :n] for h, n in zip(rows, lens)])
 
     def run(block: int):
-        srh.prefill_block = block
+        srh.crq_transformer.masked_block = block
         state = srh.new_state(len(lens), capacity=8)
+        srh.extend(kept, state)
         chooser = RecordingGreedy()
         groups = [srh(prompt, state, chooser, lengths)]
         for i in range(steps):
             groups.append(srh(torch.cat([h[:, n + i: n + i + 1] for h, n in zip(rows, lens)], dim=0), state, chooser))
-        srh.prefill_block = PREFILL_BLOCK
+        srh.crq_transformer.masked_block = PREFILL_BLOCK
         return torch.cat(groups, dim=1), chooser.calls, state.cache.lengths.tolist()
 
-    widths = []
-    forward = srh.crq_transformer.forward
-    srh.crq_transformer.forward = lambda x, *a, **kw: (widths.append(x.shape[1]), forward(x, *a, **kw))[1]
+    widths = []  # positions of each forward that ran the layers
+    layer = srh.crq_transformer.layers[0]
+    forward = layer.forward
+    layer.forward = lambda x, *a, **kw: (widths.append(x.shape[1]), forward(x, *a, **kw))[1]
     try:
         blocked = run(7)
     finally:
-        del srh.crq_transformer.forward
+        del layer.forward
     whole = run(10 ** 6)
     assert max(widths) == 7 and len(widths) > len(lens) + steps * g  # the prompt went in several blocks
-    assert torch.equal(blocked[0], whole[0]) and blocked[2] == whole[2] == [(n + steps) * g for n in lens]
+    assert torch.equal(blocked[0], whole[0]) and blocked[2] == whole[2] == [(1 + n + steps) * g for n in lens]
     for (_, a), (_, b) in zip(blocked[1], whole[1]):
         _assert_logits_close(a, b, dtype)
